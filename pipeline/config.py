@@ -1,0 +1,225 @@
+"""The run config: pydantic models, YAML loading, `--set` overrides, one-line errors.
+
+Owns: every key a config file may hold, their defaults and ranges. Never: reading the
+manifest, the API key's value, or anything over the network.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
+
+from .errors import ConfigError
+
+__all__ = [
+    "AuthStyle",
+    "InputConfig",
+    "PromptConfig",
+    "SimulatorSettings",
+    "EndpointConfig",
+    "RequestConfig",
+    "LimitsConfig",
+    "OutputConfig",
+    "Price",
+    "RunConfig",
+    "load",
+    "parse",
+    "one_line",
+]
+
+AuthStyle = Literal["bearer", "x-api-key", "x-goog-api-key"]
+Rate = float  # a share of requests, 0..1
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(_Model):
+    manifest: Path = Field(description="a .csv .tsv .parquet .jsonl .ndjson file, or a folder of images")
+    image_column: str = "image"
+    id_column: str | None = None
+    image_root: Path | None = Field(None, description="relative image paths resolve here; default: the manifest's folder")
+    keep_columns: tuple[str, ...] = ()
+
+
+class PromptConfig(_Model):
+    system: str | None = None
+    user: str = "Describe this image."
+    detail: Literal["low", "high", "auto"] = "auto"
+    max_side: PositiveInt | None = Field(None, description="downscale the longer side to this many px before sending")
+
+
+class SimulatorSettings(_Model):
+    """Knobs of the bundled simulator. Fault rates are shares of requests, decided from a
+    hash of the request and how often it was seen, so a run is repeatable."""
+
+    latency_s: NonNegativeFloat = 0.0
+    requests_per_minute: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+    rate_429: Rate = Field(0.0, ge=0, le=1)
+    rate_500: Rate = Field(0.0, ge=0, le=1)
+    rate_503: Rate = Field(0.0, ge=0, le=1)
+    rate_hang: Rate = Field(0.0, ge=0, le=1)
+    rate_malformed: Rate = Field(0.0, ge=0, le=1)
+    rate_drop: Rate = Field(0.0, ge=0, le=1)
+    retry_after_s: NonNegativeFloat = Field(1.0, description="Retry-After sent with a faulted 429")
+    hang_s: PositiveFloat = Field(30.0, description="how long a hung request stays silent")
+    seed: int = 0
+
+
+def _default_base_url() -> str:
+    return os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+
+
+class EndpointConfig(_Model):
+    base_url: str = Field(default_factory=_default_base_url)
+    api_key_env: str = Field("OPENAI_API_KEY", min_length=1, description="the NAME of the variable holding the key")
+    auth: AuthStyle = "bearer"
+    headers: dict[str, str] = {}
+    timeout_s: PositiveFloat = 120.0
+    simulator: SimulatorSettings | None = None
+
+
+class RequestConfig(_Model):
+    model: str = Field(min_length=1)
+    max_tokens: PositiveInt | None = 300
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    n: int | None = Field(None, ge=1, le=128)
+    stop: str | list[str] | None = Field(None, max_length=4)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, int] | None = None
+    user: str | None = None
+    stream: bool | None = None
+    extra: dict[str, Any] = {}
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _token_ids_as_text(cls, value: Any) -> Any:
+        # YAML reads {50256: -100} with an int key; the wire wants a string key.
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        for token, bias in (value or {}).items():
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias for token {token} must be between -100 and 100, got {bias}")
+        return value
+
+    def set_fields(self) -> dict[str, Any]:
+        """The optional body fields the config sets; unset ones never reach the wire."""
+        return self.model_dump(exclude={"model", "max_tokens", "extra"}, exclude_none=True)
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+
+class LimitsConfig(_Model):
+    concurrency: PositiveInt = 16
+    requests_per_minute: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+    max_attempts: PositiveInt = 6
+    max_cost_usd: None = Field(None, description="a spending cap is not enforced by this version, so it is refused")
+
+
+class OutputConfig(_Model):
+    dir: Path = Path("out/run")
+
+
+class Price(_Model):
+    """USD per 1M tokens."""
+
+    input: NonNegativeFloat
+    output: NonNegativeFloat
+    cached_input: NonNegativeFloat | None = None
+
+
+class RunConfig(_Model):
+    input: InputConfig
+    prompt: PromptConfig = PromptConfig()
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+    request: RequestConfig
+    limits: LimitsConfig = LimitsConfig()
+    output: OutputConfig = OutputConfig()
+    output_schema: None = Field(None, description="structured output is not supported in this version")
+    pricing: dict[str, Price] = {}
+
+
+def one_line(exc: ValidationError) -> str:
+    """A pydantic error as one line naming each bad key."""
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "config"
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] not in ("extra_forbidden", "missing"):
+            message += f" (got {err['input']!r})"
+        problems.append(f"{key}: {message}")
+    return "; ".join(problems)
+
+
+def _apply(data: dict[str, Any], override: str) -> None:
+    path, sep, text = override.partition("=")
+    if not sep or not path:
+        raise ConfigError(f"--set {override!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {path}: value is not valid YAML ({exc.__class__.__name__})") from None
+    *parents, leaf = path.split(".")
+    node = data
+    for i, key in enumerate(parents):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {path}: {'.'.join(parents[: i + 1])} is not a mapping")
+        node = child
+    node[leaf] = value
+
+
+def parse(data: Any, overrides: Sequence[str] = (), output_dir: Path | None = None) -> RunConfig:
+    """A RunConfig from already-read YAML data, with overrides applied."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("config: the top level must be a mapping of sections (input, prompt, request, ...)")
+    for override in overrides:
+        _apply(data, override)
+    if output_dir is not None:
+        data.setdefault("output", {})["dir"] = str(output_dir)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"config: {one_line(exc)}") from None
+
+
+def load(path: Path | str, overrides: Sequence[str] = (), output_dir: Path | None = None) -> RunConfig:
+    """Read a YAML config file; every problem is a one-line ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    return parse(data, overrides, output_dir)
