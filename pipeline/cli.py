@@ -1,0 +1,114 @@
+"""The `annotate` command: parse arguments, call one library function, map the outcome to
+an exit code. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import config, report, runner, simulator
+from .errors import ConfigError, ManifestError, RunStopped, StoreError
+
+__all__ = ["main", "EXIT_OK", "EXIT_ROWS_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
+
+EXIT_OK = 0  # every row answered
+EXIT_ROWS_FAILED = 1  # the run finished but some rows failed (they are in the output with their error)
+EXIT_BAD_INPUT = 2  # bad config, arguments or manifest: nothing was sent
+EXIT_INTERRUPTED = 130  # interrupted: what was received is on disk
+
+_EPILOG = """exit codes:
+  0    every row answered
+  1    the run finished but some rows failed (they are in the output with their error),
+       or it stopped because every request failed alike (wrong key, account or model)
+  2    bad config, bad arguments or unreadable manifest (nothing was sent)
+  130  interrupted (what was received is on disk; run the same command to resume)
+"""
+
+
+def _summary_text(s: runner.Summary) -> str:
+    cost = f"${s.cost_usd:.4f}" + ("" if s.priced else " (some rows had no known price)")
+    lines = [
+        f"annotate: {s.ok + s.failed} rows answered now in {s.elapsed_s:.1f} s: {s.ok} ok, {s.failed} failed"
+        f" ({s.resumed} done before, {s.total} in the manifest)",
+        f"  tokens: {s.prompt_tokens} prompt + {s.completion_tokens} completion; cost of this run: {cost}",
+        *(f"  {n} rows failed on {kind}" for kind, n in sorted(s.errors.items())),
+        f"  output: {s.output_dir}/  (read it with pl.scan_parquet('{s.output_dir}/*.parquet'))",
+    ]
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config, overrides=args.set, output_dir=args.output)
+    try:
+        summary = asyncio.run(runner.run(cfg, limit=args.limit, progress=not args.quiet))
+    except KeyboardInterrupt:
+        print(f"annotate: interrupted; run the same command again to resume into {cfg.output.dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(_summary_text(summary))
+    return EXIT_OK if summary.failed == 0 else EXIT_ROWS_FAILED
+
+
+def _report(args: argparse.Namespace) -> int:
+    result = report.summarize(args.dir)
+    print(json.dumps(result, indent=2) if args.json else report.render(result))
+    return EXIT_OK
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    settings = simulator.settings_from_arguments(args)
+    print(f"annotate: simulator on http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", file=sys.stderr)
+    simulator.serve(settings, host=args.host, port=args.port)
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="annotate", description="Batch image annotation with OpenAI-compatible vision models.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each retry and warning")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run, or resume, the job", epilog=_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("config", type=Path)
+    run.add_argument("-o", "--output", type=Path, help="output directory (overrides output.dir)")
+    run.add_argument("--limit", type=int, help="answer at most N more rows")
+    run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a config key; the value is read as YAML (repeatable)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(handler=_run)
+
+    rep = commands.add_parser("report", help="what a run produced: rows by status, tokens, cost, latency")
+    rep.add_argument("dir", type=Path)
+    rep.add_argument("--json", action="store_true")
+    rep.set_defaults(handler=_report)
+
+    sim = commands.add_parser("simulate", help="the bundled OpenAI-compatible simulator, on loopback")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8000)
+    simulator.settings_arguments(sim)
+    sim.set_defaults(handler=_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="annotate: %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args))
+    except (ConfigError, ManifestError, StoreError) as exc:
+        print(f"annotate: {exc}", file=sys.stderr)  # one line naming the field or file
+        return EXIT_BAD_INPUT
+    except RunStopped as exc:
+        print(f"annotate: stopped: {exc}", file=sys.stderr)
+        return EXIT_ROWS_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

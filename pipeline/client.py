@@ -1,0 +1,194 @@
+"""HTTP to an OpenAI-compatible endpoint: auth, one pooled client, retries, parsing.
+
+Owns: the auth header styles, the httpx client on the aiohttp transport, which failures are
+retried and how long to wait, reading the API key from the variable the config names.
+Never: building bodies, deciding what a row's outcome means. Only this module sees httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import aiohttp
+import httpx
+from httpx_aiohttp import AiohttpTransport
+from httpx_sse import EventSource, SSEError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from .config import AuthStyle, EndpointConfig
+from .completion import Reply, assemble_chunks, error_message, parse_body
+from .errors import ConfigError, Rejected, RequestFailed, Retryable
+
+__all__ = ["AUTH_HEADERS", "Pacer", "Client", "read_key", "retry_policy", "ACCOUNT_STATUSES"]
+
+log = logging.getLogger(__name__)
+
+AUTH_HEADERS: dict[AuthStyle, Callable[[str], dict[str, str]]] = {
+    "bearer": lambda key: {"Authorization": f"Bearer {key}"},
+    "x-api-key": lambda key: {"x-api-key": key},
+    "x-goog-api-key": lambda key: {"x-goog-api-key": key},
+}
+# The provider's own retry set: request timeout, conflict, rate limit, and any 5xx.
+_RETRIED = frozenset({408, 409, 429})
+# Statuses that say the key, the account or the model is wrong: every row would fail alike.
+ACCOUNT_STATUSES = frozenset({401, 403, 404})
+_COOL_DOWN_S = 1.0  # after a 429 that names no wait
+_TRANSPORT_ERRORS = (httpx.TransportError, aiohttp.ClientError, TimeoutError)
+
+
+class Pacer(Protocol):
+    """What the client needs of a limiter: wait for a turn, and pause everyone after a 429."""
+
+    async def pace(self, tokens: int) -> None: ...
+
+    def cool_down(self, seconds: float) -> None: ...
+
+
+def read_key(endpoint: EndpointConfig, fallback: str | None = None) -> str:
+    """The API key from the variable the config names; ConfigError when it is unset or empty."""
+    key = os.environ.get(endpoint.api_key_env, "").strip()
+    if key:
+        return key
+    if fallback is not None:
+        return fallback
+    raise ConfigError(f"endpoint.api_key_env: the variable {endpoint.api_key_env} is unset or empty")
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds the provider asks us to wait: retry-after-ms, then Retry-After as seconds or a date."""
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value) if value.strip() else None
+        return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+def _retry_after_or(fallback: Callable[[RetryCallState], float]) -> Callable[[RetryCallState], float]:
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, Retryable) and exc.retry_after_s is not None:
+            return exc.retry_after_s  # the provider knows when its window reopens; sooner buys a 429
+        return fallback(state)
+
+    return wait
+
+
+def retry_policy(max_attempts: int, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> AsyncRetrying:
+    return AsyncRetrying(
+        retry=retry_if_exception_type(Retryable),
+        stop=stop_after_attempt(max_attempts),
+        wait=_retry_after_or(wait_random_exponential(multiplier=0.5, max=60)),
+        before_sleep=before_sleep_log(log, logging.DEBUG),
+        sleep=sleep,
+        reraise=True,  # callers handle our RequestFailed, never tenacity's RetryError wrapper
+    )
+
+
+class Client:
+    """One pooled HTTP client for a run. `complete(body)` returns a Reply or raises RequestFailed."""
+
+    def __init__(
+        self,
+        endpoint: EndpointConfig,
+        key: str,
+        pacer: Pacer,
+        *,
+        concurrency: int,
+        max_attempts: int,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._key = key
+        self._base_url = endpoint.base_url.rstrip("/")
+        self._pacer = pacer
+        self._policy = retry_policy(max_attempts, sleep)
+        pool = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self._http = httpx.AsyncClient(
+            base_url=self._base_url + "/",
+            headers={**endpoint.headers, **AUTH_HEADERS[endpoint.auth](key)},
+            timeout=httpx.Timeout(endpoint.timeout_s),
+            transport=AiohttpTransport(limits=pool),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def complete(self, body: dict[str, Any], reserve_tokens: int) -> Reply:
+        attempts = 0
+        try:
+            async for attempt in self._policy.copy():  # tenacity keeps per-call state on the instance
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    await self._pacer.pace(reserve_tokens)
+                    started = time.perf_counter()
+                    reply = await self._send_once(body)
+        except RequestFailed as exc:
+            exc.attempts = attempts
+            raise
+        return reply.timed((time.perf_counter() - started) * 1000, attempts)
+
+    async def _send_once(self, body: dict[str, Any]) -> Reply:
+        try:
+            async with self._http.stream("POST", "chat/completions", json=body) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise self._failure(resp)
+                if body.get("stream"):
+                    return await self._read_stream(resp)
+                content = await resp.aread()
+        except _TRANSPORT_ERRORS as exc:  # timeouts, refused and dropped connections alike
+            raise Retryable(f"{type(exc).__name__} talking to {self._base_url}") from exc
+        try:
+            return parse_body(content)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise Retryable(f"200 with a body that is not a chat completion ({exc})", status=200) from exc
+
+    async def _read_stream(self, resp: httpx.Response) -> Reply:
+        chunks: list[dict[str, Any]] = []
+        try:
+            async for event in EventSource(resp).aiter_sse():
+                if event.data.strip() == "[DONE]":
+                    return assemble_chunks(chunks)
+                chunks.append(json.loads(event.data))
+        except (SSEError, ValueError, TypeError, AttributeError) as exc:
+            raise Retryable(f"a broken event stream ({exc})", status=200) from exc
+        raise Retryable("the event stream ended before [DONE]", status=200)
+
+    def _failure(self, resp: httpx.Response) -> RequestFailed:
+        status = resp.status_code
+        message = f"{status} {self._provider_words(resp)}".strip()
+        if status == 429:
+            wait = _retry_after(resp.headers)
+            self._pacer.cool_down(wait if wait is not None else _COOL_DOWN_S)
+            return Retryable(message, status=status, retry_after_s=wait)
+        if status in _RETRIED or status >= 500:
+            return Retryable(message, status=status, retry_after_s=_retry_after(resp.headers))
+        return Rejected(message, status=status)
+
+    def _provider_words(self, resp: httpx.Response) -> str:
+        try:
+            words = error_message(resp.json())
+        except ValueError:
+            words = resp.text[:200]
+        return words.replace(self._key, "***")  # some gateways echo what they were sent

@@ -1,0 +1,105 @@
+"""Image references -> chat content parts.
+
+Owns: reading files or passing URLs through, MIME sniffing, optional downscale and
+re-encode, data URLs, pixel sizes. Never: HTTP, retries. Every function here is plain and
+blocking: the runner calls it off the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import RowInputError
+from .manifest import ImageRef
+
+__all__ = ["ImagePart", "to_parts", "sniff_mime"]
+
+_MAGIC: tuple[tuple[bytes, int, str], ...] = (
+    (b"\xff\xd8\xff", 0, "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n", 0, "image/png"),
+    (b"GIF87a", 0, "image/gif"),
+    (b"GIF89a", 0, "image/gif"),
+    (b"WEBP", 8, "image/webp"),  # after 'RIFF' and the length
+)
+_REMOTE = ("http://", "https://", "data:")
+_JPEG_QUALITY = 90
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePart:
+    url: str  # a data: URL, or an http(s) URL passed through
+    size: tuple[int, int] | None  # pixels as sent; None where not known here (remote URLs)
+
+    def content(self, detail: str) -> dict[str, Any]:
+        return {"type": "image_url", "image_url": {"url": self.url, "detail": detail}}
+
+
+def sniff_mime(data: bytes) -> str | None:
+    """The MIME type of a format the providers accept, from the bytes; None for any other."""
+    for magic, offset, mime in _MAGIC:
+        if data[offset : offset + len(magic)] == magic:
+            return mime
+    return None
+
+
+def _read(ref: str, root: Path) -> bytes:
+    path = Path(ref).expanduser()
+    path = path if path.is_absolute() else root / path
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise RowInputError(f"missing file {path}") from None
+    except OSError as exc:
+        raise RowInputError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _downscale(image: Image.Image, max_side: int) -> tuple[bytes, str]:
+    image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        image.save(buffer, "PNG", optimize=False)  # keep transparency: JPEG has none
+        return buffer.getvalue(), "image/png"
+    image.convert("RGB").save(buffer, "JPEG", quality=_JPEG_QUALITY)
+    return buffer.getvalue(), "image/jpeg"
+
+
+def _encode(data: bytes, label: str, max_side: int | None) -> ImagePart:
+    if not data:
+        raise RowInputError(f"{label} is empty")
+    mime = sniff_mime(data)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if mime is None:
+                raise RowInputError(f"{label} is {image.format}, which is not sent (JPEG, PNG, WebP or GIF only)")
+            size = image.size
+            if max_side and max(size) > max_side:
+                image.load()
+                data, mime = _downscale(image, max_side)
+                size = image.size
+    except UnidentifiedImageError:
+        raise RowInputError(f"{label} is not an image file (JPEG, PNG, WebP or GIF expected)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise RowInputError(f"{label} is not a readable image ({exc})") from None
+    return ImagePart(f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", size)
+
+
+def _part(ref: ImageRef, root: Path, max_side: int | None) -> ImagePart:
+    if isinstance(ref, bytes):
+        return _encode(ref, "image bytes", max_side)
+    if ref.startswith(_REMOTE):
+        return ImagePart(ref, None)
+    return _encode(_read(ref, root), ref, max_side)
+
+
+def to_parts(refs: Sequence[ImageRef], root: Path, max_side: int | None = None) -> list[ImagePart]:
+    """One content part per image reference; RowInputError names the first unusable one."""
+    if not refs:
+        raise RowInputError("no image in this row")
+    return [_part(ref, root, max_side) for ref in refs]

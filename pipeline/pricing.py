@@ -1,0 +1,46 @@
+"""What tokens cost: the bundled price table, config overrides, the cost of one usage record.
+
+Owns: model-name resolution to a priced family and the cost formula. Never: guessing a
+price. An unknown model costs None, not a made-up number.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from importlib import resources
+
+from .completion import Usage
+from .config import Price
+
+__all__ = ["PriceTable"]
+
+# gpt-4o-2024-08-06, claude-sonnet-4-20250514, gemini-2.5-pro-latest -> their family
+_VERSION_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
+
+
+def _bundled() -> dict[str, Price]:
+    raw = json.loads(resources.files(__package__).joinpath("data/prices.json").read_text(encoding="utf-8"))
+    return {model: Price(input=p["input"], output=p["output"], cached_input=p.get("cached_input"))
+            for model, p in raw["models"].items()}
+
+
+class PriceTable:
+    def __init__(self, overrides: Mapping[str, Price] | None = None) -> None:
+        self._prices = _bundled() | dict(overrides or {})
+
+    def find(self, model: str) -> Price | None:
+        """The price of a model, of its family when the name carries a date, or None."""
+        name = model.rsplit("/", 1)[-1]  # gateways write 'openai/gpt-4o'
+        return self._prices.get(model) or self._prices.get(name) or self._prices.get(_VERSION_SUFFIX.sub("", name))
+
+    def cost_usd(self, model: str, usage: Usage) -> float | None:
+        price = self.find(model)
+        if price is None:
+            return None
+        cached = usage.cached_tokens or 0
+        # Some gateways leave thinking tokens out of completion_tokens but in total_tokens.
+        output = max(usage.completion_tokens, usage.total_tokens - usage.prompt_tokens)
+        cached_price = price.input if price.cached_input is None else price.cached_input
+        return ((usage.prompt_tokens - cached) * price.input + cached * cached_price + output * price.output) / 1e6

@@ -1,0 +1,80 @@
+"""One output row per manifest row: the columns of the dataset and how an outcome fills them.
+
+Owns: the output schema (DESIGN.md, Output) and turning an answer or an error into a row.
+Never: I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from .completion import Reply
+from .manifest import ManifestRow
+
+__all__ = ["COLUMNS", "schema", "answered", "failed"]
+
+COLUMNS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("status", pa.string()),  # ok | error
+        ("answer", pa.string()),
+        ("answers", pa.list_(pa.string())),
+        ("finish_reason", pa.string()),
+        ("refusal", pa.string()),
+        ("model", pa.string()),
+        ("response_id", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("total_tokens", pa.int64()),
+        ("reasoning_tokens", pa.int64()),
+        ("cached_tokens", pa.int64()),
+        ("cost_usd", pa.float64()),
+        ("latency_ms", pa.float64()),
+        ("attempts", pa.int64()),
+        ("error", pa.string()),
+    ]
+)
+
+
+def schema(keep: pl.Schema) -> pa.Schema:
+    """The output columns followed by the manifest columns the config keeps."""
+    kept = pl.DataFrame(schema=keep).to_arrow().schema
+    clash = set(kept.names) & set(COLUMNS.names)
+    if clash:
+        kept = pa.schema([f.with_name(f"input_{f.name}") if f.name in clash else f for f in kept])
+    return pa.schema([*COLUMNS, *kept])
+
+
+def _kept(row: ManifestRow) -> dict[str, Any]:
+    return {f"input_{k}" if k in COLUMNS.names else k: v for k, v in row.keep.items()}
+
+
+def answered(row: ManifestRow, reply: Reply, cost_usd: float | None) -> dict[str, Any]:
+    usage = reply.usage
+    return {
+        "id": row.id,
+        "status": "ok",
+        "answer": reply.answers[0],
+        "answers": list(reply.answers),
+        "finish_reason": reply.finish_reason,
+        "refusal": reply.refusal,
+        "model": reply.model,
+        "response_id": reply.response_id,
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+        "total_tokens": usage.total_tokens if usage else None,
+        "reasoning_tokens": usage.reasoning_tokens if usage else None,
+        "cached_tokens": usage.cached_tokens if usage else None,
+        "cost_usd": cost_usd,
+        "latency_ms": round(reply.latency_ms, 1),
+        "attempts": reply.attempts,
+        "error": None,
+        **_kept(row),
+    }
+
+
+def failed(row: ManifestRow, error: str, attempts: int) -> dict[str, Any]:
+    return {"id": row.id, "status": "error", "attempts": attempts, "error": error, **_kept(row)}

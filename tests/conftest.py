@@ -1,0 +1,108 @@
+"""Shared fixtures: a simulator on 127.0.0.1, generated images, configs in tmp_path."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline import simulator
+from pipeline.config import SimulatorSettings
+
+KEY_ENV = "ANNOTATE_TEST_KEY"
+KEY = "sk-test-0123456789abcdef-secret"
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(KEY_ENV, KEY)
+
+
+@pytest.fixture(scope="session")
+def sim_server() -> Iterator[simulator.Simulator]:
+    with simulator.running() as server:
+        yield server
+
+
+@pytest.fixture
+def sim(sim_server: simulator.Simulator) -> simulator.Simulator:
+    sim_server.reset()
+    return sim_server
+
+
+@pytest.fixture
+def faulty_sim() -> Callable[..., Any]:
+    """A simulator of its own with the given settings, stopped after the test."""
+    stack: list[Any] = []
+
+    def start(**settings: Any) -> simulator.Simulator:
+        context = simulator.running(SimulatorSettings(**settings))
+        stack.append(context)
+        return context.__enter__()
+
+    yield start
+    for context in reversed(stack):
+        context.__exit__(None, None, None)
+
+
+def image_bytes(size: tuple[int, int] = (64, 48), colour: str = "red", fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Callable[..., list[str]]:
+    """Writes n distinct images under tmp_path/images and returns their relative paths."""
+
+    def make(n: int, size: tuple[int, int] = (64, 48), fmt: str = "PNG") -> list[str]:
+        folder = tmp_path / "images"
+        folder.mkdir(exist_ok=True)
+        names = []
+        for i in range(n):
+            name = f"img{i:04d}.{fmt.lower()}"
+            (folder / name).write_bytes(image_bytes(size, (i * 7 % 256, i * 13 % 256, i * 29 % 256), fmt))
+            names.append(f"images/{name}")
+        return names
+
+    return make
+
+
+NAMED = {"user": "Describe {name}."}  # a prompt that carries each image's name, so sim.plan() can find it
+
+
+def named(paths: list[str]) -> list[dict[str, str]]:
+    """Manifest rows whose prompt (with NAMED) names the image: img0003 for images/img0003.png."""
+    return [{"image": p, "name": Path(p).stem} for p in paths]
+
+
+def write_manifest(tmp_path: Path, rows: list[dict[str, Any]], name: str = "manifest.csv") -> Path:
+    import polars as pl
+
+    path = tmp_path / name
+    frame = pl.DataFrame(rows)
+    {".csv": frame.write_csv, ".parquet": frame.write_parquet, ".jsonl": frame.write_ndjson}[path.suffix](path)
+    return path
+
+
+def write_config(tmp_path: Path, base_url: str, manifest: Path, **sections: dict[str, Any]) -> Path:
+    """A config file for a run against `base_url`; sections are merged over the defaults."""
+    data: dict[str, Any] = {
+        "input": {"manifest": str(manifest)},
+        "endpoint": {"base_url": base_url, "api_key_env": KEY_ENV, "timeout_s": 5},
+        "request": {"model": "gpt-4o", "max_tokens": 50},
+        "limits": {"concurrency": 8, "max_attempts": 4},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path

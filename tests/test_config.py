@@ -1,0 +1,95 @@
+"""Bad configs exit 2 with one line naming the problem, before anything is sent."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pipeline import cli, config
+from pipeline.errors import ConfigError
+from pipeline.simulator import Simulator
+
+from .conftest import write_config, write_manifest
+
+
+@pytest.fixture
+def good(sim: Simulator, tmp_path: Path, images: Callable[..., list[str]]) -> Path:
+    return write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": p, "label": "x"} for p in images(2)]))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "request.temperature=5"], "request.temperature: Input should be less than or equal to 2"),
+        (["--set", "request.tempreature=0.5"], "request.tempreature: unknown key"),
+        (["--set", "limits.concurrency=0"], "limits.concurrency"),
+        (["--set", "request.n=0"], "request.n"),
+        (["--set", "request.presence_penalty=-3"], "request.presence_penalty"),
+        (["--set", "request.logit_bias={50256: -200}"], "request.logit_bias"),
+        (["--set", "prompt.detail=medium"], "prompt.detail"),
+        (["--set", "input.image_column=picture"], "input.image_column: column 'picture' is not in"),
+        (["--set", "input.keep_columns=[nope]"], "input.keep_columns: column 'nope' is not in"),
+        (["--set", "prompt.user=Is it a {species}?"], "prompt.user: column 'species' is not in"),
+        (["--set", "endpoint.api_key_env=ANNOTATE_UNSET_VARIABLE"], "ANNOTATE_UNSET_VARIABLE is unset or empty"),
+        (["--set", "limits.max_cost_usd=5"], "limits.max_cost_usd"),
+        (["--set", "request"], "expected key.path=value"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line_and_sends_nothing(
+    good: Path, sim: Simulator, capsys: pytest.CaptureFixture[str], args: list[str], expected: str
+) -> None:
+    assert cli.main(["run", str(good), "-q", *args]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+    assert sim.log == []
+
+
+def test_missing_column_lists_the_columns_that_exist(good: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cli.main(["run", str(good), "--set", "input.image_column=picture"])
+    assert "(columns: image, label)" in capsys.readouterr().err
+
+
+def test_empty_key_variable_is_refused(good: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANNOTATE_TEST_KEY", "  ")
+    assert cli.main(["run", str(good), "-q"]) == 2
+    assert sim.log == []
+
+
+def test_broken_yaml_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("input:\n  manifest: [unclosed\nrequest: {model: gpt-4o}\n")
+    assert cli.main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML at line" in err and err.count("\n") == 1
+
+
+def test_duplicate_ids_are_refused(sim: Simulator, tmp_path: Path, images: Callable[..., list[str]],
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    paths = images(3)
+    manifest = write_manifest(tmp_path, [{"image": p, "uid": i % 2} for i, p in enumerate(paths)])
+    cfg = write_config(tmp_path, sim.url, manifest, input={"id_column": "uid"})
+    assert cli.main(["run", str(cfg)]) == 2
+    assert "duplicate ids" in capsys.readouterr().err and sim.log == []
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "value"),
+    [
+        ("request.temperature=0.2", "temperature", 0.2),
+        ("request.stream=true", "stream", True),
+        ("request.stop=[END, STOP]", "stop", ["END", "STOP"]),
+        ("request.stop=END", "stop", "END"),
+        ('request.logit_bias={"50256": -100}', "logit_bias", {"50256": -100}),
+        ("request.logit_bias={50256: -100}", "logit_bias", {"50256": -100}),
+    ],
+)
+def test_set_values_are_read_as_yaml(override: str, key: str, value: object) -> None:
+    cfg = config.parse({"input": {"manifest": "m.csv"}, "request": {"model": "gpt-4o"}}, [override])
+    assert getattr(cfg.request, key) == value
+
+
+def test_set_through_a_scalar_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="request.model is not a mapping"):
+        config.parse({"input": {"manifest": "m.csv"}, "request": {"model": "gpt-4o"}}, ["request.model.x=1"])

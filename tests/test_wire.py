@@ -1,0 +1,77 @@
+"""What reaches the wire: every request parameter, with its type, only when set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import cli
+from pipeline.simulator import Simulator
+
+from .conftest import write_config, write_manifest
+
+OPTIONAL = ("temperature", "top_p", "n", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "user",
+            "stream", "stream_options")
+
+
+def sent_body(sim: Simulator, tmp_path: Path, images: Callable[..., list[str]], **sections: Any) -> dict[str, Any]:
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": p} for p in images(1)]), **sections)
+    assert cli.main(["run", str(cfg), "-q"]) == 0
+    (entry,) = sim.log
+    assert entry.body is not None
+    return entry.body
+
+
+def test_unset_parameters_never_reach_the_wire(sim: Simulator, tmp_path: Path,
+                                              images: Callable[..., list[str]]) -> None:
+    body = sent_body(sim, tmp_path, images)
+    assert set(body) == {"model", "messages", "max_tokens"}
+    assert body["messages"][0]["content"][1]["image_url"]["detail"] == "auto"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("temperature", 0.7),
+        ("top_p", 0.9),
+        ("n", 2),
+        ("stop", "END"),
+        ("stop", ["END", "STOP"]),
+        ("presence_penalty", -1.5),
+        ("frequency_penalty", 1.25),
+        ("logit_bias", {"50256": -100}),
+        ("user", "team-vision"),
+        ("stream", True),
+        ("max_tokens", 17),
+    ],
+)
+def test_each_parameter_reaches_the_wire_with_its_type(
+    sim: Simulator, tmp_path: Path, images: Callable[..., list[str]], key: str, value: object
+) -> None:
+    body = sent_body(sim, tmp_path, images, request={"model": "gpt-4o", "max_tokens": 50, key: value})
+    assert body[key] == value and type(body[key]) is type(value)
+
+
+def test_system_prompt_detail_and_extra_fields(sim: Simulator, tmp_path: Path,
+                                              images: Callable[..., list[str]]) -> None:
+    body = sent_body(
+        sim, tmp_path, images,
+        prompt={"system": "Be brief.", "user": "Caption it.", "detail": "low"},
+        request={"model": "gpt-4o-mini", "max_tokens": 20, "extra": {"seed": 7, "metadata": {"job": "a"}}},
+    )
+    system, user = body["messages"]
+    assert system == {"role": "system", "content": "Be brief."}
+    assert user["content"][0] == {"type": "text", "text": "Caption it."}
+    assert user["content"][1]["image_url"]["detail"] == "low"
+    assert body["seed"] == 7 and body["metadata"] == {"job": "a"} and body["model"] == "gpt-4o-mini"
+    assert not set(OPTIONAL) & set(body)
+
+
+def test_http_urls_are_sent_as_is(sim: Simulator, tmp_path: Path) -> None:
+    url = "https://example.com/cat.jpg"
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": url}]))
+    assert cli.main(["run", str(cfg), "-q"]) == 0
+    assert sim.log[0].body["messages"][0]["content"][1]["image_url"]["url"] == url
