@@ -24,6 +24,7 @@ demo: $(VENV)/.base
 	$(BIN)/annotate report out/demo
 
 test: $(VENV)/.dev
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.dev

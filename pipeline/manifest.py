@@ -61,7 +61,7 @@ def _scan(path: Path) -> pl.LazyFrame:
     return reader(path)
 
 
-def _is_image_type(dtype: pl.DataType) -> bool:
+def _is_image_type(dtype: pl.DataType | pl.datatypes.DataTypeClass) -> bool:
     if isinstance(dtype, pl.List | pl.Array):
         return _is_image_type(dtype.inner)
     if isinstance(dtype, pl.Struct):

@@ -32,11 +32,9 @@ class _Tiles:
             return self.base
         # 'auto' is billed like 'high' in practice (PROVIDER_FACTS 1.1), so reserve that.
         scale = min(1.0, 2048 / max(w, h))
-        w, h = w * scale, h * scale
-        if min(w, h) > 768:  # shrink only: small images are not upscaled
-            scale = 768 / min(w, h)
-            w, h = w * scale, h * scale
-        tiles = math.ceil(round(w, 6) / 512) * math.ceil(round(h, 6) / 512)
+        if min(w, h) * scale > 768:  # shrink only: small images are not upscaled
+            scale *= 768 / (min(w, h) * scale)
+        tiles = math.ceil(round(w * scale, 6) / 512) * math.ceil(round(h * scale, 6) / 512)
         return self.base + self.per_tile * tiles
 
 
