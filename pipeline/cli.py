@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import config, report, runner, simulator
-from .errors import ConfigError, ManifestError, RunStopped, StoreError
+from .errors import ConfigError, Interrupted, ManifestError, RunStopped, StoreError
 
 __all__ = ["main", "EXIT_OK", "EXIT_ROWS_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
 
@@ -44,11 +44,7 @@ def _summary_text(s: runner.Summary) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, overrides=args.set, output_dir=args.output)
-    try:
-        summary = asyncio.run(runner.run(cfg, limit=args.limit, progress=not args.quiet))
-    except KeyboardInterrupt:
-        print(f"annotate: interrupted; run the same command again to resume into {cfg.output.dir}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    summary = asyncio.run(runner.run(cfg, limit=args.limit, progress=not args.quiet))
     print(_summary_text(summary))
     return EXIT_OK if summary.failed == 0 else EXIT_ROWS_FAILED
 
@@ -110,5 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunStopped as exc:
         print(f"annotate: stopped: {exc}", file=sys.stderr)
         return EXIT_ROWS_FAILED
-    except KeyboardInterrupt:
+    except Interrupted as exc:
+        print(f"annotate: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # before the run's own handlers are in place
         return EXIT_INTERRUPTED

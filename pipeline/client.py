@@ -47,7 +47,7 @@ _RETRIED = frozenset({408, 409, 429})
 # Statuses that say the key, the account or the model is wrong: every row would fail alike.
 ACCOUNT_STATUSES = frozenset({401, 403, 404})
 _COOL_DOWN_S = 1.0  # after a 429 that names no wait
-_TRANSPORT_ERRORS = (httpx.TransportError, aiohttp.ClientError, TimeoutError)
+_TRANSPORT_ERRORS = (httpx.RequestError, aiohttp.ClientError, TimeoutError)
 
 
 class Pacer(Protocol):
@@ -157,7 +157,7 @@ class Client:
                 if body.get("stream"):
                     return await self._read_stream(resp)
                 content = await resp.aread()
-        except _TRANSPORT_ERRORS as exc:  # timeouts, refused and dropped connections alike
+        except _TRANSPORT_ERRORS as exc:  # timeouts, refused and dropped connections, bad encodings
             raise Retryable(f"{type(exc).__name__} talking to {self._base_url}") from exc
         try:
             return parse_body(content)

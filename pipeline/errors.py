@@ -5,6 +5,7 @@ AnnotateError          base; caught only in cli
 ├── ManifestError      manifest missing or unreadable, column absent, duplicate ids; exit 2
 ├── StoreError         output directory unusable
 ├── RunStopped         the run cannot usefully go on (the same account-level error again and again); exit 1
+├── Interrupted        SIGINT or SIGTERM: what was received is on disk; exit 130
 ├── RowInputError      one row's image or prompt unusable: missing file, not an image, null ref
 └── RequestFailed      one row's request failed; carries .status and .attempts
     ├── Retryable      408, 409, 429 (with .retry_after_s), 5xx, timeouts, dropped connections, bad bodies
@@ -21,6 +22,7 @@ __all__ = [
     "ManifestError",
     "StoreError",
     "RunStopped",
+    "Interrupted",
     "RowInputError",
     "RequestFailed",
     "Retryable",
@@ -45,6 +47,10 @@ class StoreError(AnnotateError):
 
 
 class RunStopped(AnnotateError):
+    pass
+
+
+class Interrupted(AnnotateError):
     pass
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from . import images, payload, results, simulator
 from .client import ACCOUNT_STATUSES, Client, read_key
 from .completion import Reply
 from .config import EndpointConfig, RunConfig
-from .errors import RequestFailed, RowInputError, RunStopped
+from .errors import Interrupted, RequestFailed, RowInputError, RunStopped
 from .limits import Limiter
 from .manifest import Manifest, ManifestRow
 from .pricing import PriceTable
@@ -111,14 +113,12 @@ class _Run:
                 yield row
 
     async def produce(self, queue: asyncio.Queue[ManifestRow | None], workers: int, limit: int | None) -> None:
-        try:
-            async for row in self.rows(limit):
-                if self.stop_reason:
-                    break
-                await queue.put(row)  # waits while the queue is full: memory stays flat
-        finally:
-            for _ in range(workers):
-                await queue.put(None)
+        async for row in self.rows(limit):
+            if self.stop_reason:
+                break
+            await queue.put(row)  # waits while the queue is full: memory stays flat
+        for _ in range(workers):
+            await queue.put(None)
 
     async def work(self, queue: asyncio.Queue[ManifestRow | None], out: asyncio.Queue[_Outcome | None]) -> None:
         while (row := await queue.get()) is not None:
@@ -194,9 +194,25 @@ def _run_info(cfg: RunConfig, total: int) -> dict[str, Any]:
     return {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": total, "config": config}
 
 
+@contextlib.contextmanager
+def _signals_cancel(task: asyncio.Task[Any]) -> Iterator[None]:
+    """SIGINT and SIGTERM cancel the run, so its cleanup writes what was received."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
 async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True) -> Summary:
     """Run, or resume, one job. Raises ConfigError, ManifestError or StoreError before sending
-    anything, and RunStopped when every request fails alike."""
+    anything, RunStopped when every request fails alike, Interrupted on SIGINT or SIGTERM."""
     started = time.monotonic()
     manifest = Manifest(cfg.input, cfg.prompt)
     total = manifest.count()
@@ -213,7 +229,11 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
         with tqdm(total=todo, initial=summary.resumed, unit="row", disable=not progress, dynamic_ncols=True) as bar:
             state = _Run(cfg, manifest, store, client, limiter, bar, summary)
             try:
-                await _pump(state, cfg.limits.concurrency, limit)
+                with _signals_cancel(asyncio.current_task()):  # type: ignore[arg-type]
+                    await _pump(state, cfg.limits.concurrency, limit)
+            except asyncio.CancelledError:
+                raise Interrupted(f"interrupted; {summary.ok + summary.failed} rows answered now are in "
+                                  f"{cfg.output.dir}; run the same command again to resume") from None
             finally:
                 state.flush()
                 store.close()
@@ -230,10 +250,10 @@ async def _pump(state: _Run, concurrency: int, limit: int | None) -> None:
     queue: asyncio.Queue[ManifestRow | None] = asyncio.Queue(maxsize=2 * workers)
     out: asyncio.Queue[_Outcome | None] = asyncio.Queue(maxsize=2 * workers)
     tasks = [asyncio.create_task(state.produce(queue, workers, limit)),
-             *(asyncio.create_task(state.work(queue, out)) for _ in range(workers))]
+             *(asyncio.create_task(state.work(queue, out)) for _ in range(workers)),
+             asyncio.create_task(state.collect(out, workers))]
     try:
-        await state.collect(out, workers)
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*tasks)  # the first failure ends the run
     finally:
         for task in tasks:
             task.cancel()
