@@ -46,8 +46,8 @@ def test_run_writes_one_ok_row_per_image_with_the_simulators_usage(
 def test_fault_mix_ends_with_every_row_ok_once_and_usage_as_answered(
     faulty_sim: Callable[..., Simulator], tmp_path: Path, images: Callable[..., list[str]]
 ) -> None:
-    sim = faulty_sim(rate_500=0.10, rate_429=0.05, rate_hang=0.02, rate_malformed=0.02,
-                     retry_after_s=0.05, hang_s=5.0, seed=3)
+    sim = faulty_sim(rate_500=0.10, rate_429=0.05, rate_hang=0.02, rate_malformed=0.02, rate_drop=0.02,
+                     rate_503=0.02, retry_after_s=0.05, hang_s=5.0, seed=3)
     paths = images(500, size=(16, 16))
     manifest = write_manifest(tmp_path, [{"image": p} for p in paths])
     cfg = write_config(tmp_path, sim.url, manifest, endpoint={"timeout_s": 0.5},
@@ -59,7 +59,7 @@ def test_fault_mix_ends_with_every_row_ok_once_and_usage_as_answered(
     assert out.height == 500 and out["id"].n_unique() == 500
     assert out["status"].unique().to_list() == ["ok"]
     faults = {e.fault for e in sim.log}
-    assert {"500", "429", "hang", "malformed"} <= faults
+    assert {"500", "503", "429", "hang", "malformed", "drop"} <= faults
     assert out["attempts"].max() > 1
     answered = {e.response_id: e.usage for e in sim.log if e.status == 200 and e.fault is None}
     for row in out.select("response_id", "prompt_tokens", "completion_tokens", "total_tokens").iter_rows():
@@ -233,3 +233,18 @@ def test_report_summarizes_the_directory(sim: Simulator, tmp_path: Path, images:
     assert cli.main(["report", str(tmp_path / "out")]) == 0
     text = capsys.readouterr().out
     assert "3 ok" in text and "gpt-4o" in text
+
+
+@pytest.mark.parametrize("limit", ["requests_per_minute", "tokens_per_minute"])
+def test_paced_run_meets_the_servers_limit_without_a_single_429(
+    faulty_sim: Callable[..., Simulator], tmp_path: Path, images: Callable[..., list[str]], limit: str
+) -> None:
+    per_minute = {"requests_per_minute": 1_200, "tokens_per_minute": 600_000}[limit]
+    sim = faulty_sim(**{limit: per_minute})
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": p} for p in images(40, size=(600, 400))]),
+                       prompt={"detail": "high"}, limits={"concurrency": 16, limit: per_minute})
+
+    assert cli.main(["run", str(cfg), "-q"]) == 0
+
+    assert [e.fault for e in sim.requests() if e.status == 429] == []
+    assert read_out(tmp_path).height == 40
