@@ -41,9 +41,11 @@ def _image_folder(folder: Path) -> pl.LazyFrame:
     return pl.LazyFrame({"image": files}, schema={"image": pl.String})
 
 
+# Column types are inferred from every row, so a value far down a file cannot break a run
+# half-way; that costs one extra pass when the manifest is opened.
 _READERS: dict[str, Callable[[Path], pl.LazyFrame]] = {
-    ".csv": lambda p: pl.scan_csv(p),
-    ".tsv": lambda p: pl.scan_csv(p, separator="\t"),
+    ".csv": lambda p: pl.scan_csv(p, infer_schema_length=None),
+    ".tsv": lambda p: pl.scan_csv(p, separator="\t", infer_schema_length=None),
     ".parquet": lambda p: pl.scan_parquet(p),
     ".jsonl": lambda p: pl.scan_ndjson(p),
     ".ndjson": lambda p: pl.scan_ndjson(p),
@@ -149,8 +151,11 @@ class Manifest:
         source = self._source
         columns = list(dict.fromkeys([source.image_column, *self._fields, *source.keep_columns]
                                      + ([source.id_column] if source.id_column else [])))
-        for frame in self._frame.select(columns).collect_batches(chunk_size=rows):
-            yield [self._row(values) for values in frame.iter_rows(named=True)]
+        try:
+            for frame in self._frame.select(columns).collect_batches(chunk_size=rows):
+                yield [self._row(values) for values in frame.iter_rows(named=True)]
+        except pl.exceptions.PolarsError as exc:
+            raise ManifestError(f"input.manifest: cannot read {self.path}: {exc}") from None
 
     def _row(self, values: dict[str, Any]) -> ManifestRow:
         images = _refs(values[self._source.image_column])

@@ -49,11 +49,12 @@ class _Patches:
             r *= min(math.floor(w * r / 32) / (w * r / 32), math.floor(h * r / 32) / (h * r / 32))
             # rounding first: binary floats turn 44.0 into 44.0000000001 and ceil into 45
             patches = math.ceil(round(w * r / 32, 6)) * math.ceil(round(h * r / 32, 6))
-        return math.ceil(patches * self.multiplier)
+        return math.ceil(round(patches * self.multiplier, 6))  # 150 * 1.62 is 243.00000000000003
 
 
 def _claude(w: int, h: int, detail: Detail) -> int:
-    scale = min(1.0, 1568 / max(w, h), math.sqrt(1_150_000 / (w * h)))
+    # Anthropic shrinks an image whose long edge passes 1568 px or that would pass ~1,600 tokens.
+    scale = min(1.0, 1568 / max(w, h), math.sqrt(1_600 * 750 / (w * h)))
     return math.ceil(w * scale * h * scale / 750)
 
 

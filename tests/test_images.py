@@ -1,0 +1,161 @@
+"""Image references -> content parts: sniffing, reading, downscaling, and unusable inputs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.errors import RowInputError
+from pipeline.images import ImagePart, sniff_mime, to_parts
+
+
+def encoded(fmt: str, size: tuple[int, int] = (64, 48), mode: str = "RGB") -> bytes:
+    colour: tuple[int, ...] = (200, 30, 30, 128) if mode == "RGBA" else (200, 30, 30)
+    buffer = io.BytesIO()
+    Image.new(mode, size, colour).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def noisy_png(size: tuple[int, int]) -> bytes:
+    """A PNG that does not compress away, so cutting it leaves a header but not all pixels."""
+    rng = random.Random(7)
+    image = Image.frombytes("RGB", size, bytes(rng.randrange(256) for _ in range(size[0] * size[1] * 3)))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def decode(part: ImagePart) -> tuple[str, bytes]:
+    head, _, payload = part.url.partition(",")
+    assert head.startswith("data:") and head.endswith(";base64")
+    return head[len("data:") : -len(";base64")], base64.b64decode(payload)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mime"),
+    [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("GIF", "image/gif"), ("WEBP", "image/webp")],
+)
+def test_sniff_mime_knows_the_sent_formats(fmt: str, mime: str) -> None:
+    assert sniff_mime(encoded(fmt)) == mime
+
+
+def test_sniff_mime_refuses_other_bytes() -> None:
+    assert sniff_mime(encoded("BMP")) is None
+    assert sniff_mime(b"") is None
+    assert sniff_mime(b"RIFF\0\0\0\0WAVE") is None
+
+
+def test_path_becomes_a_data_url_with_mime_and_size(tmp_path: Path) -> None:
+    data = encoded("JPEG", (64, 48))
+    (tmp_path / "cat.jpg").write_bytes(data)
+    (part,) = to_parts(["cat.jpg"], tmp_path)
+    assert part.size == (64, 48)
+    assert decode(part) == ("image/jpeg", data)
+    assert part.content("low") == {"type": "image_url", "image_url": {"url": part.url, "detail": "low"}}
+
+
+def test_absolute_path_ignores_the_root(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    path.write_bytes(encoded("PNG", (10, 20)))
+    (part,) = to_parts([str(path)], tmp_path / "elsewhere")
+    assert part.size == (10, 20)
+
+
+def test_max_side_downscales_rgb_to_jpeg(tmp_path: Path) -> None:
+    (tmp_path / "big.png").write_bytes(encoded("PNG", (400, 300)))
+    (part,) = to_parts(["big.png"], tmp_path, max_side=100)
+    mime, data = decode(part)
+    assert mime == "image/jpeg"
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "JPEG"
+        assert image.size == (100, 75)
+    assert part.size == (100, 75)
+
+
+def test_max_side_keeps_transparency_as_png(tmp_path: Path) -> None:
+    (tmp_path / "alpha.png").write_bytes(encoded("PNG", (300, 600), mode="RGBA"))
+    (part,) = to_parts(["alpha.png"], tmp_path, max_side=120)
+    mime, data = decode(part)
+    assert mime == "image/png"
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG"
+        assert image.mode == "RGBA"
+        assert image.size == (60, 120)
+    assert part.size == (60, 120)
+
+
+@pytest.mark.parametrize("max_side", [64, 65, 1000])
+def test_image_within_max_side_is_sent_unchanged(tmp_path: Path, max_side: int) -> None:
+    data = encoded("PNG", (64, 48))
+    (tmp_path / "small.png").write_bytes(data)
+    (part,) = to_parts(["small.png"], tmp_path, max_side=max_side)
+    assert decode(part) == ("image/png", data)
+    assert part.size == (64, 48)
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["https://example.com/cat.jpg", "http://example.com/a.png", "data:image/png;base64,iVBORw0KGgo="],
+)
+def test_remote_and_data_urls_pass_through(tmp_path: Path, ref: str) -> None:
+    assert to_parts([ref], tmp_path, max_side=10) == [ImagePart(ref, None)]
+
+
+def test_bytes_refs_are_encoded(tmp_path: Path) -> None:
+    data = encoded("WEBP", (30, 20))
+    parts = to_parts([data, encoded("GIF", (8, 8))], tmp_path)
+    assert [p.size for p in parts] == [(30, 20), (8, 8)]
+    assert decode(parts[0]) == ("image/webp", data)
+    assert decode(parts[1])[0] == "image/gif"
+
+
+def test_bytes_refs_are_downscaled_too(tmp_path: Path) -> None:
+    (part,) = to_parts([encoded("JPEG", (500, 250))], tmp_path, max_side=50)
+    assert part.size == (50, 25)
+    assert decode(part)[0] == "image/jpeg"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(RowInputError, match="missing file .*nope.jpg"):
+        to_parts(["nope.jpg"], tmp_path)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(RowInputError, match="empty.png is empty"):
+        to_parts(["empty.png"], tmp_path)
+
+
+def test_garbage_bytes(tmp_path: Path) -> None:
+    (tmp_path / "junk.jpg").write_bytes(b"this is not an image at all" * 10)
+    with pytest.raises(RowInputError, match="junk.jpg is not an image file"):
+        to_parts(["junk.jpg"], tmp_path)
+
+
+def test_bmp_is_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "old.bmp").write_bytes(encoded("BMP"))
+    with pytest.raises(RowInputError, match="old.bmp is BMP"):
+        to_parts(["old.bmp"], tmp_path)
+
+
+def test_truncated_png_fails_when_it_must_be_decoded(tmp_path: Path) -> None:
+    data = noisy_png((200, 150))
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RowInputError, match="cut.png is not a readable image"):
+        to_parts(["cut.png"], tmp_path, max_side=100)
+
+
+def test_empty_ref_list() -> None:
+    with pytest.raises(RowInputError, match="no image"):
+        to_parts([], Path("."))
+
+
+def test_the_first_unusable_ref_is_named(tmp_path: Path) -> None:
+    (tmp_path / "ok.png").write_bytes(encoded("PNG"))
+    with pytest.raises(RowInputError, match="gone.png"):
+        to_parts(["ok.png", "gone.png", "https://example.com/x.jpg"], tmp_path)
