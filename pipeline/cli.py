@@ -33,8 +33,8 @@ _EPILOG = """exit codes:
 def _summary_text(s: runner.Summary) -> str:
     cost = f"${s.cost_usd:.4f}" + ("" if s.priced else " (some rows had no known price)")
     lines = [
-        f"annotate: {s.ok + s.failed} rows answered now in {s.elapsed_s:.1f} s: {s.ok} ok, {s.failed} failed"
-        f" ({s.resumed} done before, {s.total} in the manifest)",
+        f"annotate: {s.ok + s.failed} rows answered now in {s.elapsed_s:.1f} s: {s.ok} ok, {s.failed} failed,"
+        f" {s.retried} of them asked again after failing before; {s.resumed} resumed, {s.total} in the manifest",
         f"  tokens: {s.prompt_tokens} prompt + {s.completion_tokens} completion; cost of this run: {cost}",
         *(f"  {n} rows failed on {kind}" for kind, n in sorted(s.errors.items())),
         f"  output: {s.output_dir}/  (read it with pl.scan_parquet('{s.output_dir}/*.parquet'))",
@@ -44,7 +44,8 @@ def _summary_text(s: runner.Summary) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, overrides=args.set, output_dir=args.output)
-    summary = asyncio.run(runner.run(cfg, limit=args.limit, progress=not args.quiet))
+    summary = asyncio.run(runner.run(cfg, limit=args.limit, progress=not args.quiet,
+                                     retry_failed=args.retry_failed, force=args.force))
     print(_summary_text(summary))
     return EXIT_OK if summary.failed == 0 else EXIT_ROWS_FAILED
 
@@ -77,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=int, help="answer at most N more rows")
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a config key; the value is read as YAML (repeatable)")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="ask again rows that failed for good (4xx, bad image); transient failures always are")
+    run.add_argument("--force", action="store_true",
+                     help="resume although the config's model, prompt or parameters changed since the last run")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     run.set_defaults(handler=_run)
 

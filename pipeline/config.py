@@ -38,6 +38,8 @@ __all__ = [
     "RunConfig",
     "load",
     "parse",
+    "fingerprint",
+    "fingerprint_changes",
     "one_line",
 ]
 
@@ -142,6 +144,8 @@ class LimitsConfig(_Model):
 
 class OutputConfig(_Model):
     dir: Path = Path("out/run")
+    journal: bool = Field(True, description="record each outcome in a SQLite journal before it counts as "
+                                            "done; off only to measure what durability costs")
 
 
 class Price(_Model):
@@ -161,6 +165,29 @@ class RunConfig(_Model):
     output: OutputConfig = OutputConfig()
     output_schema: None = Field(None, description="structured output is not supported in this version")
     pricing: dict[str, Price] = {}
+
+
+def fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """The settings that change answers. Speed settings (concurrency, limits, timeouts,
+    streaming) are left out: they may change freely between runs of one output directory."""
+    return {
+        "input": cfg.input.model_dump(mode="json", include={"image_column", "id_column", "image_root"}),
+        "prompt": cfg.prompt.model_dump(mode="json"),
+        "request": cfg.request.model_dump(mode="json", exclude={"stream"}),
+    }
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()} or {prefix: {}}
+
+
+def fingerprint_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """What differs between two fingerprints, one 'key: old -> new' each."""
+    old, new = _flat(before), _flat(after)
+    return [f"{key.rstrip('.')}: {old.get(key)!r} -> {new.get(key)!r}"
+            for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
 
 
 def one_line(exc: ValidationError) -> str:

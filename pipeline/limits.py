@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from .config import LimitsConfig
@@ -20,6 +20,7 @@ from .config import LimitsConfig
 __all__ = ["Bucket", "Limiter"]
 
 Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]  # injectable, so tests run on a fake clock
 # Providers enforce a per-minute limit over short windows, so a bucket holds at most this
 # many seconds of allowance: requests start evenly, never as a burst of a whole minute.
 BURST_S = 0.1
@@ -31,10 +32,12 @@ class Bucket:
     The level may go below zero when a settled request cost more than was reserved;
     later takers then wait until the debt is refilled."""
 
-    def __init__(self, per_s: float, capacity: float, clock: Clock = time.monotonic) -> None:
+    def __init__(self, per_s: float, capacity: float, clock: Clock = time.monotonic,
+                 sleep: Sleep = asyncio.sleep) -> None:
         self.per_s = per_s
         self.capacity = capacity
         self._clock = clock
+        self._sleep = sleep
         self._level = capacity
         self._stamp = clock()
         self._turn = asyncio.Lock()  # one waiter at a time, first come first served
@@ -47,12 +50,13 @@ class Bucket:
 
     def wait_s(self, amount: float) -> float:
         """Seconds until `amount` could be taken (0 when it can be taken now)."""
-        return max(0.0, (min(amount, self.capacity) - self._refill()) / self.per_s)
+        short = min(amount, self.capacity) - self._refill()
+        return short / self.per_s if short > 1e-9 else 0.0  # a float's last bit is not worth a wait
 
     async def take(self, amount: float) -> None:
         async with self._turn:
             while (wait := self.wait_s(amount)) > 0:
-                await asyncio.sleep(wait)
+                await self._sleep(wait)
             # a request larger than the bucket waits for a full one and leaves a debt behind,
             # so the average rate still holds
             self._level -= amount
@@ -81,19 +85,21 @@ class Limiter:
         requests_per_minute: int | None = None,
         tokens_per_minute: int | None = None,
         clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._slots = asyncio.Semaphore(concurrency)
         self._clock = clock
-        self._requests = self._bucket(requests_per_minute, clock, at_least=1)
-        self._tokens = self._bucket(tokens_per_minute, clock, at_least=1)
+        self._sleep = sleep
+        self._requests = self._bucket(requests_per_minute, clock, sleep)
+        self._tokens = self._bucket(tokens_per_minute, clock, sleep)
         self._resume_at = 0.0
 
     @staticmethod
-    def _bucket(per_minute: int | None, clock: Clock, at_least: float) -> Bucket | None:
+    def _bucket(per_minute: int | None, clock: Clock, sleep: Sleep) -> Bucket | None:
         if per_minute is None:
             return None
         per_s = per_minute / 60
-        return Bucket(per_s, max(at_least, per_s * BURST_S), clock)
+        return Bucket(per_s, max(1.0, per_s * BURST_S), clock, sleep)
 
     @classmethod
     def from_config(cls, limits: LimitsConfig) -> Limiter:
@@ -107,7 +113,7 @@ class Limiter:
     async def pace(self, tokens: int) -> None:
         """Wait until a request of `tokens` may start, and reserve it."""
         while (pause := self._resume_at - self._clock()) > 0:
-            await asyncio.sleep(pause)
+            await self._sleep(pause)
         if self._requests:
             await self._requests.take(1)
         if self._tokens:

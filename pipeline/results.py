@@ -35,6 +35,7 @@ COLUMNS = pa.schema(
         ("latency_ms", pa.float64()),
         ("attempts", pa.int64()),
         ("error", pa.string()),
+        ("retryable", pa.bool_()),  # for an error: asked again on the next run (else only with --retry-failed)
     ]
 )
 
@@ -76,5 +77,6 @@ def answered(row: ManifestRow, reply: Reply, cost_usd: float | None) -> dict[str
     }
 
 
-def failed(row: ManifestRow, error: str, attempts: int) -> dict[str, Any]:
-    return {"id": row.id, "status": "error", "attempts": attempts, "error": error, **_kept(row)}
+def failed(row: ManifestRow, error: str, attempts: int, retryable: bool) -> dict[str, Any]:
+    return {"id": row.id, "status": "error", "attempts": attempts, "error": error, "retryable": retryable,
+            **_kept(row)}

@@ -1,7 +1,8 @@
 """The asyncio loop that ties the stages together: rows in, one request each, results out.
 
-Owns: the order of the stages, progress, the summary, stopping early when every request
-fails alike. Only the runner drives the store and draws the progress bar.
+Owns: the order of the stages, group commits to the store, progress, the summary, stopping
+early when every request fails alike, and shutting down on a signal. Only the runner drives
+the store and draws the progress bar.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ from tqdm import tqdm
 from . import images, payload, results, simulator
 from .client import ACCOUNT_STATUSES, Client, read_key
 from .completion import Reply
-from .config import EndpointConfig, RunConfig
-from .errors import Interrupted, RequestFailed, RowInputError, RunStopped
+from .config import EndpointConfig, RunConfig, fingerprint, fingerprint_changes
+from .errors import Interrupted, Rejected, RequestFailed, RowInputError, RunStopped, StoreError
 from .limits import Limiter
 from .manifest import Manifest, ManifestRow
 from .pricing import PriceTable
@@ -33,8 +34,10 @@ __all__ = ["Summary", "run"]
 
 log = logging.getLogger(__name__)
 
-PART_ROWS = 5_000  # a part is cut after this many rows ...
+PART_ROWS = 5_000  # a part is cut from the journal after this many rows ...
 PART_SECONDS = 30.0  # ... or this many seconds, whichever comes first
+GROUP_ROWS = 512  # at most this many outcomes share one journal transaction
+GRACE_S = 30.0  # after a first signal, in-flight requests get this long to finish
 # This many outcomes in a row with the same account-level status (401, 403, 404) stop the
 # run: a wrong key or model name would otherwise fail every row of the manifest one by one.
 ACCOUNT_STOP_AFTER = 3
@@ -46,9 +49,10 @@ _Outcome = tuple[dict[str, Any], int | None]  # an output row, and the HTTP stat
 class Summary:
     output_dir: Path
     total: int = 0  # rows in the manifest
-    resumed: int = 0  # already answered before this run
+    resumed: int = 0  # answered by earlier runs
     ok: int = 0
     failed: int = 0
+    retried: int = 0  # rows that had failed in an earlier run and were asked again
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -56,7 +60,8 @@ class Summary:
     elapsed_s: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
 
-    def count(self, row: dict[str, Any]) -> None:
+    def count(self, row: dict[str, Any], retried: bool) -> None:
+        self.retried += retried
         if row["status"] == "ok":
             self.ok += 1
             self.prompt_tokens += row["prompt_tokens"] or 0
@@ -81,6 +86,28 @@ def _endpoint(cfg: EndpointConfig) -> Iterator[tuple[EndpointConfig, str]]:
         yield cfg.model_copy(update={"base_url": sim.url}), read_key(cfg, fallback=_SIMULATOR_KEY)
 
 
+@contextlib.contextmanager
+def _on_signals(first: Callable[[], None], second: Callable[[], None]) -> Iterator[None]:
+    """SIGINT and SIGTERM call `first`, and any later one `second` (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    seen = []
+
+    def handle() -> None:
+        seen.append(1)
+        (first if len(seen) == 1 else second)()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, handle)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
 class _Run:
     def __init__(self, cfg: RunConfig, manifest: Manifest, store: Store, client: Client, limiter: Limiter,
                  bar: tqdm[Any], summary: Summary) -> None:
@@ -92,29 +119,28 @@ class _Run:
         self.bar = bar
         self.summary = summary
         self.prices = PriceTable(cfg.pricing)
-        self.pending: list[dict[str, Any]] = []
-        self.flushed_at = time.monotonic()
+        self.unpublished = 0  # rows journalled since the last part
+        self.cut_at = time.monotonic()
         self.stop_reason: str | None = None
+        self.stopping = False  # a signal came: no new requests
         self._account_streak: tuple[int | None, int] = (None, 0)
 
     async def rows(self, limit: int | None) -> AsyncIterator[ManifestRow]:
-        """Manifest rows not answered yet, each id once, read off the event loop."""
+        """Manifest rows not done yet, each id once, read off the event loop."""
         batches = self.manifest.batches()
         seen: set[str] = set()
-        sent = 0
         while batch := await asyncio.to_thread(next, batches, None):
             for row in batch:
                 if row.id in self.store.done or row.id in seen:
                     continue
-                if limit is not None and sent >= limit:
+                if limit is not None and len(seen) >= limit:
                     return
                 seen.add(row.id)
-                sent += 1
                 yield row
 
     async def produce(self, queue: asyncio.Queue[ManifestRow | None], workers: int, limit: int | None) -> None:
         async for row in self.rows(limit):
-            if self.stop_reason:
+            if self.stop_reason or self.stopping:
                 break
             await queue.put(row)  # waits while the queue is full: memory stays flat
         for _ in range(workers):
@@ -122,7 +148,7 @@ class _Run:
 
     async def work(self, queue: asyncio.Queue[ManifestRow | None], out: asyncio.Queue[_Outcome | None]) -> None:
         while (row := await queue.get()) is not None:
-            if not self.stop_reason:
+            if not (self.stop_reason or self.stopping):
                 await out.put(await self.annotate(row))
         await out.put(None)
 
@@ -133,14 +159,16 @@ class _Run:
         try:
             parts = await asyncio.to_thread(images.to_parts, row.images, self.manifest.root, prompt.max_side)
         except RowInputError as exc:
-            return results.failed(row, f"image: {exc}", attempts=0), None
+            return results.failed(row, f"image: {exc}", attempts=0, retryable=False), None
         body = payload.build(row, parts, request, prompt)
         reserved = payload.reserve_tokens(row, parts, request, prompt)
         async with self.limiter.slot():
             try:
                 reply = await self.client.complete(body, reserved)
             except RequestFailed as exc:
-                return results.failed(row, f"request: {exc}", attempts=exc.attempts), exc.status
+                # a 4xx is final, unless it says the key or the account is wrong: fix those and rerun
+                retryable = not isinstance(exc, Rejected) or exc.status in ACCOUNT_STATUSES
+                return results.failed(row, f"request: {exc}", exc.attempts, retryable), exc.status
         if reply.usage:
             output_reserved = (request.max_tokens or payload.UNSET_MAX_TOKENS) * request.choices
             self.limiter.settle(reserved, reply.usage.prompt_tokens + output_reserved)
@@ -153,20 +181,32 @@ class _Run:
         return self.prices.cost_usd(model, reply.usage)
 
     async def collect(self, out: asyncio.Queue[_Outcome | None], workers: int) -> None:
+        """Journal outcomes as they come, many to a transaction, then count them as done."""
         finished = 0
         while finished < workers:
-            outcome = await out.get()
-            if outcome is None:
-                finished += 1
-                continue
-            row, status = outcome
+            batch = [await out.get()]
+            while len(batch) < GROUP_ROWS and not out.empty():
+                batch.append(out.get_nowait())
+            outcomes = [outcome for outcome in batch if outcome is not None]
+            finished += len(batch) - len(outcomes)
+            if outcomes:
+                await asyncio.to_thread(self.store.record, [row for row, _ in outcomes])
+                self._done(outcomes)
+            if self.unpublished >= PART_ROWS or time.monotonic() - self.cut_at >= PART_SECONDS:
+                await asyncio.to_thread(self.cut)
+
+    def _done(self, outcomes: list[_Outcome]) -> None:
+        for row, status in outcomes:
             self._watch_account(status, row)
-            self.pending.append(row)
-            self.summary.count(row)
-            self.bar.update(1)
-            self.bar.set_postfix(self._postfix(), refresh=False)
-            if len(self.pending) >= PART_ROWS or time.monotonic() - self.flushed_at >= PART_SECONDS:
-                await asyncio.to_thread(self.flush)
+            self.summary.count(row, retried=row["id"] in self.store.failed_before)
+        self.unpublished += len(outcomes)
+        self.bar.update(len(outcomes))
+        self.bar.set_postfix(self._postfix(), refresh=False)
+
+    def cut(self) -> None:
+        self.store.cut()
+        self.unpublished = 0
+        self.cut_at = time.monotonic()
 
     def _watch_account(self, status: int | None, row: dict[str, Any]) -> None:
         last, streak = self._account_streak
@@ -181,45 +221,46 @@ class _Run:
         tokens = s.prompt_tokens + s.completion_tokens
         return {"errors": s.failed, "tokens": tokens, **({"cost": f"${s.cost_usd:.4f}"} if s.priced else {})}
 
-    def flush(self) -> None:
-        if self.pending:
-            self.store.write(self.pending)
-            self.pending = []
-        self.flushed_at = time.monotonic()
 
-
-def _run_info(cfg: RunConfig, total: int) -> dict[str, Any]:
+def _check_identity(store: Store, cfg: RunConfig, total: int, force: bool) -> None:
+    """Refuse to mix answers of two different configs in one directory, unless forced."""
+    now = fingerprint(cfg)
+    before = store.read_run_info()
+    if before and not force and (changed := fingerprint_changes(before.get("fingerprint", {}), now)):
+        raise StoreError(f"output.dir: {cfg.output.dir} holds answers to another config ({'; '.join(changed)}); "
+                         "use another output dir, or --force to mix them on purpose")
+    runs = (before or {}).get("runs", [])
     config = cfg.model_dump(mode="json")
     config["endpoint"]["headers"] = sorted(cfg.endpoint.headers)  # names only: values may be private
-    return {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": total, "config": config}
+    store.write_run_info({
+        "fingerprint": now,
+        "manifest": {"path": str(cfg.input.manifest), "rows": total},
+        "runs": [*runs, {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "forced": force}],
+        "config": config,
+    })
 
 
-@contextlib.contextmanager
-def _signals_cancel(task: asyncio.Task[Any]) -> Iterator[None]:
-    """SIGINT and SIGTERM cancel the run, so its cleanup writes what was received."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
+def _open_store(cfg: RunConfig, manifest: Manifest, total: int, retry_failed: bool, force: bool) -> Store:
+    store = Store(cfg.output.dir, results.schema(manifest.keep_schema), journal=cfg.output.journal,
+                  retry_failed=retry_failed)
     try:
-        yield
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        _check_identity(store, cfg, total, force)
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
-async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True) -> Summary:
+async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True, retry_failed: bool = False,
+              force: bool = False) -> Summary:
     """Run, or resume, one job. Raises ConfigError, ManifestError or StoreError before sending
     anything, RunStopped when every request fails alike, Interrupted on SIGINT or SIGTERM."""
     started = time.monotonic()
     manifest = Manifest(cfg.input, cfg.prompt)
-    total = manifest.count()
+    total = await asyncio.to_thread(manifest.count)
     with _endpoint(cfg.endpoint) as (endpoint, key):
-        store = Store(cfg.output.dir, results.schema(manifest.keep_schema))
-        store.write_run_info(_run_info(cfg, total))
-        summary = Summary(output_dir=cfg.output.dir, total=total, resumed=len(store.done))
+        store = await asyncio.to_thread(_open_store, cfg, manifest, total, retry_failed, force)
+        summary = Summary(output_dir=cfg.output.dir, total=total, resumed=store.resumed)
         if PriceTable(cfg.pricing).find(cfg.request.model) is None:
             log.warning("no price known for %s: cost_usd stays empty (add it under pricing:)", cfg.request.model)
         limiter = Limiter.from_config(cfg.limits)
@@ -229,16 +270,16 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
         with tqdm(total=todo, initial=summary.resumed, unit="row", disable=not progress, dynamic_ncols=True) as bar:
             state = _Run(cfg, manifest, store, client, limiter, bar, summary)
             try:
-                with _signals_cancel(asyncio.current_task()):  # type: ignore[arg-type]
-                    await _pump(state, cfg.limits.concurrency, limit)
+                await _pump(state, cfg.limits.concurrency, limit)
             except asyncio.CancelledError:
-                raise Interrupted(f"interrupted; {summary.ok + summary.failed} rows answered now are in "
-                                  f"{cfg.output.dir}; run the same command again to resume") from None
+                state.stopping = True
             finally:
-                state.flush()
-                store.close()
+                store.close()  # the last part; a kill before this leaves it in the journal for next time
                 await client.aclose()
     summary.elapsed_s = time.monotonic() - started
+    if state.stopping:
+        raise Interrupted(f"interrupted; {summary.ok + summary.failed} rows answered now are in "
+                          f"{cfg.output.dir}; run the same command again to resume")
     if state.stop_reason:
         raise RunStopped(state.stop_reason)
     return summary
@@ -252,8 +293,21 @@ async def _pump(state: _Run, concurrency: int, limit: int | None) -> None:
     tasks = [asyncio.create_task(state.produce(queue, workers, limit)),
              *(asyncio.create_task(state.work(queue, out)) for _ in range(workers)),
              asyncio.create_task(state.collect(out, workers))]
+    main = asyncio.current_task()
+    assert main is not None
+    loop = asyncio.get_running_loop()
+
+    def stop_gently() -> None:  # no new requests; those in flight get GRACE_S to finish
+        state.stopping = True
+        log.warning("stopping: waiting up to %.0f s for requests in flight (signal again to stop now)", GRACE_S)
+        loop.call_later(GRACE_S, main.cancel)
+
+    def stop_now() -> None:  # the journal holds every outcome received: nothing is lost
+        main.cancel()
+
     try:
-        await asyncio.gather(*tasks)  # the first failure ends the run
+        with _on_signals(stop_gently, stop_now):
+            await asyncio.gather(*tasks)  # the first failure ends the run
     finally:
         for task in tasks:
             task.cancel()

@@ -1,8 +1,10 @@
-"""The output directory: Parquet parts written whole or not at all, run metadata, done ids.
+"""The output directory: journal, Parquet parts written whole or not at all, done ids, run
+metadata, the one-writer lock.
 
-Owns: file names, atomic writes, which ids are already answered, and replacing an earlier
-error row when its id is answered again. Never: deciding what a row holds. One writer (the
-runner) drives it; the blocking methods are meant to run off the event loop.
+Owns: file names, atomic writes, which ids are done, cutting parts from the journal, and
+replacing an earlier error row when its id is answered again (the old row goes first, so
+readers never see both). Never: deciding what a row holds. One writer (the runner) drives
+it; every method blocks and is meant to run off the event loop.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +23,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import StoreError
+from .journal import Journal
+from .lock import Lock
 
-__all__ = ["Store", "RUN_FILE"]
+__all__ = ["Store", "RUN_FILE", "PARTS", "write_atomically"]
 
 RUN_FILE = "_run.json"
-_PARTS = "part-*.parquet"
+PARTS = "part-*.parquet"
+Row = dict[str, Any]
 
 
-def _write_atomically(path: Path, write: Any) -> None:
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")  # hidden and not *.parquet: readers never see it half-written
     write(tmp)
     with open(tmp, "rb") as f:
@@ -36,59 +41,123 @@ def _write_atomically(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
+def _without(part: Path, ids: set[str]) -> None:
+    table = pq.read_table(part)
+    kept = table.filter(pc.invert(pc.is_in(table["id"], value_set=pa.array(sorted(ids), pa.string()))))
+    if kept.num_rows:
+        write_atomically(part, lambda p: pq.write_table(kept, p))
+    else:
+        part.unlink()
+
+
 class Store:
-    def __init__(self, directory: Path, schema: pa.Schema) -> None:
+    """Usage:
+        store = Store(directory, schema)       # takes the lock, finishes what a crash left
+        store.done                             # ids not to ask again
+        store.record(rows); store.cut()        # journal a batch; now and then, a part
+        store.close()                          # the last part, then the lock is released
+    """
+
+    def __init__(self, directory: Path, schema: pa.Schema, *, journal: bool = True,
+                 retry_failed: bool = False) -> None:
         self.dir = directory
         self._schema = schema
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"output.dir: cannot create {directory}: {exc.strerror}") from None
-        self._earlier = sorted(directory.glob(_PARTS))
+        self._lock = Lock(directory)
+        self._lock.acquire()
         # time orders the parts of successive runs; the random tail keeps two runs in one second apart
         self._stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         self._seq = 0
-        outcomes = self._outcomes()
-        self.done = frozenset(outcomes.filter(pl.col("status") == "ok")["id"].to_list())
-        self._retrying = frozenset(outcomes.filter(pl.col("status") != "ok")["id"].to_list()) - self.done
-        self._superseded: set[str] = set()
+        self._journal = Journal(directory) if journal else None
+        self._memory: list[Row] = []  # with the journal off: outcomes wait here for the next part
+        outcomes = self._scan()
+        self._errors: dict[str, Path] = dict(
+            outcomes.filter(pl.col("status") != "ok").select("id", "file").iter_rows())
+        if self._journal and (self._journal.open_cuts() or self._journal.pending()):
+            self._recover()
+            outcomes = self._scan()
+        self.resumed = outcomes.filter(pl.col("status") == "ok").height
+        final = pl.col("status") == "ok"
+        if not retry_failed:
+            final = final | (pl.col("retryable") == False)  # noqa: E712  (a Polars expression)
+        self.done = frozenset(outcomes.filter(final)["id"].to_list())
+        self.failed_before = frozenset(self._errors)
 
-    def _outcomes(self) -> pl.DataFrame:
-        """Id and status of every row already written; only those two columns are read."""
-        if not self._earlier:
-            return pl.DataFrame(schema={"id": pl.String, "status": pl.String})
+    def _scan(self) -> pl.DataFrame:
+        """Id, status and file of every row already in a part; only those columns are read."""
+        parts = sorted(self.dir.glob(PARTS))
+        if not parts:
+            return pl.DataFrame(schema={"id": pl.String, "status": pl.String, "retryable": pl.Boolean,
+                                        "file": pl.String})
         try:
-            return pl.scan_parquet(self._earlier).select("id", "status").collect()
+            return (pl.scan_parquet(parts, include_file_paths="file")
+                    .select("id", "status", "retryable", "file").collect())
         except pl.exceptions.PolarsError as exc:
             raise StoreError(f"output.dir: cannot read the parts in {self.dir}: {exc}") from None
 
-    def write_run_info(self, info: dict[str, Any]) -> None:
-        text = json.dumps(info, indent=2, default=str)
-        _write_atomically(self.dir / RUN_FILE, lambda p: p.write_text(text, encoding="utf-8"))
+    def _recover(self) -> None:
+        """Finish cuts a crash interrupted, then make leftover journal rows a part."""
+        assert self._journal is not None
+        for part, upto in self._journal.open_cuts():
+            if not (self.dir / part).exists():
+                self._publish(self.dir / part, self._journal.rows(upto))
+            self._journal.finish_cut(part, upto)
+        self.cut()
 
-    def write(self, rows: list[dict[str, Any]]) -> Path:
-        """One new part holding `rows`, visible whole or not at all."""
+    def record(self, rows: Sequence[Row]) -> None:
+        """Outcomes on disk (one transaction) before they count as done."""
+        if self._journal:
+            self._journal.append(rows)
+        else:
+            self._memory.extend(rows)
+
+    def cut(self) -> None:
+        """Everything recorded so far becomes one new part."""
         self._seq += 1
         path = self.dir / f"part-{self._stamp}-{self._seq:05d}.parquet"
+        if self._journal is None:
+            rows, self._memory = self._memory, []
+            if rows:
+                self._publish(path, rows)
+            return
+        if not self._journal.pending():
+            return
+        upto = self._journal.begin_cut(path.name)
+        self._publish(path, self._journal.rows(upto))
+        self._journal.finish_cut(path.name, upto)  # only after the rename: a crash before it redoes the cut
+
+    def _publish(self, path: Path, rows: list[Row]) -> None:
+        superseded: dict[Path, set[str]] = {}
+        for row in rows:
+            if (old := self._errors.pop(row["id"], None)) is not None:
+                superseded.setdefault(Path(old), set()).add(row["id"])
+        for part, ids in superseded.items():  # the old rows go first: readers never see both
+            _without(part, ids)
         table = pa.Table.from_pylist(rows, schema=self._schema)
-        _write_atomically(path, lambda p: pq.write_table(table, p))
-        self._superseded.update(r["id"] for r in rows if r["id"] in self._retrying)
-        return path
+        write_atomically(path, lambda p: pq.write_table(table, p))
+        self._errors.update((row["id"], path) for row in rows if row["status"] != "ok")
+
+    def read_run_info(self) -> dict[str, Any] | None:
+        try:
+            info: dict[str, Any] = json.loads((self.dir / RUN_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"output.dir: cannot read {self.dir / RUN_FILE}: {exc}") from None
+        return info
+
+    def write_run_info(self, info: dict[str, Any]) -> None:
+        text = json.dumps(info, indent=2, default=str)
+        write_atomically(self.dir / RUN_FILE, lambda p: p.write_text(text, encoding="utf-8"))
 
     def close(self) -> None:
-        """Drop earlier error rows whose ids this run answered again: one row per id stays."""
-        if self._superseded:
-            self._drop(self._earlier, self._superseded)
-
-    def _drop(self, parts: Iterable[Path], ids: set[str]) -> None:
-        gone = pa.array(sorted(ids), pa.string())
-        for part in parts:
-            table = pq.read_table(part)
-            dropped = pc.is_in(table["id"], value_set=gone)
-            if not pc.any(dropped).as_py():
-                continue
-            kept = table.filter(pc.invert(dropped))
-            if kept.num_rows:
-                _write_atomically(part, lambda p: pq.write_table(kept, p))
-            else:
-                part.unlink()
+        """The last part, then the journal and the lock are let go."""
+        try:
+            self.cut()
+        finally:
+            if self._journal:
+                self._journal.close()
+            self._lock.release()

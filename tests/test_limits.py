@@ -1,4 +1,4 @@
-"""Bucket and Limiter on a fake clock: asyncio.sleep advances the clock instead of waiting."""
+"""Bucket and Limiter on a fake clock: their injected sleep advances the clock instead of waiting."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from pipeline import limits
 from pipeline.limits import BURST_S, Bucket, Limiter
 
 
@@ -24,17 +23,12 @@ class FakeTime:
 
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        # A real sleep always lets some time pass. Without this floor, a bucket one float ulp
-        # short (1 - 1e-16 tokens) asks for 1e-18 s, which does not move a clock at 0.03 s,
-        # and the wait loop would spin forever on the fake clock.
-        self.now += max(seconds, 1e-9)
+        self.now += seconds
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
-    time = FakeTime()
-    monkeypatch.setattr(limits.asyncio, "sleep", time.sleep)
-    return time
+def fake() -> FakeTime:
+    return FakeTime()
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -42,7 +36,7 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 def test_rpm_allows_a_burst_of_capacity_then_spaces_requests(fake: FakeTime) -> None:
-    limiter = Limiter(concurrency=1, requests_per_minute=6000, clock=fake)
+    limiter = Limiter(concurrency=1, requests_per_minute=6000, clock=fake, sleep=fake.sleep)
     capacity = 6000 / 60 * BURST_S  # 10 requests
 
     async def main() -> list[float]:
@@ -61,7 +55,7 @@ def test_rpm_allows_a_burst_of_capacity_then_spaces_requests(fake: FakeTime) -> 
 
 
 def test_rpm_rate_over_a_ten_second_window(fake: FakeTime) -> None:
-    bucket = Bucket(per_s=100, capacity=100 * BURST_S, clock=fake)
+    bucket = Bucket(per_s=100, capacity=100 * BURST_S, clock=fake, sleep=fake.sleep)
 
     async def main() -> int:
         taken = 0
@@ -76,7 +70,7 @@ def test_rpm_rate_over_a_ten_second_window(fake: FakeTime) -> None:
 
 
 def test_token_request_larger_than_capacity_leaves_a_debt(fake: FakeTime) -> None:
-    bucket = Bucket(per_s=10, capacity=100, clock=fake)
+    bucket = Bucket(per_s=10, capacity=100, clock=fake, sleep=fake.sleep)
 
     async def main() -> tuple[float, float]:
         await bucket.take(50)  # level 50
@@ -91,7 +85,7 @@ def test_token_request_larger_than_capacity_leaves_a_debt(fake: FakeTime) -> Non
 
 
 def test_bucket_settle_gives_back_and_charges(fake: FakeTime) -> None:
-    bucket = Bucket(per_s=10, capacity=100, clock=fake)
+    bucket = Bucket(per_s=10, capacity=100, clock=fake, sleep=fake.sleep)
 
     async def over_reserved() -> None:
         await bucket.take(60)  # level 40
@@ -110,7 +104,7 @@ def test_bucket_settle_gives_back_and_charges(fake: FakeTime) -> None:
 
 
 def test_settle_never_fills_beyond_capacity(fake: FakeTime) -> None:
-    bucket = Bucket(per_s=10, capacity=100, clock=fake)
+    bucket = Bucket(per_s=10, capacity=100, clock=fake, sleep=fake.sleep)
     run(bucket.take(10))
     bucket.settle(reserved=500, actual=0)
     run(bucket.take(100))
@@ -119,7 +113,7 @@ def test_settle_never_fills_beyond_capacity(fake: FakeTime) -> None:
 
 def test_limiter_settle_moves_the_next_token_wait(fake: FakeTime) -> None:
     # 6000 tokens/min = 100/s, capacity 10 tokens
-    limiter = Limiter(concurrency=1, tokens_per_minute=6000, clock=fake)
+    limiter = Limiter(concurrency=1, tokens_per_minute=6000, clock=fake, sleep=fake.sleep)
 
     async def main() -> list[float]:
         marks = []
@@ -136,7 +130,7 @@ def test_limiter_settle_moves_the_next_token_wait(fake: FakeTime) -> None:
 
 
 def test_cool_down_holds_the_next_pace(fake: FakeTime) -> None:
-    limiter = Limiter(concurrency=1, clock=fake)
+    limiter = Limiter(concurrency=1, clock=fake, sleep=fake.sleep)
 
     async def main() -> None:
         limiter.cool_down(2.0)
@@ -148,7 +142,7 @@ def test_cool_down_holds_the_next_pace(fake: FakeTime) -> None:
 
 
 def test_shorter_later_cool_down_does_not_shorten_it(fake: FakeTime) -> None:
-    limiter = Limiter(concurrency=1, requests_per_minute=60_000, clock=fake)
+    limiter = Limiter(concurrency=1, requests_per_minute=60_000, clock=fake, sleep=fake.sleep)
 
     async def main() -> None:
         limiter.cool_down(2.0)  # until t = 2.0
@@ -162,7 +156,7 @@ def test_shorter_later_cool_down_does_not_shorten_it(fake: FakeTime) -> None:
 
 
 def test_longer_later_cool_down_extends_it(fake: FakeTime) -> None:
-    limiter = Limiter(concurrency=1, clock=fake)
+    limiter = Limiter(concurrency=1, clock=fake, sleep=fake.sleep)
 
     async def main() -> None:
         limiter.cool_down(1.0)
@@ -175,7 +169,7 @@ def test_longer_later_cool_down_extends_it(fake: FakeTime) -> None:
 
 
 def test_pace_without_limits_does_not_wait(fake: FakeTime) -> None:
-    limiter = Limiter(concurrency=4, clock=fake)
+    limiter = Limiter(concurrency=4, clock=fake, sleep=fake.sleep)
 
     async def main() -> None:
         for _ in range(1000):
