@@ -1,0 +1,356 @@
+"""Simulated completions: what the simulator answers to a chat-completions request body.
+
+Owns: validating a body the way the provider does (`Invalid` carries the 400's message, param
+and code); the facts of its images (size and dominant colour, decoded from data: URLs and
+cached; other URLs described, not fetched); the answer texts, usage counts, the completion
+JSON, the SSE chunk events, the model list and OpenAI-style error bodies.
+Never: a server, sockets, headers, auth, faults or rate limits; no I/O beyond decoding data:
+URLs. Plain blocking functions: the simulator calls `parse` off the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import math
+import re
+import struct
+import threading
+import time
+import typing
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from . import tokens
+
+__all__ = ["JSON", "Invalid", "ImageFacts", "ImageCache", "Parsed", "parse", "answer_texts", "count_usage",
+           "completion_head", "completion_body", "chunk_events", "models_body", "error_body"]
+
+JSON = dict[str, Any]
+
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_RANGES = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2)}
+_INT_RANGES = {"n": (1, 128), "max_tokens": (1, None), "max_completion_tokens": (1, None)}
+_ERRORS: dict[int, tuple[str, str | None, str]] = {  # status -> (type, code, message), as OpenAI words them
+    400: ("invalid_request_error", None, "Bad request (scripted by the simulator)."),
+    401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
+    403: ("permission_error", None, "You are not allowed to use this model."),
+    404: ("invalid_request_error", "model_not_found", "The model does not exist or you do not have access to it."),
+    429: ("requests", "rate_limit_exceeded", "Rate limit reached (simulated). Please try again later."),
+    500: ("server_error", None, "The server had an error while processing your request. Sorry about that!"),
+    503: ("server_error", None, "The engine is currently overloaded, please try again later."),
+}
+_PALETTE = {
+    "black": (0, 0, 0), "white": (255, 255, 255), "grey": (128, 128, 128), "red": (215, 35, 35),
+    "orange": (245, 140, 20), "yellow": (240, 220, 40), "green": (40, 170, 60), "cyan": (40, 200, 220),
+    "blue": (30, 70, 210), "purple": (130, 50, 180), "pink": (240, 130, 180), "brown": (130, 80, 40),
+}
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+_MODEL_IDS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1-mini")
+
+
+class Invalid(Exception):
+    """A body the provider would refuse with a 400: its message, the offending param and a code."""
+
+    def __init__(self, message: str, param: str | None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+@dataclass(frozen=True, slots=True)
+class ImageFacts:
+    """What the answer says about one image, and its size for the prompt tokens."""
+
+    width: int
+    height: int
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A valid request body: what the answer, the usage, the log and the fault draw need."""
+
+    model: str
+    n: int
+    max_tokens: int | None
+    stream: bool
+    include_usage: bool
+    prompt: str  # the last user message's text, for the answer
+    prompt_tokens: int
+    images: tuple[ImageFacts, ...]
+    markers: tuple[str, ...]
+    digest: str  # of the body without stream fields: a retry is the same request
+    logged: JSON
+
+
+def models_body() -> JSON:
+    """The answer to GET /v1/models: the models the simulator names (it serves any name it is asked for)."""
+    return {"object": "list", "data": [
+        {"id": model, "object": "model", "created": 0, "owned_by": "simulator"} for model in _MODEL_IDS]}
+
+
+def error_body(status: int, message: str | None = None, *, param: str | None = None,
+               code: str | None = None) -> JSON:
+    """The OpenAI-style `{"error": ...}` body for a status; message and code default to OpenAI's wording."""
+    kind, default_code, default_message = _ERRORS.get(
+        status, ("server_error" if status >= 500 else "invalid_request_error", None, f"Simulated error {status}."))
+    error = {"message": message or default_message, "type": kind, "param": param, "code": code or default_code}
+    return {"error": error}
+
+
+# --- images -----------------------------------------------------------------------------
+
+
+def _data_url_summary(url: str) -> str:
+    head, _, payload = url.partition(",")
+    return f"{head},<{len(payload) * 3 // 4} bytes>"
+
+
+def _colour_name(rgb: tuple[int, int, int]) -> str:
+    return min(_PALETTE, key=lambda name: sum((a - b) ** 2 for a, b in zip(rgb, _PALETTE[name])))
+
+
+def _dominant(img: Image.Image) -> tuple[str, str]:
+    """The palette colour most pixels of a 16x16 thumbnail are nearest to, and their mean as hex."""
+    small = img.convert("RGB").resize((16, 16), Image.Resampling.BOX)
+    counts: Counter[str] = Counter()
+    sums: dict[str, list[int]] = {}
+    for count, colour in small.getcolors(256) or []:
+        rgb = typing.cast(tuple[int, int, int], colour)
+        name = _colour_name(rgb)
+        counts[name] += count
+        total = sums.setdefault(name, [0, 0, 0])
+        for i in range(3):
+            total[i] += rgb[i] * count
+    name, count = counts.most_common(1)[0]
+    return name, "#" + "".join(f"{round(c / count):02x}" for c in sums[name])
+
+
+def _decode(url: str) -> ImageFacts:
+    head, sep, payload = url.partition(",")
+    if not sep or not head.endswith(";base64"):
+        raise Invalid("Invalid image.", None, "invalid_image")
+    try:
+        data = base64.b64decode(payload, validate=True)
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            img.draft("RGB", (64, 64))  # JPEG: decode at a reduced scale, the colour does not need more
+            img.load()
+            colour, hex_ = _dominant(img)
+    except (binascii.Error, *_DECODE_ERRORS):
+        raise Invalid("Invalid image.", None, "invalid_image") from None
+    return ImageFacts(width, height, f"{width}x{height} image, mostly {colour} ({hex_})")
+
+
+def _url_image(url: str) -> ImageFacts:
+    host = re.sub(r"^https?://", "", url).split("/", 1)[0]
+    w, h = tokens.UNKNOWN_SIZE
+    return ImageFacts(w, h, f"an image from {host} (not fetched)")
+
+
+class ImageCache:
+    """Image facts by the hash of their data: URL, bounded; other URLs are described without a look."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._images: dict[str, ImageFacts] = {}
+
+    def look(self, url: str, param: str) -> ImageFacts:
+        if not url.startswith("data:"):
+            return _url_image(url)
+        key = hashlib.sha256(url.encode()).hexdigest()
+        if (cached := self._images.get(key)) is not None:
+            return cached
+        try:
+            image = _decode(url)
+        except Invalid as exc:
+            raise Invalid(exc.message, param, exc.code) from None
+        with self._lock:
+            if len(self._images) >= 4096:  # bound memory on long benchmark runs
+                self._images.clear()
+            self._images[key] = image
+        return image
+
+
+# --- request validation -------------------------------------------------------------------
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_options(body: JSON) -> None:
+    for name, (lo, hi) in _RANGES.items():
+        value = body.get(name)
+        if value is not None and not (_is_number(value) and lo <= value <= hi):
+            raise Invalid(f"Invalid '{name}': expected a number from {lo} to {hi}, got {value!r}.", name)
+    for name, (low, high) in _INT_RANGES.items():
+        value = body.get(name)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and low <= value and (high is None or value <= high)):
+            limit = f"an integer from {low} to {high}" if high else f"an integer >= {low}"
+            raise Invalid(f"Invalid '{name}': expected {limit}, got {value!r}.", name)
+    bias = body.get("logit_bias")
+    if bias is not None and not (isinstance(bias, dict) and all(
+            isinstance(k, str) and re.fullmatch(r"\d+", k) and _is_number(v) and -100 <= v <= 100
+            for k, v in bias.items())):
+        raise Invalid("Invalid 'logit_bias': keys must be token ids, values from -100 to 100.", "logit_bias")
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
+        raise Invalid("Invalid 'stop': expected a string or a list of at most 4 strings.", "stop")
+    for name, kind in (("stream", bool), ("user", str), ("stream_options", dict)):
+        if body.get(name) is not None and not isinstance(body[name], kind):
+            raise Invalid(f"Invalid '{name}': expected a {kind.__name__}.", name)
+    include = (body.get("stream_options") or {}).get("include_usage")
+    if include is not None and not isinstance(include, bool):
+        raise Invalid("Invalid 'stream_options.include_usage': expected a boolean.", "stream_options.include_usage")
+
+
+def _parts(i: int, message: object) -> list[tuple[str, JSON]]:
+    """A message's content as (param, part) pairs; a string content is one text part."""
+    where = f"messages.[{i}]"
+    if not isinstance(message, dict) or message.get("role") not in _ROLES:
+        raise Invalid(f"Invalid '{where}.role': expected one of {sorted(_ROLES)}.", f"{where}.role")
+    content = message.get("content")
+    if isinstance(content, str) or (content is None and message["role"] == "assistant"):
+        return [(f"{where}.content", {"type": "text", "text": content or ""})]
+    if not isinstance(content, list) or not content:
+        raise Invalid(f"Invalid '{where}.content': expected a string or a list of parts.", f"{where}.content")
+    parts = []
+    for j, part in enumerate(content):
+        param = f"{where}.content.[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append((param, part))
+        elif kind == "image_url" and isinstance(part.get("image_url"), dict):
+            url, detail = part["image_url"].get("url"), part["image_url"].get("detail", "auto")
+            if not isinstance(url, str) or not url.startswith(("data:", "http://", "https://")):
+                raise Invalid("Invalid image URL.", f"{param}.image_url", "invalid_image_url")
+            if detail not in ("low", "high", "auto"):
+                raise Invalid(f"Invalid '{param}.image_url.detail': expected low, high or auto.",
+                               f"{param}.image_url.detail")
+            parts.append((param, part))
+        else:
+            raise Invalid(f"Invalid content part at '{param}'.", f"{param}.type")
+    return parts
+
+
+def _logged(value: Any) -> Any:
+    """The body with every data: URL replaced by its size, so the log stays small."""
+    if isinstance(value, dict):
+        return {k: _logged(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_logged(v) for v in value]
+    if isinstance(value, str) and value.startswith("data:") and ";base64," in value[:100]:
+        return _data_url_summary(value)
+    return value
+
+
+def _digest(body: JSON) -> str:
+    same = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
+
+
+def parse(body: object, cache: ImageCache) -> Parsed:
+    """Validate a request body and look at its images (off the event loop: Pillow decodes here)."""
+    if not isinstance(body, dict):
+        raise Invalid("We could not parse the JSON body of your request.", None)
+    model, messages = body.get("model"), body.get("messages")
+    if not isinstance(model, str) or not model:
+        raise Invalid("you must provide a model parameter", "model")
+    if not isinstance(messages, list) or not messages:
+        raise Invalid("Invalid 'messages': expected a non-empty array.", "messages")
+    pairs = [(m, _parts(i, m)) for i, m in enumerate(messages)]
+    _check_options(body)
+    prompt_tokens, prompt, markers, images = 0, "", [], []
+    for message, parts in pairs:
+        user = message["role"] == "user"
+        for param, part in parts:
+            if part["type"] == "text":
+                prompt_tokens += tokens.text_tokens(part["text"]) + 4
+                markers += [part["text"]] if user else []
+                continue
+            url, detail = part["image_url"]["url"], part["image_url"].get("detail", "auto")
+            image = cache.look(url, f"{param}.image_url")
+            prompt_tokens += tokens.image_tokens(model, image.width, image.height, detail)
+            images.append(image)
+            markers.append(_data_url_summary(url) if url.startswith("data:") else url[:200])
+        if user:
+            prompt = " ".join(part["text"] for _, part in parts if part["type"] == "text")
+    options = body.get("stream_options") or {}
+    return Parsed(model, body.get("n") or 1, body.get("max_completion_tokens") or body.get("max_tokens"),
+                   bool(body.get("stream")), bool(options.get("include_usage")), prompt, prompt_tokens,
+                   tuple(images), tuple(markers), _digest(body), _logged(body))
+
+
+# --- answers ------------------------------------------------------------------------------
+
+
+def answer_texts(parsed: Parsed) -> list[tuple[str, str]]:
+    """(content, finish_reason) per choice: deterministic from the prompt and the images."""
+    prompt = " ".join(parsed.prompt.split())
+    head = f'[simulated] re "{prompt[:40]}{"..." if len(prompt) > 40 else ""}":'
+    many = len(parsed.images) > 1
+    sentences = [f"{'Image %d: ' % (k + 1) if many else ''}{img.description}." for k, img in enumerate(parsed.images)]
+    base = " ".join([head, *(sentences or ["no image given."])])
+    answers = []
+    for i in range(parsed.n):
+        text = f"(variant {i}) {base}" if i else base
+        if parsed.max_tokens is not None and tokens.text_tokens(text) > parsed.max_tokens:
+            answers.append((text[: parsed.max_tokens * 4], "length"))
+        else:
+            answers.append((text, "stop"))
+    return answers
+
+
+def count_usage(parsed: Parsed, answers: list[tuple[str, str]]) -> JSON:
+    """The provider's `usage` object: prompt tokens as counted in `parse`, completion tokens of the answers."""
+    completion = sum(tokens.text_tokens(text) for text, _ in answers)
+    return {"prompt_tokens": parsed.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": parsed.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}
+
+
+def completion_head(model: str) -> JSON:
+    """The fields a completion and each of its chunks share, under a fresh response id."""
+    response_id = f"chatcmpl-sim-{uuid.uuid4().hex[:24]}"
+    return {"id": response_id, "object": "chat.completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": "fp_simulator"}
+
+
+def completion_body(head: JSON, answers: list[tuple[str, str]], usage: JSON) -> JSON:
+    """The JSON of a completion that is not streamed: one choice per answer, and the usage."""
+    choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None, "finish_reason": finish} for i, (text, finish) in enumerate(answers)]
+    return {**head, "choices": choices, "usage": usage}
+
+
+def chunk_events(head: JSON, answers: list[tuple[str, str]], usage: JSON | None) -> list[bytes]:
+    """The SSE events of a streamed completion: each answer in three pieces, the usage if asked, [DONE]."""
+    chunk = {**head, "object": "chat.completion.chunk"}
+
+    def event(choices: list[JSON], **extra: Any) -> bytes:
+        extra = {"usage": None, **extra} if usage is not None else extra
+        return b"data: " + json.dumps({**chunk, "choices": choices, **extra}).encode() + b"\n\n"
+
+    events = []
+    for i, (text, finish) in enumerate(answers):
+        events.append(event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]))
+        step = max(1, math.ceil(len(text) / 3))
+        pieces = [text[k: k + step] for k in range(0, len(text), step)] or [""]
+        for k, piece in enumerate(pieces):
+            last = k == len(pieces) - 1
+            events.append(event([{"index": i, "delta": {"content": piece}, "logprobs": None,
+                                  "finish_reason": finish if last else None}]))
+    if usage is not None:
+        events.append(event([], usage=usage))
+    return [*events, b"data: [DONE]\n\n"]
