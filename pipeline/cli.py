@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import config, report, runner, simulator
+from . import compact, config, report, runner, simulator
 from .errors import ConfigError, Interrupted, ManifestError, RunStopped, StoreError
 
 __all__ = ["main", "EXIT_OK", "EXIT_ROWS_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
@@ -37,6 +37,8 @@ def _summary_text(s: runner.Summary) -> str:
         f" {s.retried} of them asked again after failing before; {s.resumed} resumed, {s.total} in the manifest",
         f"  tokens: {s.prompt_tokens} prompt + {s.completion_tokens} completion; cost of this run: {cost}",
         *(f"  {n} rows failed on {kind}" for kind, n in sorted(s.errors.items())),
+        *([f"  {s.failed_before} rows failed for good in earlier runs (--retry-failed asks them again)"]
+          if s.failed_before else []),
         f"  output: {s.output_dir}/  (read it with pl.scan_parquet('{s.output_dir}/*.parquet'))",
     ]
     return "\n".join(lines)
@@ -47,12 +49,19 @@ def _run(args: argparse.Namespace) -> int:
     summary = asyncio.run(runner.run(cfg, limit=args.limit, progress=not args.quiet,
                                      retry_failed=args.retry_failed, force=args.force))
     print(_summary_text(summary))
-    return EXIT_OK if summary.failed == 0 else EXIT_ROWS_FAILED
+    return EXIT_OK if summary.failed == summary.failed_before == 0 else EXIT_ROWS_FAILED
 
 
 def _report(args: argparse.Namespace) -> int:
     result = report.summarize(args.dir)
     print(json.dumps(result, indent=2) if args.json else report.render(result))
+    return EXIT_OK
+
+
+def _compact(args: argparse.Namespace) -> int:
+    done = compact.compact(args.dir)
+    order = "in manifest order" if done.in_manifest_order else "in their earlier order (manifest not readable)"
+    print(f"annotate: {args.dir}: {done.rows} rows, {done.parts_before} parts -> {done.parts_after}, {order}")
     return EXIT_OK
 
 
@@ -89,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("dir", type=Path)
     rep.add_argument("--json", action="store_true")
     rep.set_defaults(handler=_report)
+
+    com = commands.add_parser("compact", help="rewrite many small parts into a few large ones, one row per id")
+    com.add_argument("dir", type=Path)
+    com.set_defaults(handler=_compact)
 
     sim = commands.add_parser("simulate", help="the bundled OpenAI-compatible simulator, on loopback")
     sim.add_argument("--host", default="127.0.0.1")

@@ -43,6 +43,7 @@ GRACE_S = 30.0  # after a first signal, in-flight requests get this long to fini
 ACCOUNT_STOP_AFTER = 3
 _SIMULATOR_KEY = "simulator"
 _Outcome = tuple[dict[str, Any], int | None]  # an output row, and the HTTP status it failed with
+_Durable = tuple[dict[str, Any], int | None, "asyncio.Future[None]"]  # ... and what tells it is on disk
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Summary:
     ok: int = 0
     failed: int = 0
     retried: int = 0  # rows that had failed in an earlier run and were asked again
+    failed_before: int = 0  # rows that failed for good in earlier runs and were not asked again
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -146,33 +148,43 @@ class _Run:
         for _ in range(workers):
             await queue.put(None)
 
-    async def work(self, queue: asyncio.Queue[ManifestRow | None], out: asyncio.Queue[_Outcome | None]) -> None:
+    async def work(self, queue: asyncio.Queue[ManifestRow | None], out: asyncio.Queue[_Durable | None]) -> None:
         while (row := await queue.get()) is not None:
             if not (self.stop_reason or self.stopping):
-                await out.put(await self.annotate(row))
+                await self.annotate(row, out)
         await out.put(None)
 
-    async def annotate(self, row: ManifestRow) -> _Outcome:
-        """One row's outcome and the HTTP status it failed with, if any. Row-level failures
-        become error rows here and nowhere else."""
+    async def annotate(self, row: ManifestRow, out: asyncio.Queue[_Durable | None]) -> None:
+        """One row's outcome, handed to the journal. Row-level failures become error rows here
+        and nowhere else."""
         prompt, request = self.cfg.prompt, self.cfg.request
         try:
             parts = await asyncio.to_thread(images.to_parts, row.images, self.manifest.root, prompt.max_side)
         except RowInputError as exc:
-            return results.failed(row, f"image: {exc}", attempts=0, retryable=False), None
+            await self._journal(out, results.failed(row, f"image: {exc}", attempts=0, retryable=False), None)
+            return
         body = payload.build(row, parts, request, prompt)
         reserved = payload.reserve_tokens(row, parts, request, prompt)
+        # The slot is held until the answer is on disk, so a kill loses at most `concurrency` answers.
         async with self.limiter.slot():
             try:
                 reply = await self.client.complete(body, reserved)
             except RequestFailed as exc:
                 # a 4xx is final, unless it says the key or the account is wrong: fix those and rerun
                 retryable = not isinstance(exc, Rejected) or exc.status in ACCOUNT_STATUSES
-                return results.failed(row, f"request: {exc}", exc.attempts, retryable), exc.status
-        if reply.usage:
-            output_reserved = (request.max_tokens or payload.UNSET_MAX_TOKENS) * request.choices
-            self.limiter.settle(reserved, reply.usage.prompt_tokens + output_reserved)
-        return results.answered(row, reply, self._cost(reply)), None
+                await self._journal(out, results.failed(row, f"request: {exc}", exc.attempts, retryable), exc.status)
+                return
+            if reply.usage:
+                output_reserved = (request.max_tokens or payload.UNSET_MAX_TOKENS) * request.choices
+                self.limiter.settle(reserved, reply.usage.prompt_tokens + output_reserved)
+            await self._journal(out, results.answered(row, reply, self._cost(reply)), None)
+
+    @staticmethod
+    async def _journal(out: asyncio.Queue[_Durable | None], row: dict[str, Any], status: int | None) -> None:
+        """Hand an outcome to the collector and wait until it is on disk."""
+        durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await out.put((row, status, durable))
+        await durable
 
     def _cost(self, reply: Reply) -> float | None:
         if reply.usage is None:
@@ -180,8 +192,9 @@ class _Run:
         model = reply.model if reply.model and self.prices.find(reply.model) else self.cfg.request.model
         return self.prices.cost_usd(model, reply.usage)
 
-    async def collect(self, out: asyncio.Queue[_Outcome | None], workers: int) -> None:
-        """Journal outcomes as they come, many to a transaction, then count them as done."""
+    async def collect(self, out: asyncio.Queue[_Durable | None], workers: int) -> None:
+        """Journal outcomes as they come, many to a transaction (group commit), then count
+        them as done and let their workers go on."""
         finished = 0
         while finished < workers:
             batch = [await out.get()]
@@ -190,8 +203,10 @@ class _Run:
             outcomes = [outcome for outcome in batch if outcome is not None]
             finished += len(batch) - len(outcomes)
             if outcomes:
-                await asyncio.to_thread(self.store.record, [row for row, _ in outcomes])
-                self._done(outcomes)
+                await asyncio.to_thread(self.store.record, [row for row, _, _ in outcomes])
+                self._done([(row, status) for row, status, _ in outcomes])
+                for _, _, durable in outcomes:
+                    durable.set_result(None)
             if self.unpublished >= PART_ROWS or time.monotonic() - self.cut_at >= PART_SECONDS:
                 await asyncio.to_thread(self.cut)
 
@@ -234,7 +249,7 @@ def _check_identity(store: Store, cfg: RunConfig, total: int, force: bool) -> No
     config["endpoint"]["headers"] = sorted(cfg.endpoint.headers)  # names only: values may be private
     store.write_run_info({
         "fingerprint": now,
-        "manifest": {"path": str(cfg.input.manifest), "rows": total},
+        "manifest": {"path": str(cfg.input.manifest.resolve()), "rows": total},
         "runs": [*runs, {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "forced": force}],
         "config": config,
     })
@@ -260,14 +275,16 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
     total = await asyncio.to_thread(manifest.count)
     with _endpoint(cfg.endpoint) as (endpoint, key):
         store = await asyncio.to_thread(_open_store, cfg, manifest, total, retry_failed, force)
-        summary = Summary(output_dir=cfg.output.dir, total=total, resumed=store.resumed)
+        summary = Summary(output_dir=cfg.output.dir, total=total, resumed=store.resumed,
+                          failed_before=store.failed_for_good)
         if PriceTable(cfg.pricing).find(cfg.request.model) is None:
             log.warning("no price known for %s: cost_usd stays empty (add it under pricing:)", cfg.request.model)
         limiter = Limiter.from_config(cfg.limits)
         client = Client(endpoint, key, limiter, concurrency=cfg.limits.concurrency,
                         max_attempts=cfg.limits.max_attempts)
-        todo = total if limit is None else min(total, summary.resumed + limit)
-        with tqdm(total=todo, initial=summary.resumed, unit="row", disable=not progress, dynamic_ncols=True) as bar:
+        done_before = summary.resumed + summary.failed_before
+        todo = total if limit is None else min(total, done_before + limit)
+        with tqdm(total=todo, initial=done_before, unit="row", disable=not progress, dynamic_ncols=True) as bar:
             state = _Run(cfg, manifest, store, client, limiter, bar, summary)
             try:
                 await _pump(state, cfg.limits.concurrency, limit)
@@ -289,7 +306,7 @@ async def _pump(state: _Run, concurrency: int, limit: int | None) -> None:
     # More workers than request slots, so the next rows' images are ready when a slot frees.
     workers = concurrency + max(2, concurrency // 4)
     queue: asyncio.Queue[ManifestRow | None] = asyncio.Queue(maxsize=2 * workers)
-    out: asyncio.Queue[_Outcome | None] = asyncio.Queue(maxsize=2 * workers)
+    out: asyncio.Queue[_Durable | None] = asyncio.Queue(maxsize=2 * workers)
     tasks = [asyncio.create_task(state.produce(queue, workers, limit)),
              *(asyncio.create_task(state.work(queue, out)) for _ in range(workers)),
              asyncio.create_task(state.collect(out, workers))]

@@ -26,9 +26,10 @@ from .errors import StoreError
 from .journal import Journal
 from .lock import Lock
 
-__all__ = ["Store", "RUN_FILE", "PARTS", "write_atomically"]
+__all__ = ["Store", "RUN_FILE", "PARTS", "INTENT_FILE", "write_atomically", "finish_interrupted"]
 
 RUN_FILE = "_run.json"
+INTENT_FILE = "_compact.json"  # a compaction under way: which parts it replaces with which
 PARTS = "part-*.parquet"
 Row = dict[str, Any]
 
@@ -50,6 +51,22 @@ def _without(part: Path, ids: set[str]) -> None:
         part.unlink()
 
 
+def finish_interrupted(directory: Path) -> None:
+    """Complete a compaction whose new parts are all in place, or undo one whose are not."""
+    intent_path = directory / INTENT_FILE
+    if not intent_path.exists():
+        return
+    intent = json.loads(intent_path.read_text(encoding="utf-8"))
+    new = [directory / name for name in intent["new"]]
+    if all(p.exists() for p in new):
+        doomed = [directory / name for name in intent["old"]]
+    else:
+        doomed = [*new, *(p.with_name(f".{p.name}.tmp") for p in new)]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    intent_path.unlink()
+
+
 class Store:
     """Usage:
         store = Store(directory, schema)       # takes the lock, finishes what a crash left
@@ -68,6 +85,7 @@ class Store:
             raise StoreError(f"output.dir: cannot create {directory}: {exc.strerror}") from None
         self._lock = Lock(directory)
         self._lock.acquire()
+        finish_interrupted(directory)
         # time orders the parts of successive runs; the random tail keeps two runs in one second apart
         self._stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         self._seq = 0
@@ -84,6 +102,7 @@ class Store:
         if not retry_failed:
             final = final | (pl.col("retryable") == False)  # noqa: E712  (a Polars expression)
         self.done = frozenset(outcomes.filter(final)["id"].to_list())
+        self.failed_for_good = len(self.done) - self.resumed  # earlier errors that will not be asked again
         self.failed_before = frozenset(self._errors)
 
     def _scan(self) -> pl.DataFrame:

@@ -1,0 +1,146 @@
+"""Resume: the journal, the lock, the run's identity, --retry-failed and compaction."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipeline import cli
+from pipeline.journal import JOURNAL_FILE
+from pipeline.lock import LOCK_FILE
+from pipeline.simulator import Simulator
+
+from .conftest import NAMED, named, write_config, write_manifest
+
+
+def read_out(directory: Path) -> pl.DataFrame:
+    return pl.read_parquet(directory / "*.parquet")
+
+
+@pytest.fixture
+def job(sim: Simulator, tmp_path: Path, images: Callable[..., list[str]]) -> Path:
+    """A config for 6 named images against the shared simulator."""
+    return write_config(tmp_path, sim.url, write_manifest(tmp_path, named(images(6))), prompt=NAMED)
+
+
+def test_permanent_errors_are_not_asked_again_unless_retry_failed(job: Path, sim: Simulator, tmp_path: Path) -> None:
+    sim.plan("img0001", [400])
+    sim.plan("img0002", [503] * 4)
+    assert cli.main(["run", str(job), "-q"]) == 1
+    errors = read_out(tmp_path / "out").filter(pl.col("status") == "error").sort("attempts")
+    assert errors.select("attempts", "retryable").rows() == [(1, False), (4, True)]
+    sim.reset()
+
+    assert cli.main(["run", str(job), "-q"]) == 1  # the transient one is asked again, the 400 is not
+    assert len(sim.log) == 1 and "img0002" in sim.log[0].markers[0]
+    sim.reset()
+
+    assert cli.main(["run", str(job), "-q", "--retry-failed"]) == 0
+    assert len(sim.log) == 1 and "img0001" in sim.log[0].markers[0]
+    out = read_out(tmp_path / "out")
+    assert out.height == 6 and out["id"].n_unique() == 6 and set(out["status"]) == {"ok"}
+
+
+def test_a_changed_config_is_refused_naming_what_changed_unless_forced(
+    job: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["run", str(job), "-q", "--limit", "2"]) == 0
+    capsys.readouterr()
+
+    assert cli.main(["run", str(job), "-q", "--set", "request.temperature=0.7"]) == 2
+    err = capsys.readouterr().err
+    assert "request.temperature: None -> 0.7" in err and "--force" in err
+    assert cli.main(["run", str(job), "-q", "--set", "prompt.detail=low"]) == 2
+    assert len(sim.log) == 2
+
+    # speed settings may change freely; --force accepts a changed answer setting on purpose
+    assert cli.main(["run", str(job), "-q", "--limit", "1", "--set", "limits.concurrency=3",
+                     "--set", "endpoint.timeout_s=9"]) == 0
+    assert cli.main(["run", str(job), "-q", "--force", "--set", "request.temperature=0.7"]) == 0
+    assert len(sim.log) == 6
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_stale_lock_from_a_dead_process_is_taken_over(job: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / LOCK_FILE).write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
+    assert cli.main(["run", str(job), "-q"]) == 0
+    assert not (tmp_path / "out" / LOCK_FILE).exists()
+
+
+def test_a_live_lock_is_refused_and_nothing_is_sent(job: Path, sim: Simulator, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        assert cli.main(["run", str(job), "-q"]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"another annotate run (PID {holder.pid})" in capsys.readouterr().err
+    assert sim.log == []
+
+
+def test_a_torn_journal_tail_is_dropped_and_the_rest_recovered(job: Path, sim: Simulator, tmp_path: Path) -> None:
+    # A child journals three batches of outcomes and dies without closing, leaving a WAL behind.
+    out = tmp_path / "out"
+    out.mkdir()
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from pipeline.journal import Journal\n"
+        "j = Journal(Path(sys.argv[1]))\n"
+        "for batch in range(3):\n"
+        "    j.append([{'id': f'x{batch}-{i}', 'status': 'ok', 'answer': 'a' * 300} for i in range(20)])\n"
+        "os._exit(9)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(out)], check=False)
+    wal = out / (JOURNAL_FILE + "-wal")
+    size = wal.stat().st_size
+    assert size > 0
+    with open(wal, "r+b") as f:
+        f.truncate(size - 700)  # tear the last transaction's last frame
+
+    assert cli.main(["run", str(job), "-q"]) == 0
+
+    ids = set(read_out(out)["id"])
+    assert {f"x0-{i}" for i in range(20)} | {f"x1-{i}" for i in range(20)} <= ids
+    assert not any(i.startswith("x2-") for i in ids)  # the torn transaction is gone, whole
+    assert len(ids) == 40 + 6
+
+
+def test_compact_keeps_one_row_per_id_in_manifest_order(
+    job: Path, sim: Simulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sim.plan("img0003", [503] * 4)
+    for _ in range(3):
+        cli.main(["run", str(job), "-q", "--limit", "2"])
+    assert cli.main(["run", str(job), "-q"]) == 0
+    out = tmp_path / "out"
+    before = read_out(out)
+    assert len(list(out.glob("part-*.parquet"))) >= 4
+
+    assert cli.main(["compact", str(out)]) == 0
+
+    parts = list(out.glob("part-*.parquet"))
+    after = pl.read_parquet(parts)
+    assert len(parts) == 1 and "in manifest order" in capsys.readouterr().out
+    assert after.height == 6 and after["id"].n_unique() == 6
+    assert [Path(p).stem for p in pl.read_csv(tmp_path / "manifest.csv")["image"]] == [
+        row["answer"].split('"Describe ')[1][:7] for row in after.iter_rows(named=True)]
+    assert after.sort("id").equals(before.sort("id"))
+    assert not list(out.glob(".*tmp")) and not (out / "_compact.json").exists()
