@@ -7,7 +7,6 @@ image files (a row carries its references as written) or anything over the netwo
 
 from __future__ import annotations
 
-import hashlib
 import string
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import polars_hash as plh
 
 from .config import InputConfig, PromptConfig
 from .errors import ManifestError
@@ -82,15 +82,24 @@ def _refs(value: Any) -> tuple[ImageRef, ...]:
     return tuple(ref for item in value for ref in _refs(item))
 
 
-def _stable_id(images: tuple[ImageRef, ...], prompt: str) -> str:
-    # Hash the rendered prompt, not the template: two rows showing one image with different
-    # {label} values ask different questions, and resume must not skip either.
-    digest = hashlib.blake2b(digest_size=12)
-    for ref in images:
-        digest.update(hashlib.blake2b(ref).digest() if isinstance(ref, bytes) else ref.encode())
-        digest.update(b"\0")
-    digest.update(prompt.encode())
-    return digest.hexdigest()
+def _ref_text(expr: pl.Expr, dtype: pl.DataType | pl.datatypes.DataTypeClass) -> pl.Expr:
+    """The text an image cell stands for in its row id: paths and URLs as written, bytes as hex."""
+    if isinstance(dtype, pl.List | pl.Array):
+        return expr.list.eval(_ref_text(pl.element(), dtype.inner)).list.join("\0")
+    if isinstance(dtype, pl.Struct):
+        data = expr.struct.field("bytes")
+        return pl.when(data.is_not_null()).then(data.bin.encode("hex")).otherwise(expr.struct.field("path"))
+    return expr.bin.encode("hex") if dtype == pl.Binary else expr
+
+
+def _template(text: str) -> list[tuple[str, str | None]]:
+    """A prompt template as (literal, column) pairs; only plain {column} placeholders."""
+    pieces = []
+    for literal, name, spec, conversion in string.Formatter().parse(text):
+        if spec or conversion or (name is not None and not name):
+            raise ManifestError(f"prompt.user: placeholders are plain {{column}} names, got {text!r}")
+        pieces.append((literal, name))
+    return pieces
 
 
 class Manifest:
@@ -101,13 +110,14 @@ class Manifest:
         self.root = source.image_root or (self.path if self.path.is_dir() else self.path.parent)
         self._frame = _scan(self.path)
         self._source = source
-        self._template = prompt.user
+        self._template = _template(prompt.user)
         try:
             schema = self._frame.collect_schema()
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise ManifestError(f"input.manifest: cannot read {self.path}: {exc}") from None
-        self._fields = [name for _, name, _, _ in string.Formatter().parse(prompt.user) if name]
+        self._fields = [name for _, name in self._template if name]
         self._check_columns(schema)
+        self._image_type = schema[source.image_column]
         self.keep_schema = pl.Schema({name: schema[name] for name in source.keep_columns})
         if source.id_column:
             self._check_unique(source.id_column)
@@ -146,24 +156,45 @@ class Manifest:
     def count(self) -> int:
         return int(self._frame.select(pl.len()).collect().item())
 
-    def batches(self, rows: int = _BATCH_ROWS) -> Iterator[list[ManifestRow]]:
-        """Rows in slices of `rows`, from one streaming pass over the file."""
+    def _prompt(self) -> pl.Expr:
+        parts = [part for literal, name in self._template
+                 for part in (pl.lit(literal), *([pl.col(name).cast(pl.String).fill_null("")] if name else []))]
+        return pl.concat_str(parts) if parts else pl.lit("")
+
+    def _id(self, prompt: pl.Expr) -> pl.Expr:
+        # Hash the rendered prompt, not the template: two rows showing one image with different
+        # {label} values ask different questions, and resume must not skip either. SHA-256, so
+        # the ids are the same whatever library computes them, in any version.
+        image = _ref_text(pl.col(self._source.image_column), self._image_type).fill_null("")
+        stable = plh.concat_str([image, pl.lit("\0"), prompt]).chash.sha2_256().str.slice(0, 24)
+        if self._source.id_column:
+            return pl.coalesce(pl.col(self._source.id_column).cast(pl.String), stable)
+        return stable
+
+    def batches(self, rows: int = _BATCH_ROWS, skip: pl.Series | None = None,
+                limit: int | None = None) -> Iterator[list[ManifestRow]]:
+        """Rows in slices of `rows`, from one streaming pass over the file, each id once: the
+        ids in `skip` (already done) are dropped there, before any row becomes a Python object."""
         source = self._source
-        columns = list(dict.fromkeys([source.image_column, *self._fields, *source.keep_columns]
-                                     + ([source.id_column] if source.id_column else [])))
+        prompt = self._prompt()
+        frame = self._frame.select(self._id(prompt).alias("_id"), prompt.alias("_prompt"),
+                                   pl.col(source.image_column).alias("_image"), *source.keep_columns)
+        if not source.id_column:  # identical rows ask one question once
+            frame = frame.unique(subset="_id", keep="first", maintain_order=True)
+        if skip is not None and len(skip):
+            frame = frame.join(pl.LazyFrame({"_id": skip}), on="_id", how="anti", maintain_order="left")
+        if limit is not None:
+            frame = frame.head(limit)
         try:
-            for frame in self._frame.select(columns).collect_batches(chunk_size=rows):
-                yield [self._row(values) for values in frame.iter_rows(named=True)]
+            for chunk in frame.collect_batches(chunk_size=rows):
+                yield [self._row(values) for values in chunk.iter_rows(named=True)]
         except pl.exceptions.PolarsError as exc:
             raise ManifestError(f"input.manifest: cannot read {self.path}: {exc}") from None
 
     def _row(self, values: dict[str, Any]) -> ManifestRow:
-        images = _refs(values[self._source.image_column])
-        prompt = self._template.format_map({k: "" if values[k] is None else values[k] for k in self._fields})
-        given = values[self._source.id_column] if self._source.id_column else None
         return ManifestRow(
-            id=str(given) if given is not None else _stable_id(images, prompt),
-            images=images,
-            prompt=prompt,
+            id=values["_id"],
+            images=_refs(values["_image"]),
+            prompt=values["_prompt"],
             keep={name: values[name] for name in self._source.keep_columns},
         )

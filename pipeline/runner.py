@@ -129,15 +129,9 @@ class _Run:
 
     async def rows(self, limit: int | None) -> AsyncIterator[ManifestRow]:
         """Manifest rows not done yet, each id once, read off the event loop."""
-        batches = self.manifest.batches()
-        seen: set[str] = set()
+        batches = self.manifest.batches(skip=self.store.done, limit=limit)
         while batch := await asyncio.to_thread(next, batches, None):
             for row in batch:
-                if row.id in self.store.done or row.id in seen:
-                    continue
-                if limit is not None and len(seen) >= limit:
-                    return
-                seen.add(row.id)
                 yield row
 
     async def produce(self, queue: asyncio.Queue[ManifestRow | None], workers: int, limit: int | None) -> None:

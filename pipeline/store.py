@@ -101,7 +101,7 @@ class Store:
         final = pl.col("status") == "ok"
         if not retry_failed:
             final = final | (pl.col("retryable") == False)  # noqa: E712  (a Polars expression)
-        self.done = frozenset(outcomes.filter(final)["id"].to_list())
+        self.done: pl.Series = outcomes.filter(final)["id"]  # ids not to ask again
         self.failed_for_good = len(self.done) - self.resumed  # earlier errors that will not be asked again
         self.failed_before = frozenset(self._errors)
 

@@ -132,7 +132,7 @@ def test_same_image_with_different_prompts_has_different_ids(tmp_path: Path) -> 
     ids = [r.id for r in all_rows(open_manifest(write(tmp_path / "m.csv", rows), TEMPLATE))]
     assert ids[0] != ids[1]
     plain = all_rows(open_manifest(write(tmp_path / "p.csv", rows)))
-    assert plain[0].id == plain[1].id  # same image, same rendered prompt: the same question
+    assert len(plain) == 1  # same image, same rendered prompt: the same question, asked once
 
 
 def test_id_column_value_becomes_str(tmp_path: Path) -> None:
@@ -223,3 +223,24 @@ def test_a_value_far_down_that_changes_a_columns_type_is_read_not_fatal(tmp_path
     manifest = open_manifest(write(tmp_path / "m.csv", rows), keep_columns=("n",))
     kept = [row.keep["n"] for row in all_rows(manifest)]
     assert kept[-1] == "abc" and kept[:2] == ["0", "1"]
+
+def test_ids_are_sha256_of_image_refs_and_prompt_so_any_tool_can_recompute_them(tmp_path: Path) -> None:
+    import hashlib
+
+    rows = [{"image": "a.png", "label": "cat"}]
+    (row,) = all_rows(open_manifest(write(tmp_path / "m.csv", rows), TEMPLATE))
+    assert row.id == hashlib.sha256(f"a.png\0{row.prompt}".encode()).hexdigest()[:24]
+
+
+def test_skip_and_limit_drop_done_ids_before_rows_are_built(tmp_path: Path) -> None:
+    rows = [{"image": f"{i}.png", "label": f"l{i}"} for i in range(10)]
+    manifest = open_manifest(write(tmp_path / "m.csv", rows), TEMPLATE)
+    every = all_rows(manifest)
+    done = pl.Series([r.id for r in every[::2]], dtype=pl.String)
+    rest = [r for batch in manifest.batches(rows=3, skip=done, limit=4) for r in batch]
+    assert [r.id for r in rest] == [r.id for r in every[1::2]][:4]
+
+
+def test_format_specs_in_the_template_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="prompt.user: placeholders are plain"):
+        open_manifest(write(tmp_path / "m.csv", [{"image": "a.png", "x": 1.5}]), "Value {x:.1f}")
