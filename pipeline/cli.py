@@ -8,13 +8,18 @@ import asyncio
 import json
 import logging
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from . import compact, config, report, runner, simulator
+from . import compact, config, report, runner
+from pydantic import ValidationError
+
+from .config import SimulatorSettings
 from .errors import ConfigError, Interrupted, ManifestError, RunStopped, StoreError
 
-__all__ = ["main", "EXIT_OK", "EXIT_ROWS_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
+__all__ = ["main", "simulator_arguments", "simulator_settings", "EXIT_OK", "EXIT_ROWS_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
 
 EXIT_OK = 0  # every row answered
 EXIT_ROWS_FAILED = 1  # the run finished but some rows failed (they are in the output with their error)
@@ -65,8 +70,36 @@ def _compact(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _scalar(annotation: Any) -> type:
+    """int or float out of an annotation like `Annotated[int, Gt(0)] | None`; else str, which pydantic parses."""
+    while (args := typing.get_args(annotation)) and typing.get_origin(annotation) is not None:
+        annotation = next(a for a in args if a is not type(None))
+    return annotation if annotation in (int, float) else str
+
+
+def simulator_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per SimulatorSettings field; an absent flag keeps the field's default."""
+    for name, info in SimulatorSettings.model_fields.items():
+        kind = _scalar(info.annotation)
+        default = "none" if info.default is None else info.default
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar=kind.__name__.upper(),
+                            type=kind,
+                            help=f"{info.description or name.replace('_', ' ')} (default: {default})")
+
+
+def simulator_settings(args: argparse.Namespace) -> SimulatorSettings:
+    values = {name: getattr(args, name) for name in SimulatorSettings.model_fields
+              if getattr(args, name, None) is not None}
+    try:
+        return SimulatorSettings(**values)
+    except ValidationError as exc:
+        raise ConfigError(f"simulate: {config.one_line(exc)}") from None
+
+
 def _simulate(args: argparse.Namespace) -> int:
-    settings = simulator.settings_from_arguments(args)
+    from . import simulator  # the server's libraries load only for this command
+
+    settings = simulator_settings(args)
     print(f"annotate: simulator on http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", file=sys.stderr)
     simulator.serve(settings, host=args.host, port=args.port)
     return EXIT_OK
@@ -106,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     sim = commands.add_parser("simulate", help="the bundled OpenAI-compatible simulator, on loopback")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
-    simulator.settings_arguments(sim)
+    simulator_arguments(sim)
     sim.set_defaults(handler=_simulate)
     return parser
 

@@ -41,11 +41,11 @@ def _image_folder(folder: Path) -> pl.LazyFrame:
     return pl.LazyFrame({"image": files}, schema={"image": pl.String})
 
 
-# Column types are inferred from every row, so a value far down a file cannot break a run
-# half-way; that costs one extra pass when the manifest is opened.
+# CSV columns are read as text: a type guessed from the first rows can be broken by a value
+# far down the file, half-way through a run. Parquet and JSON lines keep their own types.
 _READERS: dict[str, Callable[[Path], pl.LazyFrame]] = {
-    ".csv": lambda p: pl.scan_csv(p, infer_schema_length=None),
-    ".tsv": lambda p: pl.scan_csv(p, separator="\t", infer_schema_length=None),
+    ".csv": lambda p: pl.scan_csv(p, infer_schema=False),
+    ".tsv": lambda p: pl.scan_csv(p, separator="\t", infer_schema=False),
     ".parquet": lambda p: pl.scan_parquet(p),
     ".jsonl": lambda p: pl.scan_ndjson(p),
     ".ndjson": lambda p: pl.scan_ndjson(p),

@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from . import images, payload, results, simulator
+from . import images, payload, results
 from .client import ACCOUNT_STATUSES, Client, read_key
 from .completion import Reply
 from .config import EndpointConfig, RunConfig, fingerprint, fingerprint_changes
@@ -84,6 +84,8 @@ def _endpoint(cfg: EndpointConfig) -> Iterator[tuple[EndpointConfig, str]]:
     if cfg.simulator is None:
         yield cfg, read_key(cfg)
         return
+    from . import simulator  # the server's libraries load only when a config asks for it
+
     with simulator.running(cfg.simulator) as sim:
         yield cfg.model_copy(update={"base_url": sim.url}), read_key(cfg, fallback=_SIMULATOR_KEY)
 

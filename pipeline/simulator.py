@@ -11,7 +11,6 @@ fetching image URLs, keeping API keys.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ipaddress
 import json
@@ -21,7 +20,6 @@ import random
 import socket
 import threading
 import time
-import typing
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import uvicorn
-from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -38,10 +35,10 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import simulated
-from .config import SimulatorSettings, one_line
+from .config import SimulatorSettings
 from .simulated import JSON
 
-__all__ = ["LogEntry", "Simulator", "running", "serve", "settings_arguments", "settings_from_arguments"]
+__all__ = ["LogEntry", "Simulator", "running", "serve"]
 
 Action = int | Literal["hang", "malformed", "drop"]  # what a plan may script: a status or a fault
 
@@ -362,27 +359,3 @@ def serve(settings: SimulatorSettings, host: str = "127.0.0.1", port: int = 8000
     uvicorn.Server(_config(Simulator(settings), host=host, port=port)).run()
 
 
-def _scalar(annotation: Any) -> type:
-    """int or float out of an annotation like `Annotated[int, Gt(0)] | None`; else str, which pydantic parses."""
-    while (args := typing.get_args(annotation)) and typing.get_origin(annotation) is not None:
-        annotation = next(a for a in args if a is not type(None))
-    return annotation if annotation in (int, float) else str
-
-
-def settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --flag per SimulatorSettings field; an absent flag keeps the field's default."""
-    for name, info in SimulatorSettings.model_fields.items():
-        kind = _scalar(info.annotation)
-        default = "none" if info.default is None else info.default
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar=kind.__name__.upper(),
-                            type=kind,
-                            help=f"{info.description or name.replace('_', ' ')} (default: {default})")
-
-
-def settings_from_arguments(args: argparse.Namespace) -> SimulatorSettings:
-    values = {name: getattr(args, name) for name in SimulatorSettings.model_fields
-              if getattr(args, name, None) is not None}
-    try:
-        return SimulatorSettings(**values)
-    except ValidationError as exc:
-        raise ValueError(f"simulator settings: {one_line(exc)}") from None

@@ -16,7 +16,9 @@ import pytest
 from PIL import Image
 
 from pipeline import simulator
+from pipeline.cli import simulator_arguments, simulator_settings
 from pipeline.config import SimulatorSettings
+from pipeline.errors import ConfigError
 from pipeline.simulator import Simulator
 
 KEY = "sk-test-secret-123"
@@ -323,11 +325,11 @@ def test_only_loopback_is_served(host: str) -> None:
 
 def test_settings_come_from_command_line_flags() -> None:
     parser = argparse.ArgumentParser()
-    simulator.settings_arguments(parser)
+    simulator_arguments(parser)
     flags = {a.option_strings[0] for a in parser._actions if a.option_strings} - {"-h"}
     assert flags == {"--" + name.replace("_", "-") for name in SimulatorSettings.model_fields}
-    assert simulator.settings_from_arguments(parser.parse_args([])) == SimulatorSettings()
+    assert simulator_settings(parser.parse_args([])) == SimulatorSettings()
     args = parser.parse_args(["--rate-500", "0.5", "--requests-per-minute", "60", "--seed", "3"])
-    assert simulator.settings_from_arguments(args) == SimulatorSettings(rate_500=0.5, requests_per_minute=60, seed=3)
-    with pytest.raises(ValueError, match="rate_500"):
-        simulator.settings_from_arguments(parser.parse_args(["--rate-500", "2"]))
+    assert simulator_settings(args) == SimulatorSettings(rate_500=0.5, requests_per_minute=60, seed=3)
+    with pytest.raises(ConfigError, match="rate_500"):
+        simulator_settings(parser.parse_args(["--rate-500", "2"]))
