@@ -29,6 +29,7 @@ test: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python tests/benchmarks/run_overhead.py
+	$(BIN)/python tests/benchmarks/resume_1m.py
 
 clean:
 	rm -rf $(VENV) out

@@ -91,31 +91,31 @@ class Store:
         self._seq = 0
         self._journal = Journal(directory) if journal else None
         self._memory: list[Row] = []  # with the journal off: outcomes wait here for the next part
-        outcomes = self._scan()
-        self._errors: dict[str, Path] = dict(
-            outcomes.filter(pl.col("status") != "ok").select("id", "file").iter_rows())
+        outcomes, self._errors = self._scan()
         if self._journal and (self._journal.open_cuts() or self._journal.pending()):
             self._recover()
-            outcomes = self._scan()
+            outcomes, self._errors = self._scan()
         self.resumed = outcomes.filter(pl.col("status") == "ok").height
         final = pl.col("status") == "ok"
         if not retry_failed:
-            final = final | (pl.col("retryable") == False)  # noqa: E712  (a Polars expression)
+            final = final | pl.col("retryable").not_()
         self.done: pl.Series = outcomes.filter(final)["id"]  # ids not to ask again
         self.failed_for_good = len(self.done) - self.resumed  # earlier errors that will not be asked again
         self.failed_before = frozenset(self._errors)
 
-    def _scan(self) -> pl.DataFrame:
-        """Id, status and file of every row already in a part; only those columns are read."""
+    def _scan(self) -> tuple[pl.DataFrame, dict[str, Path]]:
+        """Id, status and retryable of every row already in a part, and the part holding each
+        error row; only those columns are read."""
         parts = sorted(self.dir.glob(PARTS))
         if not parts:
-            return pl.DataFrame(schema={"id": pl.String, "status": pl.String, "retryable": pl.Boolean,
-                                        "file": pl.String})
+            return pl.DataFrame(schema={"id": pl.String, "status": pl.String, "retryable": pl.Boolean}), {}
+        rows = pl.scan_parquet(parts, include_file_paths="file")
         try:
-            return (pl.scan_parquet(parts, include_file_paths="file")
-                    .select("id", "status", "retryable", "file").collect())
+            outcomes = rows.select("id", "status", "retryable").collect()
+            errors = rows.filter(pl.col("status") != "ok").select("id", "file").collect()
         except pl.exceptions.PolarsError as exc:
             raise StoreError(f"output.dir: cannot read the parts in {self.dir}: {exc}") from None
+        return outcomes, {row_id: Path(file) for row_id, file in errors.iter_rows()}
 
     def _recover(self) -> None:
         """Finish cuts a crash interrupted, then make leftover journal rows a part."""

@@ -174,13 +174,13 @@ def small_images(folder: Path, n: int) -> Path:
     return manifest
 
 
-def write_config(path: Path, manifest: Path, base_url: str, concurrency: int, out: Path) -> Path:
+def write_config(path: Path, manifest: Path, base_url: str, concurrency: int, out: Path, journal: bool) -> Path:
     data = {
         "input": {"manifest": str(manifest)},
         "endpoint": {"base_url": base_url, "api_key_env": KEY_ENV},
         "request": {"model": "gpt-4o", "max_tokens": 50},
         "limits": {"concurrency": concurrency},
-        "output": {"dir": str(out)},
+        "output": {"dir": str(out), "journal": journal},
     }
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
@@ -214,11 +214,12 @@ def check_output(out: Path, n: int) -> tuple[bool, str]:
     return good, f"{'OK' if good else 'FAILED'}: {frame.height} rows, {ok} ok, {frame['id'].n_unique()} ids (expected {n})"
 
 
-def throughput(work: Path, manifest: Path, n: int, latency_s: float, concurrency: int) -> tuple[RunResult, bool, str]:
-    name = f"latency{latency_s:g}-c{concurrency}"
+def throughput(work: Path, manifest: Path, n: int, latency_s: float, concurrency: int,
+               journal: bool = True) -> tuple[RunResult, bool, str]:
+    name = f"latency{latency_s:g}-c{concurrency}-journal{'on' if journal else 'off'}"
     out = work / f"out-{name}"
     with simulator(latency_s, work / f"simulator-{name}.log") as sim:
-        config = write_config(work / f"{name}.yaml", manifest, sim.url, concurrency, out)
+        config = write_config(work / f"{name}.yaml", manifest, sim.url, concurrency, out, journal)
         result = run_annotate(config, sim)
     if result.returncode != 0:
         return result, False, f"FAILED: exit code {result.returncode}: {result.output[-300:]}"
@@ -300,6 +301,11 @@ def main() -> int:
         result, good, verdict = throughput(work, manifest, SMALL_ROWS, 0.0, 64)
         rows += throughput_rows("zero latency", setting, SMALL_ROWS, result, verdict)
         all_good &= good
+        unjournalled, good, verdict = throughput(work, manifest, SMALL_ROWS, 0.0, 64, journal=False)
+        rows += throughput_rows("zero latency, journal off", setting, SMALL_ROWS, unjournalled, verdict)
+        all_good &= good
+        on, off = (SMALL_ROWS / (r.in_run_s or r.wall_s) for r in (result, unjournalled))
+        rows.append(("journal on / journal off", setting, f"{on / off:.2f} (rows/s {on:.0f} vs {off:.0f})"))
 
         concurrency, latency = 256, 0.3
         ceiling = concurrency / latency
