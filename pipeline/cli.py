@@ -19,7 +19,8 @@ from pydantic import ValidationError
 from .config import SimulatorSettings
 from .errors import ConfigError, Interrupted, ManifestError, RunStopped, StoreError
 
-__all__ = ["main", "simulator_arguments", "simulator_settings", "EXIT_OK", "EXIT_ROWS_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
+__all__ = ["main", "simulator_arguments", "simulator_settings", "EXIT_OK", "EXIT_ROWS_FAILED", "EXIT_BAD_INPUT",
+           "EXIT_INTERRUPTED"]
 
 EXIT_OK = 0  # every row answered
 EXIT_ROWS_FAILED = 1  # the run finished but some rows failed (they are in the output with their error)
@@ -30,20 +31,23 @@ _EPILOG = """exit codes:
   0    every row answered
   1    the run finished but some rows failed (they are in the output with their error),
        or it stopped because every request failed alike (wrong key, account or model)
-  2    bad config, bad arguments or unreadable manifest (nothing was sent)
+  2    bad config, bad arguments or unreadable manifest, or an output directory in use
+       or written with another config (nothing was sent)
   130  interrupted (what was received is on disk; run the same command to resume)
 """
 
 
 def _summary_text(s: runner.Summary) -> str:
     cost = f"${s.cost_usd:.4f}" + ("" if s.priced else " (some rows had no known price)")
+    failing = f"{s.failed} now" + (f" + {s.failed_before} from earlier runs (--retry-failed asks those again)"
+                                   if s.failed_before else "")
     lines = [
-        f"annotate: {s.ok + s.failed} rows answered now in {s.elapsed_s:.1f} s: {s.ok} ok, {s.failed} failed,"
-        f" {s.retried} of them asked again after failing before; {s.resumed} resumed, {s.total} in the manifest",
-        f"  tokens: {s.prompt_tokens} prompt + {s.completion_tokens} completion; cost of this run: {cost}",
-        *(f"  {n} rows failed on {kind}" for kind, n in sorted(s.errors.items())),
-        *([f"  {s.failed_before} rows failed for good in earlier runs (--retry-failed asks them again)"]
-          if s.failed_before else []),
+        f"annotate: finished in {s.elapsed_s:.1f} s; {s.total} rows in the manifest",
+        f"  answered now: {s.ok + s.failed} ({s.ok} ok, {s.failed} failed; {s.retried} had failed before)",
+        f"  resumed: {s.resumed} answered by earlier runs",
+        f"  still failing: {failing}",
+        *(f"    {n} on {kind}" for kind, n in sorted(s.errors.items())),
+        f"  tokens now: {s.prompt_tokens} prompt + {s.completion_tokens} completion; cost of this run: {cost}",
         f"  output: {s.output_dir}/  (read it with pl.scan_parquet('{s.output_dir}/*.parquet'))",
     ]
     return "\n".join(lines)

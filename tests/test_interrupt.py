@@ -93,3 +93,24 @@ def test_sigkill_at_random_moments_loses_nothing_paid_for_and_duplicates_nothing
     assert out.height == rows and out["id"].n_unique() == rows and set(out["id"]) == expected
     assert set(out["status"]) == {"ok"}
     assert answered(sim) <= rows + kills * concurrency
+
+
+def test_a_second_signal_stops_at_once_and_the_journal_keeps_what_was_received(
+    faulty_sim: Callable[..., Simulator], tmp_path: Path, images: Callable[..., list[str]]
+) -> None:
+    sim = faulty_sim(latency_s=0.05)
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": p} for p in images(200)]),
+                       limits={"concurrency": 4})
+    run = start(cfg)
+    wait_for(lambda: answered(sim) >= 10)
+    sim.settings = sim.settings.model_copy(update={"latency_s": 60.0})  # the requests in flight now hang
+    run.send_signal(signal.SIGINT)
+    run.send_signal(signal.SIGINT)
+    run.communicate(timeout=20)  # far less than the 30 s grace: the second signal did not wait
+
+    assert run.returncode == 130
+    sim.settings = sim.settings.model_copy(update={"latency_s": 0.0})
+    assert cli.main(["run", str(cfg), "-q"]) == 0
+    out = pl.read_parquet(tmp_path / "out" / "*.parquet")
+    assert out.height == 200 and out["id"].n_unique() == 200
+    assert answered(sim) == 200  # what was answered before the signals was not asked again

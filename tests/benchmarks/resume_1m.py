@@ -1,0 +1,436 @@
+"""What resuming costs when the output directory already holds 1,000,000 done rows, measured
+in one run and printed as one Markdown table. Everything talks to 127.0.0.1 only.
+
+Setup (not timed): 8 small PNGs; a CSV manifest of 1,000,000 rows, each with its own id
+(prompt "Describe {item}."); the ids computed with `Manifest.batches`; an output directory
+as a finished run leaves it: 200 Parquet parts of 5,000 `ok` rows with the full output
+schema, `_run.json` with the config's fingerprint, and an empty `_journal.sqlite`.
+
+1. Nothing to do: `annotate run CONFIG -q` (a subprocess) on that directory. Wall seconds
+   from spawn to exit and the child's peak RSS (from `os.wait4`); the run must exit 0 and
+   say it answered 0 rows.
+2. To the first request: the same manifest with 1 undone row appended at the end, against
+   a TCP listener that accepts and never answers. Wall seconds from spawn to the first
+   accepted connection, and the child's peak RSS (VmHWM) just before it is killed. The
+   request it sent must ask about that one new row.
+3. Interpreter + imports alone: `python -c "import pipeline.cli"`, to subtract from 1 and 2.
+
+1 and 2 run three times each (median and max); 3 three times (median). The timings are
+figures to report, not assertions: they move with the machine and its load. The script
+fails (exit code 1) only when a check above does not hold.
+
+Run it with `.venv/bin/python tests/benchmarks/resume_1m.py` (about a minute on 2 cores).
+The file name does not start with test_, so pytest does not collect it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from PIL import Image
+
+from pipeline import config, results
+from pipeline.journal import Journal
+from pipeline.manifest import Manifest
+from pipeline.store import RUN_FILE
+
+HOST = "127.0.0.1"
+BIN = Path(sys.executable).parent  # .venv/bin: `annotate` sits next to this interpreter
+ANNOTATE = str(BIN / "annotate")
+KEY_ENV = "ANNOTATE_BENCH_KEY"
+ROWS = 1_000_000
+PART_ROWS = 5_000
+IMAGES = 8
+IMAGE_SIZE = (64, 48)
+REPEATS = 3
+PROMPT = "Describe {item}."
+MODEL = "gpt-4o"
+FIRST_REQUEST_TIMEOUT_S = 60.0
+
+Row = tuple[str, str, str]  # figure | setting | value
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def child_env() -> dict[str, str]:
+    """The environment for the subprocesses: a key, and no proxy, so nothing leaves 127.0.0.1."""
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env[KEY_ENV] = "sk-bench-not-a-real-key"
+    env["NO_PROXY"] = env["no_proxy"] = f"{HOST},localhost"
+    return env
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """Peak resident set of a running process, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no VmHWM for PID {pid}")
+
+
+@dataclass
+class Finished:
+    wall_s: float
+    peak_rss_mb: float  # ru_maxrss of this child alone, from wait4
+    returncode: int
+    output: str
+
+
+def run_to_exit(command: list[str], log_path: Path) -> Finished:
+    """Spawn, wait with wait4 (this child's own rusage), time spawn to exit."""
+    with log_path.open("wb") as log:
+        started = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
+    return Finished(wall, usage.ru_maxrss / 1024, proc.returncode, log_path.read_text(errors="replace").strip())
+
+
+@dataclass
+class Listener:
+    """A TCP server on 127.0.0.1 that accepts and never answers. Records when the first
+    connection was accepted and the first request (headers and body) it carried."""
+
+    sock: socket.socket
+    first_accept: float | None = None
+    accepted: threading.Event = field(default_factory=threading.Event)
+    request_read: threading.Event = field(default_factory=threading.Event)
+    request: bytes = b""
+    connections: list[socket.socket] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.sock.getsockname()[1]}/v1"
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            if self.first_accept is None:
+                self.first_accept = time.perf_counter()
+                self.accepted.set()
+                threading.Thread(target=self._read_request, args=(conn,), daemon=True).start()
+            self.connections.append(conn)  # held open, never answered
+
+    def _read_request(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                if not (chunk := conn.recv(65536)):
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            while len(body) < length:
+                if not (chunk := conn.recv(65536)):
+                    break
+                body += chunk
+            self.request = head + b"\r\n\r\n" + body
+        except OSError:
+            pass
+        finally:
+            self.request_read.set()
+
+
+@contextlib.contextmanager
+def listener() -> Iterator[Listener]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((HOST, 0))
+    sock.listen(64)
+    server = Listener(sock)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        thread.join(timeout=5)
+        for conn in server.connections:
+            conn.close()
+
+
+@dataclass
+class FirstRequest:
+    to_accept_s: float | None  # None: no connection within the timeout
+    peak_rss_mb: float
+    request: bytes
+    output: str
+
+
+def run_to_first_request(command: list[str], log_path: Path) -> FirstRequest:
+    """Spawn against a listener that never answers; time spawn to the first accept; read the
+    request it sent; then the child's VmHWM, SIGKILL, wait."""
+    with listener() as server, log_path.open("wb") as log:
+        command = [*command, "--set", f"endpoint.base_url={server.url}"]
+        started = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+        try:
+            deadline = time.monotonic() + FIRST_REQUEST_TIMEOUT_S
+            while not server.accepted.wait(0.05) and proc.poll() is None and time.monotonic() < deadline:
+                pass
+            if server.accepted.is_set():
+                server.request_read.wait(10)
+            rss = vm_hwm_mb(proc.pid) if proc.poll() is None else float("nan")
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        to_accept = server.first_accept - started if server.first_accept is not None else None
+        return FirstRequest(to_accept, rss, server.request, log_path.read_text(errors="replace").strip())
+
+
+def import_seconds() -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import pipeline.cli"], check=True, env=child_env())
+    return time.perf_counter() - started
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def small_images(folder: Path) -> list[str]:
+    folder.mkdir(parents=True)
+    names = []
+    for i in range(IMAGES):
+        name = f"img{i}.png"
+        Image.new("RGB", IMAGE_SIZE, (30 * i, 255 - 30 * i, 128)).save(folder / name)
+        names.append(name)
+    return names
+
+
+def write_manifest(path: Path, images: list[str], rows: int) -> Path:
+    """`image` cycles through the PNGs (relative to the manifest), `item` is "item {i}"."""
+    frame = pl.DataFrame({"i": pl.int_range(rows, eager=True)}).select(
+        image=pl.col("i").mod(len(images)).replace_strict(list(range(len(images))), images, return_dtype=pl.String),
+        item=pl.format("item {}", pl.col("i")),
+    )
+    frame.write_csv(path)
+    return path
+
+
+def write_config(path: Path, manifest: Path, base_url: str, out: Path) -> tuple[Path, config.RunConfig]:
+    data = {
+        "input": {"manifest": str(manifest)},
+        "prompt": {"user": PROMPT},
+        "endpoint": {"base_url": base_url, "api_key_env": KEY_ENV},
+        "request": {"model": MODEL, "max_tokens": 50},
+        "limits": {"concurrency": 16},
+        "output": {"dir": str(out)},
+    }
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path, config.load(path)
+
+
+def manifest_ids(cfg: config.RunConfig) -> tuple[list[str], pa.Schema]:
+    manifest = Manifest(cfg.input, cfg.prompt)
+    ids = [row.id for batch in manifest.batches(rows=100_000) for row in batch]
+    return ids, results.schema(manifest.keep_schema)
+
+
+def done_rows(ids: list[str], schema: pa.Schema) -> pa.Table:
+    """Every id answered `ok`, with the columns a real answer fills."""
+    n = len(ids)
+    prompt_tokens, completion_tokens = 110, 30  # a low-detail image (85) and the prompt's text
+    frame = pl.DataFrame({"id": ids, "i": pl.int_range(n, eager=True)}).select(
+        "id",
+        status=pl.lit("ok"),
+        answer=pl.format("[simulated] A small image, mostly one flat colour with no visible objects, "
+                         "text or people; the row asks about item {}.", pl.col("i")),
+        finish_reason=pl.lit("stop"),
+        refusal=pl.lit(None, pl.String),
+        model=pl.lit("gpt-4o-2024-08-06"),
+        response_id=pl.format("chatcmpl-bench{}", pl.col("i")),
+        prompt_tokens=pl.lit(prompt_tokens, pl.Int64),
+        completion_tokens=pl.lit(completion_tokens, pl.Int64),
+        total_tokens=pl.lit(prompt_tokens + completion_tokens, pl.Int64),
+        reasoning_tokens=pl.lit(0, pl.Int64),
+        cached_tokens=pl.lit(0, pl.Int64),
+        cost_usd=pl.lit((prompt_tokens * 2.50 + completion_tokens * 10.0) / 1e6),  # gpt-4o per 1M tokens
+        latency_ms=(400 + (pl.col("i") * 7919) % 900).cast(pl.Float64) + 0.5,
+        attempts=pl.lit(1, pl.Int64),
+        error=pl.lit(None, pl.String),
+        retryable=pl.lit(None, pl.Boolean),
+    ).with_columns(answers=pl.concat_list("answer"))
+    return frame.select(schema.names).to_arrow().cast(schema)
+
+
+def write_output_dir(out: Path, table: pa.Table, cfg: config.RunConfig, manifest: Path) -> int:
+    """The directory as a finished run leaves it; returns the number of parts."""
+    out.mkdir(parents=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    parts = 0
+    for seq, start in enumerate(range(0, table.num_rows, PART_ROWS), 1):
+        pq.write_table(table.slice(start, PART_ROWS), out / f"part-{stamp}-{seq:05d}.parquet")
+        parts += 1
+    info = {"fingerprint": config.fingerprint(cfg),
+            "manifest": {"path": str(manifest.resolve()), "rows": table.num_rows}, "runs": [], "config": {}}
+    (out / RUN_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+    Journal(out).close()  # a finished run leaves an empty journal behind
+    return parts
+
+
+@dataclass
+class Setup:
+    done_config: Path  # the 1,000,000-row manifest: nothing to do
+    more_config: Path  # the same plus one undone row at the end
+    new_item: str
+    parts: int
+    seconds: float
+    ids_seconds: float
+    parts_mb: float
+
+
+def prepare(work: Path) -> Setup:
+    started = time.perf_counter()
+    images = small_images(work / "images")
+    out = work / "out"
+    manifest = write_manifest(work / "images" / "manifest.csv", images, ROWS)
+    done_config, cfg = write_config(work / "done.yaml", manifest, f"http://{HOST}:9/v1", out)
+    ids_started = time.perf_counter()
+    ids, schema = manifest_ids(cfg)
+    ids_seconds = time.perf_counter() - ids_started
+    if len(ids) != ROWS or len(set(ids)) != ROWS:
+        raise RuntimeError(f"expected {ROWS} distinct ids, got {len(set(ids))} of {len(ids)}")
+    parts = write_output_dir(out, done_rows(ids, schema), cfg, manifest)
+    del ids
+
+    more = write_manifest(work / "images" / "manifest-plus-1.csv", images, ROWS + 1)
+    more_config, _ = write_config(work / "more.yaml", more, f"http://{HOST}:9/v1", out)
+    parts_mb = sum(p.stat().st_size for p in out.glob("part-*.parquet")) / 1e6
+    return Setup(done_config, more_config, f"item {ROWS}", parts, time.perf_counter() - started, ids_seconds,
+                 parts_mb)
+
+
+# --- the figures ----------------------------------------------------------------------------
+
+
+def median_max(values: list[float], unit: str, digits: int) -> str:
+    return (f"median {statistics.median(values):.{digits}f} {unit}, max {max(values):.{digits}f} {unit} "
+            f"(n={len(values)}: {', '.join(f'{v:.{digits}f}' for v in values)})")
+
+
+def nothing_to_do(work: Path, setup: Setup) -> tuple[list[Row], bool]:
+    runs = [run_to_exit([ANNOTATE, "run", str(setup.done_config), "-q"], work / f"nothing-{i}.log")
+            for i in range(REPEATS)]
+    expected = "annotate: 0 rows answered now"
+    resumed = f"{ROWS} resumed, {ROWS} in the manifest"
+    bad = [r for r in runs if r.returncode != 0 or expected not in r.output or resumed not in r.output]
+    verdict = ("OK: exit 0, \"0 rows answered now\", "
+               f"\"{resumed}\" in all {REPEATS}" if not bad else
+               f"FAILED: exit {bad[0].returncode}: {bad[0].output[-300:]!r}")
+    setting = f"{ROWS:,} done rows in {setup.parts} parts ({setup.parts_mb:.0f} MB), `annotate run -q`"
+    return [
+        ("nothing to do: wall, spawn to exit", setting, median_max([r.wall_s for r in runs], "s", 2)),
+        ("nothing to do: child peak RSS (wait4)", setting, median_max([r.peak_rss_mb for r in runs], "MB", 0)),
+        ("nothing to do: check", setting, verdict),
+    ], not bad
+
+
+def request_item(request: bytes) -> str | None:
+    """The user text of the chat-completions request the listener received."""
+    head, _, body = request.partition(b"\r\n\r\n")
+    if not head.startswith(b"POST ") or b"/chat/completions" not in head.split(b"\r\n", 1)[0]:
+        return None
+    try:
+        messages = json.loads(body)["messages"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    for message in messages:
+        if message.get("role") == "user":
+            content = message["content"]
+            parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
+            return " ".join(p.get("text", "") for p in parts if p.get("type") == "text")
+    return None
+
+
+def to_first_request(work: Path, setup: Setup) -> tuple[list[Row], bool]:
+    runs = [run_to_first_request([ANNOTATE, "run", str(setup.more_config), "-q"], work / f"first-{i}.log")
+            for i in range(REPEATS)]
+    want = PROMPT.format(item=setup.new_item)
+    texts = [request_item(r.request) for r in runs]
+    bad = [(r, t) for r, t in zip(runs, texts, strict=True) if r.to_accept_s is None or t != want]
+    if bad:
+        r, t = bad[0]
+        verdict = (f"FAILED: accepted={r.to_accept_s is not None}, request text {t!r} (expected {want!r}); "
+                   f"child said {r.output[-300:]!r}")
+    else:
+        verdict = f"OK: each run's one request was POST /v1/chat/completions asking {want!r}"
+    setting = f"{ROWS:,} done + 1 new row at the end, listener never answers"
+    accepted = [r.to_accept_s for r in runs if r.to_accept_s is not None]
+    return [
+        ("to the first request: wall, spawn to first accept", setting,
+         median_max(accepted, "s", 2) if accepted else "no connection"),
+        ("to the first request: child peak RSS (VmHWM before SIGKILL)", setting,
+         median_max([r.peak_rss_mb for r in runs], "MB", 0)),
+        ("to the first request: check", setting, verdict),
+    ], not bad
+
+
+def startup_rows() -> list[Row]:
+    times = [import_seconds() for _ in range(REPEATS)]
+    return [("interpreter + `import pipeline.cli`", "`python -c \"import pipeline.cli\"`",
+             median_max(times, "s", 2))]
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| figure | setting | value |", "| --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    started = time.perf_counter()
+    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="annotate-bench-resume-") as tmp:
+        work = Path(tmp)
+        setup = prepare(work)
+        rows.append(("setup (not in the figures)", f"{ROWS:,}-row CSV, ids, {setup.parts} parts",
+                     f"{setup.seconds:.0f} s, of which ids via `Manifest.batches` {setup.ids_seconds:.1f} s"))
+        rows += startup_rows()
+        figure, good_nothing = nothing_to_do(work, setup)
+        rows += figure
+        figure, good_first = to_first_request(work, setup)
+        rows += figure
+    total = time.perf_counter() - started
+    rows.append(("whole script", f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
+                 f"Polars {pl.__version__}, PyArrow {pa.__version__}", f"{total:.0f} s"))
+
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}  (cwd {Path.cwd()})")
+    print(f"date: {when}\n")
+    print(markdown(rows))
+    return 0 if good_nothing and good_first else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
