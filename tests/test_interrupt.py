@@ -105,6 +105,8 @@ def test_a_second_signal_stops_at_once_and_the_journal_keeps_what_was_received(
     wait_for(lambda: answered(sim) >= 10)
     sim.settings = sim.settings.model_copy(update={"latency_s": 60.0})  # the requests in flight now hang
     run.send_signal(signal.SIGINT)
+    assert run.stderr is not None
+    wait_for(lambda: "stopping" in run.stderr.readline())  # the first is handled (two at once are one)
     run.send_signal(signal.SIGINT)
     run.communicate(timeout=20)  # far less than the 30 s grace: the second signal did not wait
 
@@ -113,4 +115,4 @@ def test_a_second_signal_stops_at_once_and_the_journal_keeps_what_was_received(
     assert cli.main(["run", str(cfg), "-q"]) == 0
     out = pl.read_parquet(tmp_path / "out" / "*.parquet")
     assert out.height == 200 and out["id"].n_unique() == 200
-    assert answered(sim) == 200  # what was answered before the signals was not asked again
+    assert answered(sim) <= 200 + 4  # at most the requests in flight at the second signal were lost

@@ -7,12 +7,13 @@ as a finished run leaves it: 200 Parquet parts of 5,000 `ok` rows with the full 
 schema, `_run.json` with the config's fingerprint, and an empty `_journal.sqlite`.
 
 1. Nothing to do: `annotate run CONFIG -q` (a subprocess) on that directory. Wall seconds
-   from spawn to exit and the child's peak RSS (from `os.wait4`); the run must exit 0 and
-   say it answered 0 rows.
+   from spawn to exit and the child's peak RSS (from `os.wait4`, in a bare launcher process:
+   see LAUNCHER); the run must exit 0, say it answered 0 rows, and write no part.
 2. To the first request: the same manifest with 1 undone row appended at the end, against
    a TCP listener that accepts and never answers. Wall seconds from spawn to the first
    accepted connection, and the child's peak RSS (VmHWM) just before it is killed. The
-   request it sent must ask about that one new row.
+   request it sent must ask about that one new row. (A fresh address space starts VmHWM at
+   zero, so it needs no launcher.)
 3. Interpreter + imports alone: `python -c "import pipeline.cli"`, to subtract from 1 and 2.
 
 1 and 2 run three times each (median and max); 3 three times (median). The timings are
@@ -30,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import socket
@@ -53,7 +55,7 @@ from PIL import Image
 from pipeline import config, results
 from pipeline.journal import Journal
 from pipeline.manifest import Manifest
-from pipeline.store import RUN_FILE
+from pipeline.store import PARTS, RUN_FILE
 
 HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent  # .venv/bin: `annotate` sits next to this interpreter
@@ -90,23 +92,39 @@ def vm_hwm_mb(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for PID {pid}")
 
 
+# The launcher for figure 1: a bare interpreter (-S) that spawns the command, waits for it
+# with wait4 and prints the child's wall time and ru_maxrss. Why not wait4 from here: on
+# Linux a child's ru_maxrss starts at the peak RSS of the process it was spawned from (the
+# high-water mark of the pre-exec address space is carried over), and this script holds
+# ~1 GB after the setup, so every child would report at least that. The launcher's own
+# peak (about 10 MB) is the floor of what it reports.
+LAUNCHER = r"""
+import json, os, sys, time
+command, log = json.loads(sys.argv[1]), sys.argv[2]
+files = [(os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), (os.POSIX_SPAWN_DUP2, 1, 2)]
+started = time.perf_counter()
+pid = os.posix_spawn(command[0], command, os.environ, file_actions=files)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - started
+print(json.dumps({"wall_s": wall, "maxrss_kb": usage.ru_maxrss, "returncode": os.waitstatus_to_exitcode(status)}))
+"""
+
+
 @dataclass
 class Finished:
-    wall_s: float
-    peak_rss_mb: float  # ru_maxrss of this child alone, from wait4
+    wall_s: float  # spawn to exit, timed by the launcher
+    peak_rss_mb: float  # ru_maxrss of this child alone, from wait4 in the launcher
     returncode: int
     output: str
 
 
 def run_to_exit(command: list[str], log_path: Path) -> Finished:
-    """Spawn, wait with wait4 (this child's own rusage), time spawn to exit."""
-    with log_path.open("wb") as log:
-        started = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env())
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
-    return Finished(wall, usage.ru_maxrss / 1024, proc.returncode, log_path.read_text(errors="replace").strip())
+    """Spawn through the launcher, which waits with wait4 and times spawn to exit."""
+    done = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, json.dumps(command), str(log_path)],
+                          capture_output=True, text=True, env=child_env(), timeout=300, check=True)
+    got = json.loads(done.stdout)
+    return Finished(got["wall_s"], got["maxrss_kb"] / 1024, got["returncode"],
+                    log_path.read_text(errors="replace").strip())
 
 
 @dataclass
@@ -301,6 +319,7 @@ def write_output_dir(out: Path, table: pa.Table, cfg: config.RunConfig, manifest
 
 @dataclass
 class Setup:
+    out: Path
     done_config: Path  # the 1,000,000-row manifest: nothing to do
     more_config: Path  # the same plus one undone row at the end
     new_item: str
@@ -326,8 +345,8 @@ def prepare(work: Path) -> Setup:
 
     more = write_manifest(work / "images" / "manifest-plus-1.csv", images, ROWS + 1)
     more_config, _ = write_config(work / "more.yaml", more, f"http://{HOST}:9/v1", out)
-    parts_mb = sum(p.stat().st_size for p in out.glob("part-*.parquet")) / 1e6
-    return Setup(done_config, more_config, f"item {ROWS}", parts, time.perf_counter() - started, ids_seconds,
+    parts_mb = sum(p.stat().st_size for p in out.glob(PARTS)) / 1e6
+    return Setup(out, done_config, more_config, f"item {ROWS}", parts, time.perf_counter() - started, ids_seconds,
                  parts_mb)
 
 
@@ -339,21 +358,37 @@ def median_max(values: list[float], unit: str, digits: int) -> str:
             f"(n={len(values)}: {', '.join(f'{v:.{digits}f}' for v in values)})")
 
 
+def summary_counts(output: str) -> tuple[int | None, int | None]:
+    """Rows answered now and rows resumed, from the run's summary (either wording it has had)."""
+    def number(pattern: str) -> int | None:
+        found = re.search(pattern, output)
+        return int(found.group(1) or found.group(2)) if found else None
+
+    return number(r"answered now: (\d+)|(\d+) rows answered now"), number(r"resumed: (\d+)|(\d+) resumed")
+
+
+def parts_in(out: Path) -> int:
+    return len(list(out.glob(PARTS)))
+
+
 def nothing_to_do(work: Path, setup: Setup) -> tuple[list[Row], bool]:
     runs = [run_to_exit([ANNOTATE, "run", str(setup.done_config), "-q"], work / f"nothing-{i}.log")
             for i in range(REPEATS)]
-    expected = "annotate: 0 rows answered now"
-    resumed = f"{ROWS} resumed, {ROWS} in the manifest"
-    bad = [r for r in runs if r.returncode != 0 or expected not in r.output or resumed not in r.output]
-    verdict = ("OK: exit 0, \"0 rows answered now\", "
-               f"\"{resumed}\" in all {REPEATS}" if not bad else
-               f"FAILED: exit {bad[0].returncode}: {bad[0].output[-300:]!r}")
+    parts_after = parts_in(setup.out)
+    bad = [r for r in runs if r.returncode != 0 or summary_counts(r.output) != (0, ROWS)]
+    if bad or parts_after != setup.parts:
+        verdict = (f"FAILED: exit {runs[0].returncode}, {parts_after} parts (expected {setup.parts}): "
+                   f"{(bad or runs)[0].output[-300:]!r}")
+    else:
+        verdict = (f"OK: all {REPEATS} exit 0, 0 rows answered now, {ROWS} resumed; "
+                   f"still {parts_after} parts")
     setting = f"{ROWS:,} done rows in {setup.parts} parts ({setup.parts_mb:.0f} MB), `annotate run -q`"
     return [
         ("nothing to do: wall, spawn to exit", setting, median_max([r.wall_s for r in runs], "s", 2)),
-        ("nothing to do: child peak RSS (wait4)", setting, median_max([r.peak_rss_mb for r in runs], "MB", 0)),
+        ("nothing to do: child peak RSS (wait4, via a bare launcher)", setting,
+         median_max([r.peak_rss_mb for r in runs], "MB", 0)),
         ("nothing to do: check", setting, verdict),
-    ], not bad
+    ], not bad and parts_after == setup.parts
 
 
 def request_item(request: bytes) -> str | None:
@@ -379,12 +414,16 @@ def to_first_request(work: Path, setup: Setup) -> tuple[list[Row], bool]:
     want = PROMPT.format(item=setup.new_item)
     texts = [request_item(r.request) for r in runs]
     bad = [(r, t) for r, t in zip(runs, texts, strict=True) if r.to_accept_s is None or t != want]
-    if bad:
+    parts_after = parts_in(setup.out)
+    if parts_after != setup.parts:
+        verdict = f"FAILED: {parts_after} parts after the killed runs (expected {setup.parts})"
+    elif bad:
         r, t = bad[0]
         verdict = (f"FAILED: accepted={r.to_accept_s is not None}, request text {t!r} (expected {want!r}); "
                    f"child said {r.output[-300:]!r}")
     else:
-        verdict = f"OK: each run's one request was POST /v1/chat/completions asking {want!r}"
+        verdict = (f"OK: in all {REPEATS} the first connection carried POST /v1/chat/completions "
+                   f"asking {want!r}")
     setting = f"{ROWS:,} done + 1 new row at the end, listener never answers"
     accepted = [r.to_accept_s for r in runs if r.to_accept_s is not None]
     return [
@@ -393,7 +432,7 @@ def to_first_request(work: Path, setup: Setup) -> tuple[list[Row], bool]:
         ("to the first request: child peak RSS (VmHWM before SIGKILL)", setting,
          median_max([r.peak_rss_mb for r in runs], "MB", 0)),
         ("to the first request: check", setting, verdict),
-    ], not bad
+    ], not bad and parts_after == setup.parts
 
 
 def startup_rows() -> list[Row]:
