@@ -91,31 +91,37 @@ class Store:
         self._seq = 0
         self._journal = Journal(directory) if journal else None
         self._memory: list[Row] = []  # with the journal off: outcomes wait here for the next part
-        outcomes, self._errors = self._scan()
+        self._errors = self._error_parts()
         if self._journal and (self._journal.open_cuts() or self._journal.pending()):
             self._recover()
-            outcomes, self._errors = self._scan()
-        self.resumed = outcomes.filter(pl.col("status") == "ok").height
+        parts = sorted(directory.glob(PARTS))
+        rows = pl.scan_parquet(parts) if parts else pl.LazyFrame(schema={"id": pl.String, "status": pl.String,
+                                                                          "retryable": pl.Boolean})
         final = pl.col("status") == "ok"
         if not retry_failed:
             final = final | pl.col("retryable").not_()
-        self.done: pl.Series = outcomes.filter(final)["id"]  # ids not to ask again
-        self.failed_for_good = len(self.done) - self.resumed  # earlier errors that will not be asked again
+        # Only ids, and lazily: the runner's manifest query drops them in one pass, so a million
+        # done rows never become a million Python strings.
+        self.done: pl.LazyFrame = rows.filter(final).select("id")
+        counts = self._read(rows.select(ok=(pl.col("status") == "ok").sum(), final=final.sum()))
+        self.resumed = int(counts["ok"][0] or 0)
+        self.failed_for_good = int(counts["final"][0] or 0) - self.resumed  # earlier errors not asked again
         self.failed_before = frozenset(self._errors)
 
-    def _scan(self) -> tuple[pl.DataFrame, dict[str, Path]]:
-        """Id, status and retryable of every row already in a part, and the part holding each
-        error row; only those columns are read."""
-        parts = sorted(self.dir.glob(PARTS))
-        if not parts:
-            return pl.DataFrame(schema={"id": pl.String, "status": pl.String, "retryable": pl.Boolean}), {}
-        rows = pl.scan_parquet(parts, include_file_paths="file")
+    def _read(self, query: pl.LazyFrame) -> pl.DataFrame:
         try:
-            outcomes = rows.select("id", "status", "retryable").collect()
-            errors = rows.filter(pl.col("status") != "ok").select("id", "file").collect()
+            return query.collect()
         except pl.exceptions.PolarsError as exc:
             raise StoreError(f"output.dir: cannot read the parts in {self.dir}: {exc}") from None
-        return outcomes, {row_id: Path(file) for row_id, file in errors.iter_rows()}
+
+    def _error_parts(self) -> dict[str, Path]:
+        """The part holding each error row already written."""
+        parts = sorted(self.dir.glob(PARTS))
+        if not parts:
+            return {}
+        errors = self._read(pl.scan_parquet(parts, include_file_paths="file")
+                            .filter(pl.col("status") != "ok").select("id", "file"))
+        return {row_id: Path(file) for row_id, file in errors.iter_rows()}
 
     def _recover(self) -> None:
         """Finish cuts a crash interrupted, then make leftover journal rows a part."""

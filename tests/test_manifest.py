@@ -238,7 +238,7 @@ def test_skip_and_limit_drop_done_ids_before_rows_are_built(tmp_path: Path) -> N
     rows = [{"image": f"{i}.png", "label": f"l{i}"} for i in range(10)]
     manifest = open_manifest(write(tmp_path / "m.csv", rows), TEMPLATE)
     every = all_rows(manifest)
-    done = pl.Series([r.id for r in every[::2]], dtype=pl.String)
+    done = pl.LazyFrame({"id": [r.id for r in every[::2]]}, schema={"id": pl.String})
     rest = [r for batch in manifest.batches(rows=3, skip=done, limit=4) for r in batch]
     assert [r.id for r in rest] == [r.id for r in every[1::2]][:4]
 
