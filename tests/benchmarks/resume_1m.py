@@ -359,19 +359,19 @@ def median_max(values: list[float], unit: str, digits: int) -> str:
 
 
 def summary_counts(output: str) -> tuple[int | None, int | None]:
-    """Rows answered now and rows resumed, from the run's summary (either wording it has had)."""
+    """Rows answered now and rows resumed, from the run's summary."""
     def number(pattern: str) -> int | None:
         found = re.search(pattern, output)
-        return int(found.group(1) or found.group(2)) if found else None
+        return int(found.group(1)) if found else None
 
-    return number(r"answered now: (\d+)|(\d+) rows answered now"), number(r"resumed: (\d+)|(\d+) resumed")
+    return number(r"answered now: (\d+)"), number(r"resumed: (\d+)")
 
 
 def own_seconds(output: str) -> float | None:
     """The run's own elapsed time from its summary (0.1 s resolution): `run` without the
     interpreter start, the imports and the exit."""
-    found = re.search(r"finished in ([\d.]+) s|answered now in ([\d.]+) s", output)
-    return float(found.group(1) or found.group(2)) if found else None
+    found = re.search(r"finished in ([\d.]+) s", output)
+    return float(found.group(1)) if found else None
 
 
 def parts_in(out: Path) -> int:

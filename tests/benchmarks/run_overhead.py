@@ -144,7 +144,7 @@ def run_annotate(config: Path, sim: Simulator) -> RunResult:
                           env=child_env(), timeout=150)
     wall = time.perf_counter() - started
     client_cpu, sim_cpu = children_cpu_seconds() - client_before, cpu_seconds(sim.pid) - sim_before
-    found = re.search(r"answered now in ([\d.]+) s", done.stdout)
+    found = re.search(r"finished in ([\d.]+) s", done.stdout)
     return RunResult(wall, float(found.group(1)) if found else None, client_cpu, sim_cpu,
                      done.returncode, (done.stdout + done.stderr).strip())
 
