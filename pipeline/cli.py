@@ -20,11 +20,12 @@ from .config import SimulatorSettings
 from .errors import ConfigError, Interrupted, ManifestError, RunStopped, StoreError
 
 __all__ = ["main", "simulator_arguments", "simulator_settings", "EXIT_OK", "EXIT_ROWS_FAILED", "EXIT_BAD_INPUT",
-           "EXIT_INTERRUPTED"]
+           "EXIT_BUDGET", "EXIT_INTERRUPTED"]
 
 EXIT_OK = 0  # every row answered
 EXIT_ROWS_FAILED = 1  # the run finished but some rows failed (they are in the output with their error)
 EXIT_BAD_INPUT = 2  # bad config, arguments or manifest: nothing was sent
+EXIT_BUDGET = 3  # stopped at limits.max_cost_usd: resumable once it is raised
 EXIT_INTERRUPTED = 130  # interrupted: what was received is on disk
 
 _EPILOG = """exit codes:
@@ -33,6 +34,7 @@ _EPILOG = """exit codes:
        or it stopped because every request failed alike (wrong key, account or model)
   2    bad config, bad arguments or unreadable manifest, or an output directory in use
        or written with another config (nothing was sent)
+  3    stopped at the budget, limits.max_cost_usd (raise it and run again to go on)
   130  interrupted (what was received is on disk; run the same command to resume)
 """
 
@@ -48,6 +50,9 @@ def _summary_text(s: runner.Summary) -> str:
         f"  still failing: {failing}",
         *(f"    {n} on {kind}" for kind, n in sorted(s.errors.items())),
         f"  tokens now: {s.prompt_tokens} prompt + {s.completion_tokens} completion; cost of this run: {cost}",
+        *([f"  budget: ${s.spent_usd:.4f} spent of ${s.budget_usd:g} (earlier runs included)"
+           + ("; stopped there: raise limits.max_cost_usd and run again to go on" if s.stopped_at_budget else "")]
+          if s.budget_usd is not None else []),
         f"  output: {s.output_dir}/  (read it with pl.scan_parquet('{s.output_dir}/*.parquet'))",
     ]
     return "\n".join(lines)
@@ -58,6 +63,8 @@ def _run(args: argparse.Namespace) -> int:
     summary = asyncio.run(runner.run(cfg, limit=args.limit, progress=not args.quiet,
                                      retry_failed=args.retry_failed, force=args.force))
     print(_summary_text(summary))
+    if summary.stopped_at_budget:
+        return EXIT_BUDGET
     return EXIT_OK if summary.failed == summary.failed_before == 0 else EXIT_ROWS_FAILED
 
 

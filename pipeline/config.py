@@ -139,7 +139,8 @@ class LimitsConfig(_Model):
     requests_per_minute: PositiveInt | None = None
     tokens_per_minute: PositiveInt | None = None
     max_attempts: PositiveInt = 6
-    max_cost_usd: None = Field(None, description="a spending cap is not enforced by this version, so it is refused")
+    max_cost_usd: PositiveFloat | None = Field(
+        None, description="the output directory's budget, earlier runs included: no request starts that could pass it")
 
 
 class OutputConfig(_Model):

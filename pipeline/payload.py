@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .config import PromptConfig, RequestConfig
 from .images import ImagePart
 from .manifest import ManifestRow
-from .tokens import UNKNOWN_SIZE, request_tokens
+from .tokens import input_tokens
 
-__all__ = ["build", "reserve_tokens", "UNSET_MAX_TOKENS"]
+__all__ = ["build", "estimate", "TokenEstimate", "UNSET_MAX_TOKENS"]
 
 # Without max_tokens a provider may answer at length; limits reserve this many per choice.
 UNSET_MAX_TOKENS = 1024
@@ -28,9 +29,21 @@ def build(row: ManifestRow, parts: Sequence[ImagePart], request: RequestConfig, 
     return body | request.extra
 
 
-def reserve_tokens(row: ManifestRow, parts: Sequence[ImagePart], request: RequestConfig, prompt: PromptConfig) -> int:
-    """What to hold against a tokens-per-minute limit before sending this row."""
+@dataclass(frozen=True, slots=True)
+class TokenEstimate:
+    """One row's request, in tokens, before it is sent."""
+
+    input: int  # expected
+    input_max: int  # at worst
+    output_max: int  # max_tokens x n
+
+
+def estimate(row: ManifestRow, parts: Sequence[ImagePart], request: RequestConfig,
+             prompt: PromptConfig) -> TokenEstimate:
     texts = [row.prompt, *([prompt.system] if prompt.system else [])]
-    sizes = [part.size or UNKNOWN_SIZE for part in parts]
-    output = (request.max_tokens or UNSET_MAX_TOKENS) * request.choices
-    return request_tokens(request.model, texts, sizes, prompt.detail, output)
+    sizes = [part.size for part in parts]
+    return TokenEstimate(
+        input=input_tokens(request.model, texts, sizes, prompt.detail),
+        input_max=input_tokens(request.model, texts, sizes, prompt.detail, worst=True),
+        output_max=(request.max_tokens or UNSET_MAX_TOKENS) * request.choices,
+    )

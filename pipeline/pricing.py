@@ -35,6 +35,13 @@ class PriceTable:
         name = model.rsplit("/", 1)[-1]  # gateways write 'openai/gpt-4o'
         return self._prices.get(model) or self._prices.get(name) or self._prices.get(_VERSION_SUFFIX.sub("", name))
 
+    def worst_usd(self, model: str, input_tokens: int, output_tokens: int) -> float | None:
+        """The most a request of these sizes can cost: no input cached, every output token used."""
+        price = self.find(model)
+        if price is None:
+            return None
+        return (input_tokens * price.input + output_tokens * price.output) / 1e6
+
     def cost_usd(self, model: str, usage: Usage) -> float | None:
         price = self.find(model)
         if price is None:

@@ -24,8 +24,9 @@ from . import images, payload, results
 from .client import ACCOUNT_STATUSES, Client, read_key
 from .completion import Reply
 from .config import EndpointConfig, RunConfig, fingerprint, fingerprint_changes
-from .errors import Interrupted, Rejected, RequestFailed, RowInputError, RunStopped, StoreError
+from .errors import ConfigError, Interrupted, Rejected, RequestFailed, RowInputError, RunStopped, StoreError
 from .limits import Limiter
+from .budget import Budget
 from .manifest import Manifest, ManifestRow
 from .pricing import PriceTable
 from .store import Store
@@ -61,6 +62,9 @@ class Summary:
     priced: bool = True  # False when some answered row had no known price
     elapsed_s: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
+    budget_usd: float | None = None  # limits.max_cost_usd
+    spent_usd: float = 0.0  # by the directory, earlier runs included
+    stopped_at_budget: bool = False
 
     def count(self, row: dict[str, Any], retried: bool) -> None:
         self.retried += retried
@@ -123,6 +127,7 @@ class _Run:
         self.bar = bar
         self.summary = summary
         self.prices = PriceTable(cfg.pricing)
+        self.budget = Budget(cfg.limits.max_cost_usd, store.spent_usd)
         self.unpublished = 0  # rows journalled since the last part
         self.cut_at = time.monotonic()
         self.stop_reason: str | None = None
@@ -138,7 +143,7 @@ class _Run:
 
     async def produce(self, queue: asyncio.Queue[ManifestRow | None], workers: int, limit: int | None) -> None:
         async for row in self.rows(limit):
-            if self.stop_reason or self.stopping:
+            if self.stop_reason or self.stopping or self.budget.exhausted:
                 break
             await queue.put(row)  # waits while the queue is full: memory stays flat
         for _ in range(workers):
@@ -146,7 +151,7 @@ class _Run:
 
     async def work(self, queue: asyncio.Queue[ManifestRow | None], out: asyncio.Queue[_Durable | None]) -> None:
         while (row := await queue.get()) is not None:
-            if not (self.stop_reason or self.stopping):
+            if not (self.stop_reason or self.stopping or self.budget.exhausted):
                 await self.annotate(row, out)
         await out.put(None)
 
@@ -160,20 +165,26 @@ class _Run:
             await self._journal(out, results.failed(row, f"image: {exc}", attempts=0, retryable=False), None)
             return
         body = payload.build(row, parts, request, prompt)
-        reserved = payload.reserve_tokens(row, parts, request, prompt)
+        tokens = payload.estimate(row, parts, request, prompt)
+        reserved = tokens.input + tokens.output_max  # what a tokens-per-minute limit counts
+        worst = self.prices.worst_usd(request.model, tokens.input_max, tokens.output_max) or 0.0
         # The slot is held until the answer is on disk, so a kill loses at most `concurrency` answers.
         async with self.limiter.slot():
+            if self.stop_reason or self.stopping or not self.budget.reserve(worst):
+                return  # not sent: the row stays to do, for a run with a larger budget
             try:
                 reply = await self.client.complete(body, reserved)
             except RequestFailed as exc:
+                self.budget.settle(worst, 0.0)  # errors are not billed
                 # a 4xx is final, unless it says the key or the account is wrong: fix those and rerun
                 retryable = not isinstance(exc, Rejected) or exc.status in ACCOUNT_STATUSES
                 await self._journal(out, results.failed(row, f"request: {exc}", exc.attempts, retryable), exc.status)
                 return
             if reply.usage:
-                output_reserved = (request.max_tokens or payload.UNSET_MAX_TOKENS) * request.choices
-                self.limiter.settle(reserved, reply.usage.prompt_tokens + output_reserved)
-            await self._journal(out, results.answered(row, reply, self._cost(reply)), None)
+                self.limiter.settle(reserved, reply.usage.prompt_tokens + tokens.output_max)
+            cost = self._cost(reply)
+            self.budget.settle(worst, worst if cost is None else cost)  # no usage: assume the worst
+            await self._journal(out, results.answered(row, reply, cost), None)
 
     @staticmethod
     async def _journal(out: asyncio.Queue[_Durable | None], row: dict[str, Any], status: int | None) -> None:
@@ -228,9 +239,9 @@ class _Run:
                                 f"${self.cfg.endpoint.api_key_env}, the account and request.model")
 
     def _postfix(self) -> dict[str, Any]:
-        s = self.summary
-        tokens = s.prompt_tokens + s.completion_tokens
-        return {"errors": s.failed, "tokens": tokens, **({"cost": f"${s.cost_usd:.4f}"} if s.priced else {})}
+        s, limit = self.summary, self.budget.limit_usd
+        cost = f"${s.cost_usd:.4f}" + (f" (dir ${self.budget.spent_usd:.4f} of ${limit:g})" if limit else "")
+        return {"errors": s.failed, "tokens": s.prompt_tokens + s.completion_tokens, **({"cost": cost} if s.priced else {})}
 
 
 def _check_identity(store: Store, cfg: RunConfig, total: int, force: bool) -> None:
@@ -267,6 +278,9 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
     """Run, or resume, one job. Raises ConfigError, ManifestError or StoreError before sending
     anything, RunStopped when every request fails alike, Interrupted on SIGINT or SIGTERM."""
     started = time.monotonic()
+    if cfg.limits.max_cost_usd is not None and PriceTable(cfg.pricing).find(cfg.request.model) is None:
+        raise ConfigError(f"limits.max_cost_usd: no price is known for {cfg.request.model}, so a budget cannot "
+                          "be kept; add the model under pricing:")
     manifest = Manifest(cfg.input, cfg.prompt)
     total = await asyncio.to_thread(manifest.count)
     with _endpoint(cfg.endpoint) as (endpoint, key):
@@ -290,6 +304,8 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
                 store.close()  # the last part; a kill before this leaves it in the journal for next time
                 await client.aclose()
     summary.elapsed_s = time.monotonic() - started
+    summary.budget_usd, summary.spent_usd = cfg.limits.max_cost_usd, state.budget.spent_usd
+    summary.stopped_at_budget = state.budget.exhausted
     if state.stopping:
         raise Interrupted(f"interrupted; {summary.ok + summary.failed} rows answered now are in "
                           f"{cfg.output.dir}; run the same command again to resume")

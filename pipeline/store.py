@@ -96,15 +96,18 @@ class Store:
             self._recover()
         parts = sorted(directory.glob(PARTS))
         rows = pl.scan_parquet(parts) if parts else pl.LazyFrame(schema={"id": pl.String, "status": pl.String,
-                                                                          "retryable": pl.Boolean})
+                                                                          "retryable": pl.Boolean,
+                                                                          "cost_usd": pl.Float64})
         final = pl.col("status") == "ok"
         if not retry_failed:
             final = final | pl.col("retryable").not_()
         # Only ids, and lazily: the runner's manifest query drops them in one pass, so a million
         # done rows never become a million Python strings.
         self.done: pl.LazyFrame = rows.filter(final).select("id")
-        counts = self._read(rows.select(ok=(pl.col("status") == "ok").sum(), final=final.sum()))
+        counts = self._read(rows.select(ok=(pl.col("status") == "ok").sum(), final=final.sum(),
+                                        spent=pl.col("cost_usd").sum()))
         self.resumed = int(counts["ok"][0] or 0)
+        self.spent_usd = float(counts["spent"][0] or 0.0)  # what every earlier answer here cost
         self.failed_for_good = int(counts["final"][0] or 0) - self.resumed  # earlier errors not asked again
         self.failed_before = frozenset(self._errors)
 

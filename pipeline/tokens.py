@@ -13,13 +13,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Detail", "image_tokens", "text_tokens", "request_tokens", "UNKNOWN_SIZE"]
+__all__ = ["Detail", "image_tokens", "text_tokens", "input_tokens", "UNKNOWN_SIZE"]
 
 Detail = Literal["low", "high", "auto"]
 ImageRule = Callable[[int, int, Detail], int]
 
-# An image whose pixels are not known here (an http(s) URL) is reserved as a 1024x1024 one.
+# An image whose pixels are not known here (an http(s) URL) is expected to be a 1024x1024
+# one; at worst it is the costliest of these shapes.
 UNKNOWN_SIZE = (1024, 1024)
+_LARGEST = ((2048, 768), (768, 2048), (2048, 2048), (4000, 3000), (3000, 4000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,14 +106,19 @@ def text_tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
 
-def request_tokens(
+def input_tokens(
     model: str,
     texts: Iterable[str],
-    image_sizes: Iterable[tuple[int, int]],
+    image_sizes: Iterable[tuple[int, int] | None],
     detail: Detail,
-    max_output_tokens: int,
+    worst: bool = False,
 ) -> int:
-    """What a request may count against a tokens-per-minute limit: its input plus its output ceiling."""
-    text = sum(text_tokens(t) + 4 for t in texts)  # + per-message framing
-    images = sum(image_tokens(model, w, h, detail) for w, h in image_sizes)
-    return text + images + max_output_tokens
+    """Input tokens of a request: expected, or at worst (a token per byte of text, as no
+    byte-level tokenizer does worse; an image of unknown size at its costliest shape)."""
+    count = (lambda t: len(t.encode("utf-8"))) if worst else text_tokens
+    text = sum(count(t) + 4 for t in texts)  # + per-message framing
+    images = 0
+    for size in image_sizes:
+        candidates = [size] if size else (_LARGEST if worst else [UNKNOWN_SIZE])
+        images += max(image_tokens(model, w, h, detail) for w, h in candidates)
+    return text + images

@@ -33,7 +33,9 @@ def good(sim: Simulator, tmp_path: Path, images: Callable[..., list[str]]) -> Pa
         (["--set", "input.keep_columns=[nope]"], "input.keep_columns: column 'nope' is not in"),
         (["--set", "prompt.user=Is it a {species}?"], "prompt.user: column 'species' is not in"),
         (["--set", "endpoint.api_key_env=ANNOTATE_UNSET_VARIABLE"], "ANNOTATE_UNSET_VARIABLE is unset or empty"),
-        (["--set", "limits.max_cost_usd=5"], "limits.max_cost_usd"),
+        (["--set", "limits.max_cost_usd=-1"], "limits.max_cost_usd"),
+        (["--set", "limits.max_cost_usd=1", "--set", "request.model=my-own-model"],
+         "limits.max_cost_usd: no price is known for my-own-model"),
         (["--set", "request"], "expected key.path=value"),
     ],
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.tokens import UNKNOWN_SIZE, image_tokens, request_tokens, text_tokens
+from pipeline.tokens import image_tokens, input_tokens, text_tokens
 
 # (model, base = low, high for a 4-tile image such as 1024x1024 or 4000x3000, high for 128x64 = 1 tile)
 TILE_MODELS = [
@@ -118,13 +118,19 @@ def test_text_tokens_is_four_characters_a_token() -> None:
     assert text_tokens("abcde") == 2
 
 
-def test_request_tokens_adds_text_framing_images_and_output_ceiling() -> None:
+def test_input_tokens_adds_text_framing_and_images() -> None:
     # "Describe this image." is 20 chars -> 5 tokens, + 4 framing; "sys" -> 1 + 4
-    total = request_tokens("gpt-4o", ["Describe this image.", "sys"], [(1024, 1024), (128, 64)], "high", 300)
-    assert total == (5 + 4) + (1 + 4) + 765 + 255 + 300
+    total = input_tokens("gpt-4o", ["Describe this image.", "sys"], [(1024, 1024), (128, 64)], "high")
+    assert total == (5 + 4) + (1 + 4) + 765 + 255
 
 
-def test_request_tokens_low_detail_and_unknown_size() -> None:
-    assert request_tokens("gpt-4o-mini", [], [UNKNOWN_SIZE], "low", 0) == 2833
-    assert request_tokens("gpt-4o", [], [UNKNOWN_SIZE], "auto", 10) == 765 + 10
-    assert request_tokens("gpt-4o", ["abcd"], [], "high", 50) == 1 + 4 + 50
+def test_input_tokens_unknown_size_is_expected_as_1024_square() -> None:
+    assert input_tokens("gpt-4o-mini", [], [None], "low") == 2833
+    assert input_tokens("gpt-4o", [], [None], "auto") == 765
+    assert input_tokens("gpt-4o", ["abcd"], [], "high") == 1 + 4
+
+
+def test_worst_case_counts_a_token_per_byte_and_the_costliest_image_shape() -> None:
+    assert input_tokens("gpt-4o", ["héllo"], [], "high", worst=True) == 6 + 4
+    assert input_tokens("gpt-4o", [], [None], "high", worst=True) == 85 + 170 * 8  # 2048x768: 4 x 2 tiles
+    assert input_tokens("gpt-4o", [], [(64, 64)], "high", worst=True) == 85 + 170  # a known size is exact

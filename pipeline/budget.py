@@ -1,0 +1,31 @@
+"""The spending cap of an output directory: what was spent, what requests in flight could
+still cost, and whether one more may start.
+
+Owns: the arithmetic of `limits.max_cost_usd`. Never: prices (the runner hands it dollars)
+or I/O. Every request holds its worst-case cost from before it is sent until its answer
+says what it really cost, so what the provider bills never passes the cap.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Budget"]
+
+
+class Budget:
+    def __init__(self, limit_usd: float | None, spent_usd: float = 0.0) -> None:
+        self.limit_usd = limit_usd
+        self.spent_usd = spent_usd  # earlier runs of the directory included
+        self.held_usd = 0.0  # worst cases of the requests in flight
+        self.exhausted = False
+
+    def reserve(self, worst_usd: float) -> bool:
+        """Hold a request's worst case; False (and exhausted) when it could pass the cap."""
+        if self.limit_usd is not None and self.spent_usd + self.held_usd + worst_usd > self.limit_usd:
+            self.exhausted = True
+            return False
+        self.held_usd += worst_usd
+        return True
+
+    def settle(self, worst_usd: float, actual_usd: float) -> None:
+        self.held_usd -= worst_usd
+        self.spent_usd += actual_usd

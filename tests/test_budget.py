@@ -1,0 +1,68 @@
+"""limits.max_cost_usd: what the provider bills for a directory never passes it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipeline import cli
+from pipeline.budget import Budget
+from pipeline.simulator import Simulator
+
+from .conftest import write_config, write_manifest
+
+GPT_4O = (2.50, 10.00)  # USD per 1M input and output tokens, as bundled
+
+
+def billed(sim: Simulator) -> float:
+    """What the simulator's answers cost, from the usage it returned."""
+    return sum((e.usage["prompt_tokens"] * GPT_4O[0] + e.usage["completion_tokens"] * GPT_4O[1]) / 1e6
+               for e in sim.requests() if e.status == 200 and e.usage)
+
+
+def test_a_budget_of_half_the_cost_stops_under_it_exits_3_and_a_larger_one_finishes(
+    sim: Simulator, tmp_path: Path, images: Callable[..., list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = write_manifest(tmp_path, [{"image": p} for p in images(40, size=(700, 500))])
+    full = write_config(tmp_path, sim.url, manifest, output={"dir": str(tmp_path / "full")})
+    assert cli.main(["run", str(full), "-q"]) == 0
+    whole = pl.read_parquet(tmp_path / "full" / "*.parquet")["cost_usd"].sum()
+    sim.reset()
+    budget = whole / 2
+    cfg = write_config(tmp_path, sim.url, manifest, limits={"concurrency": 8, "max_cost_usd": budget})
+
+    assert cli.main(["run", str(cfg), "-q"]) == 3
+
+    assert "stopped there: raise limits.max_cost_usd" in capsys.readouterr().out
+    spent = pl.read_parquet(tmp_path / "out" / "*.parquet")["cost_usd"].sum()
+    assert billed(sim) <= budget and spent == pytest.approx(billed(sim))
+    assert spent > budget / 2  # it did spend, up to near the cap
+
+    assert cli.main(["run", str(cfg), "-q", "--set", f"limits.max_cost_usd={whole * 2}"]) == 0
+    out = pl.read_parquet(tmp_path / "out" / "*.parquet")
+    assert out.height == 40 and out["id"].n_unique() == 40
+    assert billed(sim) == pytest.approx(whole)  # nothing was paid for twice
+
+
+def test_a_resumed_run_counts_what_earlier_runs_spent(sim: Simulator, tmp_path: Path,
+                                                     images: Callable[..., list[str]]) -> None:
+    manifest = write_manifest(tmp_path, [{"image": p} for p in images(10)])
+    cfg = write_config(tmp_path, sim.url, manifest, limits={"concurrency": 2})
+    assert cli.main(["run", str(cfg), "-q", "--limit", "5"]) == 0
+    spent = pl.read_parquet(tmp_path / "out" / "*.parquet")["cost_usd"].sum()
+    sim.reset()
+
+    assert cli.main(["run", str(cfg), "-q", "--set", f"limits.max_cost_usd={spent * 1.01}"]) == 3
+    assert sim.log == []  # the earlier runs already spent the budget
+
+
+def test_budget_holds_worst_cases_in_flight_and_settles_to_what_was_billed() -> None:
+    budget = Budget(1.0, spent_usd=0.25)
+    assert budget.reserve(0.5) and not budget.reserve(0.3)  # 0.25 + 0.5 + 0.3 > 1
+    assert budget.exhausted
+    budget.settle(0.5, 0.1)
+    assert (budget.spent_usd, budget.held_usd) == pytest.approx((0.35, 0.0))
+    assert Budget(None).reserve(1e9)
