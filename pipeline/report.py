@@ -1,7 +1,8 @@
-"""What a run produced, read back from its output directory.
+"""What a run produced, read back from its output directory with Polars.
 
-Owns: the summary of an output directory (rows by status, tokens, cost by model, latency
-percentiles, the commonest errors). Never: writing to it.
+Owns: the summary of an output directory: rows by status, tokens and cost in total and by
+model, cost per 1,000 images, latency percentiles, throughput, the commonest errors.
+Never: writing to it.
 """
 
 from __future__ import annotations
@@ -12,48 +13,74 @@ from typing import Any
 import polars as pl
 
 from .errors import StoreError
+from .store import PARTS
 
 __all__ = ["summarize", "render"]
 
+_TOKENS = ("prompt", "completion", "reasoning", "cached", "total")
 
-def summarize(directory: Path) -> dict[str, Any]:
-    parts = sorted(directory.glob("part-*.parquet"))
+
+def _rows(directory: Path) -> pl.LazyFrame:
+    parts = sorted(directory.glob(PARTS))
     if not parts:
         raise StoreError(f"{directory}: no Parquet parts here (is it an output.dir?)")
-    rows = pl.scan_parquet(parts)
-    status = rows.group_by("status").len().sort("status").collect()
+    return pl.scan_parquet(parts)
+
+
+def summarize(directory: Path) -> dict[str, Any]:
+    rows = _rows(directory)
     ok = rows.filter(pl.col("status") == "ok")
-    by_model = (
-        ok.group_by("model")
-        .agg(pl.len().alias("rows"), pl.col("prompt_tokens").sum(), pl.col("completion_tokens").sum(),
-             pl.col("cost_usd").sum().alias("cost_usd"), pl.col("cost_usd").null_count().alias("unpriced"))
-        .sort("model")
-        .collect()
-    )
-    latency = ok.select(
-        *(pl.col("latency_ms").quantile(q).alias(f"p{int(q * 100)}") for q in (0.5, 0.9, 0.99))
-    ).collect()
-    errors = (
-        rows.filter(pl.col("status") != "ok").group_by("error").len().sort("len", descending=True).head(5).collect()
-    )
+    totals = rows.select(
+        rows=pl.len(),
+        images=pl.col("images").sum(),
+        cost_usd=pl.col("cost_usd").sum(),
+        unpriced=(pl.col("status") == "ok").sum() - pl.col("cost_usd").count(),
+        seconds=(pl.col("finished_at").max() - pl.col("finished_at").min()).dt.total_milliseconds() / 1000,
+        **{name: pl.col(f"{name}_tokens").sum() for name in _TOKENS},
+    ).collect().row(0, named=True)
+    by_status = rows.group_by("status").len().sort("status").collect()
+    by_model = (ok.group_by("model")
+                .agg(pl.len().alias("rows"), pl.col("prompt_tokens").sum(), pl.col("completion_tokens").sum(),
+                     pl.col("cost_usd").sum())
+                .sort("model").collect())
+    latency = ok.select(**{f"p{q}": pl.col("latency_ms").quantile(q / 100) for q in (50, 95, 99)}).collect()
+    errors = (rows.filter(pl.col("status") != "ok").group_by("error").len()
+              .sort(["len", "error"], descending=[True, False]).head(10).collect())
+    images, seconds = totals["images"] or 0, totals["seconds"] or 0.0
     return {
         "dir": str(directory),
-        "rows": dict(zip(status["status"].to_list(), status["len"].to_list(), strict=True)),
-        "models": by_model.to_dicts(),
-        "latency_ms": latency.to_dicts()[0],
-        "top_errors": [{"error": e, "rows": n} for e, n in errors.iter_rows()],
+        "rows": totals["rows"],
+        "images": images,
+        "by_status": dict(by_status.iter_rows()),
+        "tokens": {name: totals[name] or 0 for name in _TOKENS},
+        "cost_usd": totals["cost_usd"],
+        "unpriced_rows": totals["unpriced"],
+        "cost_per_1000_images_usd": totals["cost_usd"] / images * 1000 if images else None,
+        "by_model": by_model.to_dicts(),
+        "latency_ms": latency.row(0, named=True),
+        "rows_per_s": totals["rows"] / seconds if seconds else None,
+        "errors": [{"error": e, "rows": n} for e, n in errors.iter_rows()],
     }
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = [f"{report['dir']}: " + ", ".join(f"{n} {s}" for s, n in report["rows"].items())]
-    for m in report["models"]:
-        cost = "no price known" if m["unpriced"] == m["rows"] else f"${m['cost_usd']:.4f}"
-        lines.append(f"  {m['model']}: {m['rows']} rows, {m['prompt_tokens']} prompt + "
-                     f"{m['completion_tokens']} completion tokens, {cost}")
+    status = ", ".join(f"{n} {s}" for s, n in report["by_status"].items())
+    t = report["tokens"]
+    lines = [
+        f"{report['dir']}: {report['rows']} rows ({status}), {report['images']} images",
+        f"  tokens: {t['prompt']} prompt ({t['cached']} cached) + {t['completion']} completion "
+        f"({t['reasoning']} reasoning) = {t['total']}",
+        f"  cost: ${report['cost_usd']:.4f}"
+        + (f", ${report['cost_per_1000_images_usd']:.4f} per 1,000 images" if report["cost_per_1000_images_usd"]
+           is not None else "")
+        + (f" ({report['unpriced_rows']} answered rows had no known price)" if report["unpriced_rows"] else ""),
+    ]
+    lines += [f"    {m['model']}: {m['rows']} rows, {m['prompt_tokens']} + {m['completion_tokens']} tokens, "
+              f"${m['cost_usd']:.4f}" for m in report["by_model"]]
     lat = report["latency_ms"]
-    if lat.get("p50") is not None:
-        lines.append(f"  latency ms: p50 {lat['p50']:.0f}, p90 {lat['p90']:.0f}, p99 {lat['p99']:.0f}")
-    for e in report["top_errors"]:
-        lines.append(f"  {e['rows']} x {e['error']}")
+    if lat["p50"] is not None:
+        lines.append(f"  latency ms: p50 {lat['p50']:.0f}, p95 {lat['p95']:.0f}, p99 {lat['p99']:.0f}")
+    if report["rows_per_s"]:
+        lines.append(f"  throughput: {report['rows_per_s']:.1f} rows/s (first to last outcome)")
+    lines += [f"  {e['rows']} x {e['error']}" for e in report["errors"]]
     return "\n".join(lines)

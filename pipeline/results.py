@@ -6,6 +6,7 @@ Never: I/O.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 import polars as pl
@@ -36,6 +37,8 @@ COLUMNS = pa.schema(
         ("attempts", pa.int64()),
         ("error", pa.string()),
         ("retryable", pa.bool_()),  # for an error: asked again on the next run (else only with --retry-failed)
+        ("images", pa.int64()),  # images in the row
+        ("finished_at", pa.timestamp("ms", tz="UTC")),  # when the outcome was known
     ]
 )
 
@@ -49,14 +52,16 @@ def schema(keep: pl.Schema) -> pa.Schema:
     return pa.schema([*COLUMNS, *kept])
 
 
-def _kept(row: ManifestRow) -> dict[str, Any]:
-    return {f"input_{k}" if k in COLUMNS.names else k: v for k, v in row.keep.items()}
+def _common(row: ManifestRow) -> dict[str, Any]:
+    """The columns every outcome has: the row's images, when it ended, and the kept columns."""
+    kept = {f"input_{k}" if k in COLUMNS.names else k: v for k, v in row.keep.items()}
+    return {"id": row.id, "images": len(row.images), "finished_at": datetime.now(timezone.utc), **kept}
 
 
 def answered(row: ManifestRow, reply: Reply, cost_usd: float | None) -> dict[str, Any]:
     usage = reply.usage
     return {
-        "id": row.id,
+        **_common(row),
         "status": "ok",
         "answer": reply.answers[0],
         "answers": list(reply.answers),
@@ -73,10 +78,8 @@ def answered(row: ManifestRow, reply: Reply, cost_usd: float | None) -> dict[str
         "latency_ms": round(reply.latency_ms, 1),
         "attempts": reply.attempts,
         "error": None,
-        **_kept(row),
     }
 
 
 def failed(row: ManifestRow, error: str, attempts: int, retryable: bool) -> dict[str, Any]:
-    return {"id": row.id, "status": "error", "attempts": attempts, "error": error, "retryable": retryable,
-            **_kept(row)}
+    return {**_common(row), "status": "error", "attempts": attempts, "error": error, "retryable": retryable}

@@ -223,28 +223,3 @@ def test_in_process_simulator_from_the_config(tmp_path: Path, images: Callable[.
                        endpoint={"simulator": {"latency_s": 0.01}})
     assert cli.main(["run", str(cfg), "-q"]) == 0
     assert read_out(tmp_path)["status"].to_list() == ["ok"] * 3
-
-
-def test_report_summarizes_the_directory(sim: Simulator, tmp_path: Path, images: Callable[..., list[str]],
-                                         capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": p} for p in images(3)]))
-    cli.main(["run", str(cfg), "-q"])
-    capsys.readouterr()
-    assert cli.main(["report", str(tmp_path / "out")]) == 0
-    text = capsys.readouterr().out
-    assert "3 ok" in text and "gpt-4o" in text
-
-
-@pytest.mark.parametrize("limit", ["requests_per_minute", "tokens_per_minute"])
-def test_paced_run_meets_the_servers_limit_without_a_single_429(
-    faulty_sim: Callable[..., Simulator], tmp_path: Path, images: Callable[..., list[str]], limit: str
-) -> None:
-    per_minute = {"requests_per_minute": 1_200, "tokens_per_minute": 600_000}[limit]
-    sim = faulty_sim(**{limit: per_minute})
-    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": p} for p in images(40, size=(600, 400))]),
-                       prompt={"detail": "high"}, limits={"concurrency": 16, limit: per_minute})
-
-    assert cli.main(["run", str(cfg), "-q"]) == 0
-
-    assert [e.fault for e in sim.requests() if e.status == 429] == []
-    assert read_out(tmp_path).height == 40
