@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import compact, config, report, runner
+from . import compact, config, estimate, report, runner
 from pydantic import ValidationError
 
 from .config import SimulatorSettings
@@ -66,6 +66,39 @@ def _run(args: argparse.Namespace) -> int:
     if summary.stopped_at_budget:
         return EXIT_BUDGET
     return EXIT_OK if summary.failed == summary.failed_before == 0 else EXIT_ROWS_FAILED
+
+
+def _estimate_text(e: dict[str, Any]) -> str:
+    def usd(value: float | None) -> str:
+        return "no price known" if value is None else f"${value:.4f}"
+
+    tokens_in, tokens_out, cost = e["input_tokens"], e["output_tokens"], e["cost_usd"]
+    basis = (f"from {e['sampled_rows']} sampled rows" if e["sampled_rows"]
+             else "half of max_tokens; --sample N measures it")
+    lines = [
+        f"annotate estimate: {e['rows']} rows, {e['images']} images, {e['model']} (detail {e['detail']})",
+        f"  input tokens: {tokens_in['total']} expected ({tokens_in['image']} image + {tokens_in['text']} text), "
+        f"{tokens_in['low']} to {tokens_in['max']}",
+        f"  output tokens: {tokens_out['expected']} expected ({basis}), at most {tokens_out['max']}",
+        f"  cost: low {usd(cost['low'])}, expected {usd(cost['expected'])}, high {usd(cost['high'])}",
+        f"  text tokens {e['text_tokens_note']}",
+        *(["  detail 'auto' is estimated as 'high'; the low end assumes the model picks 'low'"]
+          if e["detail_auto_as_high"] else []),
+        *([f"  {e['unreadable_rows']} rows have images that cannot be read and are not counted"]
+          if e["unreadable_rows"] else []),
+    ]
+    return "\n".join(lines)
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config, overrides=args.set)
+    sampled = None
+    if args.sample:
+        asyncio.run(runner.run(cfg, limit=args.sample, progress=False))
+        sampled = cfg.output.dir  # the sampled answers stay there: a later run does not pay again
+    result = estimate.estimate(cfg, sampled)
+    print(json.dumps(result, indent=2) if args.json else _estimate_text(result))
+    return EXIT_OK
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -137,6 +170,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="resume although the config's model, prompt or parameters changed since the last run")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     run.set_defaults(handler=_run)
+
+    est = commands.add_parser("estimate", help="rows, tokens and cost expected, before any request is sent")
+    est.add_argument("config", type=Path)
+    est.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    est.add_argument("--sample", type=int, metavar="N",
+                     help="first answer N rows for real (into output.dir) and scale the estimate by their usage")
+    est.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config key")
+    est.set_defaults(handler=_estimate)
 
     rep = commands.add_parser("report", help="what a run produced: rows by status, tokens, cost, latency")
     rep.add_argument("dir", type=Path)

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import RowInputError
 from .manifest import ImageRef
 
-__all__ = ["ImagePart", "to_parts", "sniff_mime"]
+__all__ = ["ImagePart", "to_parts", "sniff_mime", "size_as_sent"]
 
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"\xff\xd8\xff", 0, "image/jpeg"),
@@ -49,9 +49,13 @@ def sniff_mime(data: bytes) -> str | None:
     return None
 
 
-def _read(ref: str, root: Path) -> bytes:
+def _path(ref: str, root: Path) -> Path:
     path = Path(ref).expanduser()
-    path = path if path.is_absolute() else root / path
+    return path if path.is_absolute() else root / path
+
+
+def _read(ref: str, root: Path) -> bytes:
+    path = _path(ref, root)
     try:
         return path.read_bytes()
     except FileNotFoundError:
@@ -104,3 +108,28 @@ def to_parts(refs: Sequence[ImageRef], root: Path, max_side: int | None = None) 
     if not refs:
         raise RowInputError("no image in this row")
     return [_part(ref, root, max_side) for ref in refs]
+
+
+def _fitted(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """The size `thumbnail` gives an image downscaled to fit max_side (aspect kept)."""
+    w, h = size
+    if not max_side or max(w, h) <= max_side:
+        return size
+    scale = max_side / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def size_as_sent(ref: ImageRef, root: Path, max_side: int | None = None) -> tuple[int, int] | None:
+    """Pixels the image will have when sent, from its header alone (no decode); None for a
+    remote URL. RowInputError when the image cannot be read."""
+    if isinstance(ref, str) and ref.startswith(_REMOTE):
+        return None
+    source: Any = io.BytesIO(ref) if isinstance(ref, bytes) else _path(ref, root)
+    try:
+        with Image.open(source) as image:
+            return _fitted(image.size, max_side)
+    except FileNotFoundError:
+        raise RowInputError(f"missing file {source}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise RowInputError(f"{ref if isinstance(ref, str) else 'image bytes'} is not a readable image ({exc})") from None
+
