@@ -206,3 +206,10 @@ def test_hidden_thinking_tokens_are_billed_as_output() -> None:
 def test_total_below_prompt_plus_completion_bills_completion() -> None:
     usage = Usage(prompt_tokens=100, completion_tokens=50, total_tokens=120)
     assert PriceTable().cost_usd("gpt-4o", usage) == pytest.approx((100 * 2.50 + 50 * 10.00) / 1e6)
+
+
+def test_reasoning_tokens_are_inside_completion_and_not_billed_twice() -> None:
+    usage = Usage(prompt_tokens=1000, completion_tokens=200, total_tokens=1200, reasoning_tokens=150,
+                  cached_tokens=0)
+    # gpt-4.1-mini: input 0.40, output 1.60 per 1M; the 150 reasoning tokens are among the 200
+    assert PriceTable().cost_usd("gpt-4.1-mini", usage) == pytest.approx((1000 * 0.40 + 200 * 1.60) / 1e6)
