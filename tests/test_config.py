@@ -95,3 +95,22 @@ def test_set_values_are_read_as_yaml(override: str, key: str, value: object) -> 
 def test_set_through_a_scalar_is_an_error() -> None:
     with pytest.raises(ConfigError, match="request.model is not a mapping"):
         config.parse({"input": {"manifest": "m.csv"}, "request": {"model": "gpt-4o"}}, ["request.model.x=1"])
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_bundled_config_is_valid(path: Path) -> None:
+    config.load(path)
+
+
+def test_the_readme_config_is_valid() -> None:
+    import re
+
+    import yaml
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```yaml\n(input:.*?)```", readme, re.S)
+    assert block is not None
+    config.parse(yaml.safe_load(block.group(1)))
