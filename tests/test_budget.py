@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,28 +24,26 @@ def billed(sim: Simulator) -> float:
                for e in sim.requests() if e.status == 200 and e.usage)
 
 
-def test_a_budget_of_half_the_cost_stops_under_it_exits_3_and_a_larger_one_finishes(
+def test_a_budget_of_half_the_estimate_stops_under_it_exits_3_and_a_larger_one_finishes(
     sim: Simulator, tmp_path: Path, images: Callable[..., list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     manifest = write_manifest(tmp_path, [{"image": p} for p in images(40, size=(700, 500))])
-    full = write_config(tmp_path, sim.url, manifest, output={"dir": str(tmp_path / "full")})
-    assert cli.main(["run", str(full), "-q"]) == 0
-    whole = pl.read_parquet(tmp_path / "full" / "*.parquet")["cost_usd"].sum()
-    sim.reset()
-    budget = whole / 2
-    cfg = write_config(tmp_path, sim.url, manifest, limits={"concurrency": 8, "max_cost_usd": budget})
+    cfg = write_config(tmp_path, sim.url, manifest, limits={"concurrency": 8})
+    capsys.readouterr()
+    assert cli.main(["estimate", str(cfg), "--json"]) == 0
+    budget = json.loads(capsys.readouterr().out)["cost_usd"]["expected"] / 2
 
-    assert cli.main(["run", str(cfg), "-q"]) == 3
+    assert cli.main(["run", str(cfg), "-q", "--set", f"limits.max_cost_usd={budget}"]) == 3
 
     assert "stopped there: raise limits.max_cost_usd" in capsys.readouterr().out
     spent = pl.read_parquet(tmp_path / "out" / "*.parquet")["cost_usd"].sum()
     assert billed(sim) <= budget and spent == pytest.approx(billed(sim))
     assert spent > budget / 2  # it did spend, up to near the cap
 
-    assert cli.main(["run", str(cfg), "-q", "--set", f"limits.max_cost_usd={whole * 2}"]) == 0
+    assert cli.main(["run", str(cfg), "-q", "--set", f"limits.max_cost_usd={budget * 4}"]) == 0
     out = pl.read_parquet(tmp_path / "out" / "*.parquet")
     assert out.height == 40 and out["id"].n_unique() == 40
-    assert billed(sim) == pytest.approx(whole)  # nothing was paid for twice
+    assert billed(sim) == pytest.approx(out["cost_usd"].sum())  # nothing was paid for twice
 
 
 def test_a_resumed_run_counts_what_earlier_runs_spent(sim: Simulator, tmp_path: Path,
