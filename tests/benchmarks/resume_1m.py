@@ -52,15 +52,12 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
+from common import ANNOTATE, HOST, KEY_ENV, Row, child_env, markdown
 from pipeline import config, results
 from pipeline.journal import Journal
 from pipeline.manifest import Manifest
 from pipeline.store import PARTS, RUN_FILE
 
-HOST = "127.0.0.1"
-BIN = Path(sys.executable).parent  # .venv/bin: `annotate` sits next to this interpreter
-ANNOTATE = str(BIN / "annotate")
-KEY_ENV = "ANNOTATE_BENCH_KEY"
 ROWS = 1_000_000
 PART_ROWS = 5_000
 IMAGES = 8
@@ -70,18 +67,7 @@ PROMPT = "Describe {item}."
 MODEL = "gpt-4o"
 FIRST_REQUEST_TIMEOUT_S = 60.0
 
-Row = tuple[str, str, str]  # figure | setting | value
-
-
 # --- processes ------------------------------------------------------------------------------
-
-
-def child_env() -> dict[str, str]:
-    """The environment for the subprocesses: a key, and no proxy, so nothing leaves 127.0.0.1."""
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env[KEY_ENV] = "sk-bench-not-a-real-key"
-    env["NO_PROXY"] = env["no_proxy"] = f"{HOST},localhost"
-    return env
 
 
 def vm_hwm_mb(pid: int) -> float:
@@ -298,6 +284,8 @@ def done_rows(ids: list[str], schema: pa.Schema) -> pa.Table:
         attempts=pl.lit(1, pl.Int64),
         error=pl.lit(None, pl.String),
         retryable=pl.lit(None, pl.Boolean),
+        images=pl.lit(1, pl.Int64),
+        finished_at=pl.lit(datetime.datetime(2026, 11, 25, tzinfo=datetime.timezone.utc)),
     ).with_columns(answers=pl.concat_list("answer"))
     return frame.select(schema.names).to_arrow().cast(schema)
 
@@ -449,12 +437,6 @@ def startup_rows() -> list[Row]:
     times = [import_seconds() for _ in range(REPEATS)]
     return [("interpreter + `import pipeline.cli`", "`python -c \"import pipeline.cli\"`",
              median_max(times, "s", 2))]
-
-
-def markdown(rows: list[Row]) -> str:
-    lines = ["| figure | setting | value |", "| --- | --- | --- |"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines)
 
 
 def main() -> int:

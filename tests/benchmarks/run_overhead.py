@@ -42,12 +42,9 @@ import polars as pl
 import yaml
 from PIL import Image, ImageChops, ImageFilter
 
+from common import ANNOTATE, HOST, KEY_ENV, Row, child_env, markdown
 from pipeline.images import to_parts
 
-HOST = "127.0.0.1"
-BIN = Path(sys.executable).parent  # .venv/bin: `annotate` sits next to this interpreter
-ANNOTATE = str(BIN / "annotate")
-KEY_ENV = "ANNOTATE_BENCH_KEY"
 SMALL_ROWS = 3000
 SMALL_SIZE = (64, 48)
 PHOTO_COUNT = 200
@@ -55,19 +52,7 @@ PHOTO_SIZE = (2000, 1500)
 MAX_SIDE = 768
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
-Row = tuple[str, str, str]  # figure | setting | value
-
-
 # --- processes ------------------------------------------------------------------------------
-
-
-def child_env() -> dict[str, str]:
-    """The environment for the subprocesses: a key for the simulator, and no proxy, so that
-    nothing leaves 127.0.0.1."""
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env[KEY_ENV] = "sk-bench-not-a-real-key"
-    env["NO_PROXY"] = env["no_proxy"] = f"{HOST},localhost"
-    return env
 
 
 def free_port() -> int:
@@ -278,12 +263,6 @@ def image_rows(paths: list[Path]) -> list[Row]:
          f"{n / theirs:.1f} images/s (base64 {theirs_chars / 1000:.0f} kB each)"),
         ("image stage: `to_parts` / naive", setting, f"{theirs / ours:.2f}x the naive loop's speed"),
     ]
-
-
-def markdown(rows: list[Row]) -> str:
-    lines = ["| figure | setting | value |", "| --- | --- | --- |"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines)
 
 
 def main() -> int:
