@@ -154,6 +154,13 @@ class Client:
 
     async def _send_once(self, body: dict[str, Any]) -> Reply:
         try:
+            return await self._attempt(body)
+        except RequestFailed as exc:  # before the retry log or the row sees it: gateways echo keys
+            exc.args = (str(exc).replace(self._key, "***"),)
+            raise
+
+    async def _attempt(self, body: dict[str, Any]) -> Reply:
+        try:
             async with self._http.stream("POST", "chat/completions", json=body) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
@@ -190,9 +197,9 @@ class Client:
             return Retryable(message, status=status, retry_after_s=_retry_after(resp.headers))
         return Rejected(message, status=status)
 
-    def _provider_words(self, resp: httpx.Response) -> str:
+    @staticmethod
+    def _provider_words(resp: httpx.Response) -> str:
         try:
-            words = error_message(resp.json())
+            return error_message(resp.json())
         except ValueError:
-            words = resp.text[:200]
-        return words.replace(self._key, "***")  # some gateways echo what they were sent
+            return resp.text[:200]

@@ -10,7 +10,9 @@ until the next command runs on it.
 from __future__ import annotations
 
 import json
+import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +21,8 @@ import pyarrow.parquet as pq
 
 from .config import InputConfig, PromptConfig
 from .errors import ManifestError, StoreError
-from .lock import Lock
 from .manifest import Manifest
-from .store import INTENT_FILE, PARTS, RUN_FILE, Store, finish_interrupted, write_atomically
+from .store import INTENT_FILE, PARTS, RUN_FILE, Store, finish_interrupted, sync_dir, write_atomically
 
 __all__ = ["compact", "Compacted"]
 
@@ -52,13 +53,11 @@ def compact(directory: Path, rows_per_part: int = ROWS_PER_PART) -> Compacted:
     parts = sorted(directory.glob(PARTS))
     if not parts:
         raise StoreError(f"{directory}: no Parquet parts here (is it an output.dir?)")
-    Store(directory, pq.read_schema(parts[0])).close()  # takes the lock and turns a leftover journal into a part
-    lock = Lock(directory)
-    lock.acquire()
+    store = Store(directory, pq.read_schema(parts[0]))  # the lock, and a leftover journal made a part
     try:
         return _rewrite(directory, rows_per_part)
     finally:
-        lock.release()
+        store.close()
 
 
 def _rewrite(directory: Path, rows_per_part: int) -> Compacted:
@@ -68,15 +67,19 @@ def _rewrite(directory: Path, rows_per_part: int) -> Compacted:
     if order is not None:
         rows = rows.join(order, on="id", how="left").sort("_order", nulls_last=True, maintain_order=True).drop("_order")
     table = rows.collect().to_arrow()
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]  # never an old name
     new = [directory / f"part-{stamp}-compact-{i:05d}.parquet"
            for i in range(max(1, -(-table.num_rows // rows_per_part)))]
     for i, path in enumerate(new):
         chunk = table.slice(i * rows_per_part, rows_per_part)
-        pq.write_table(chunk, path.with_name(f".{path.name}.tmp"))
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(chunk, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
     intent = {"old": [p.name for p in old], "new": [p.name for p in new]}
     write_atomically(directory / INTENT_FILE, lambda p: p.write_text(json.dumps(intent), encoding="utf-8"))
     for path in new:
         path.with_name(f".{path.name}.tmp").rename(path)
+    sync_dir(directory)
     finish_interrupted(directory)
     return Compacted(table.num_rows, len(old), len(new), order is not None)

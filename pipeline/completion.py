@@ -15,6 +15,10 @@ from typing import Any
 __all__ = ["Usage", "Reply", "parse_body", "assemble_chunks", "error_message"]
 
 
+def _count(value: Any) -> int | None:
+    return None if value is None else int(value)  # ValueError when it is no number
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Parsed only from the provider's `usage`, never estimated."""
@@ -37,8 +41,8 @@ class Usage:
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=int(raw.get("total_tokens") or prompt + completion),
-            reasoning_tokens=details_out.get("reasoning_tokens"),
-            cached_tokens=details_in.get("cached_tokens"),
+            reasoning_tokens=_count(details_out.get("reasoning_tokens")),
+            cached_tokens=_count(details_in.get("cached_tokens")),
         )
 
 
@@ -57,6 +61,15 @@ class Reply:
         return replace(self, latency_ms=latency_ms, attempts=attempts)
 
 
+def _text(value: Any) -> str | None:
+    """A message field as text: a string, None, or a list of content parts (some gateways)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in value)
+    raise ValueError(f"a message field is {type(value).__name__}, not text")
+
+
 def _reply(raw: dict[str, Any], choices: list[dict[str, Any]]) -> Reply:
     if not choices:
         raise ValueError("no choices in the completion")
@@ -65,11 +78,11 @@ def _reply(raw: dict[str, Any], choices: list[dict[str, Any]]) -> Reply:
     if not all(isinstance(m, dict) for m in messages):
         raise ValueError("a choice has no message")
     return Reply(
-        answers=tuple(m.get("content") for m in messages),
-        finish_reason=choices[0].get("finish_reason"),
-        refusal=messages[0].get("refusal"),
-        model=raw.get("model"),
-        response_id=raw.get("id"),
+        answers=tuple(_text(m.get("content")) for m in messages),
+        finish_reason=_text(choices[0].get("finish_reason")),
+        refusal=_text(messages[0].get("refusal")),
+        model=_text(raw.get("model")),
+        response_id=_text(raw.get("id")),
         usage=Usage.parse(raw.get("usage")),
     )
 

@@ -55,13 +55,13 @@ def _path(ref: str, root: Path) -> Path:
 
 
 def _read(ref: str, root: Path) -> bytes:
-    path = _path(ref, root)
     try:
+        path = _path(ref, root)
         return path.read_bytes()
     except FileNotFoundError:
         raise RowInputError(f"missing file {path}") from None
-    except OSError as exc:
-        raise RowInputError(f"cannot read {path}: {exc.strerror}") from None
+    except (OSError, ValueError, RuntimeError) as exc:  # also a NUL in the path, an unknown ~user
+        raise RowInputError(f"cannot read {ref!r}: {exc}") from None
 
 
 def _downscale(image: Image.Image, max_side: int) -> tuple[bytes, str]:
@@ -90,7 +90,7 @@ def _encode(data: bytes, label: str, max_side: int | None) -> ImagePart:
                 size = image.size
     except UnidentifiedImageError:
         raise RowInputError(f"{label} is not an image file (JPEG, PNG, WebP or GIF expected)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise RowInputError(f"{label} is not a readable image ({exc})") from None
     return ImagePart(f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", size)
 
@@ -124,12 +124,13 @@ def size_as_sent(ref: ImageRef, root: Path, max_side: int | None = None) -> tupl
     remote URL. RowInputError when the image cannot be read."""
     if isinstance(ref, str) and ref.startswith(_REMOTE):
         return None
-    source: Any = io.BytesIO(ref) if isinstance(ref, bytes) else _path(ref, root)
     try:
+        source: Any = io.BytesIO(ref) if isinstance(ref, bytes) else _path(ref, root)
         with Image.open(source) as image:
             return _fitted(image.size, max_side)
     except FileNotFoundError:
         raise RowInputError(f"missing file {source}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, RuntimeError,
+            Image.DecompressionBombError) as exc:
         raise RowInputError(f"{ref if isinstance(ref, str) else 'image bytes'} is not a readable image ({exc})") from None
 

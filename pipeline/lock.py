@@ -1,16 +1,19 @@
-"""One writer per output directory: a lock file naming the process that holds it.
+"""One writer per output directory: an advisory lock on a file in it.
 
-A lock whose process is gone (same host, PID no longer running, or running but started
-after the lock was taken: a reused PID) is taken over; a live one, or one from another
-host, is refused with a message naming its holder.
+The kernel holds the lock (flock) for the process and drops it when the process ends, by
+`kill -9` and out-of-memory too, so a lock is never left behind by a dead run and there is
+no stale lock to take over. The file names the holder (PID and host) for the message a second
+run gets. On network file systems that do not support flock, two hosts are not kept apart.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
 from pathlib import Path
+from typing import IO
 
 from .errors import StoreError
 
@@ -19,54 +22,28 @@ __all__ = ["Lock", "LOCK_FILE"]
 LOCK_FILE = "_lock"
 
 
-def _started(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused PID apart."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, started: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return started is None or _started(pid) in (None, started)
-
-
 class Lock:
     def __init__(self, directory: Path) -> None:
         self.path = directory / LOCK_FILE
-        self._mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": _started(os.getpid())}
+        self._file: IO[str] | None = None
 
     def acquire(self) -> None:
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._mine, f)
-            return
-
-    def _take_over_if_stale(self) -> None:
+        lock_file = open(self.path, "a+", encoding="utf-8")
         try:
-            holder = json.loads(self.path.read_text())
-            pid, host = int(holder["pid"]), str(holder["host"])
-        except FileNotFoundError:
-            return  # released meanwhile: try again
-        except (OSError, ValueError, KeyError, TypeError):
-            holder, pid, host = {}, -1, str(self._mine["host"])  # unreadable: a torn write by a dead writer
-        if host != self._mine["host"]:
-            raise StoreError(f"output.dir: {self.path.parent} is locked by PID {pid} on {host}; if that run is "
-                             f"gone, delete {self.path}")
-        if pid > 0 and _alive(pid, holder.get("started")):
-            raise StoreError(f"output.dir: another annotate run (PID {pid}) is writing to {self.path.parent}")
-        self.path.unlink(missing_ok=True)
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip()
+            lock_file.close()
+            raise StoreError(f"output.dir: another annotate run is writing to {self.path.parent} "
+                             f"({holder or 'holder unknown'})") from None
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        lock_file.flush()
+        self._file = lock_file
 
     def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if self._file is not None:
+            self._file.close()  # closing drops the lock; the file stays, so no one locks a stale inode
+            self._file = None

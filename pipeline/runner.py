@@ -301,8 +301,10 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
             except asyncio.CancelledError:
                 state.stopping = True
             finally:
-                store.close()  # the last part; a kill before this leaves it in the journal for next time
-                await client.aclose()
+                try:
+                    store.close()  # the last part; a kill before this leaves it in the journal for next time
+                finally:
+                    await client.aclose()
     summary.elapsed_s = time.monotonic() - started
     summary.budget_usd, summary.spent_usd = cfg.limits.max_cost_usd, state.budget.spent_usd
     summary.stopped_at_budget = state.budget.exhausted

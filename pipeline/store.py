@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +29,21 @@ from .errors import StoreError
 from .journal import Journal
 from .lock import Lock
 
-__all__ = ["Store", "RUN_FILE", "PARTS", "INTENT_FILE", "write_atomically", "finish_interrupted"]
+__all__ = ["Store", "RUN_FILE", "PARTS", "INTENT_FILE", "write_atomically", "sync_dir", "finish_interrupted"]
 
 RUN_FILE = "_run.json"
 INTENT_FILE = "_compact.json"  # a compaction under way: which parts it replaces with which
 PARTS = "part-*.parquet"
 Row = dict[str, Any]
+
+
+def sync_dir(directory: Path) -> None:
+    """Make renames and removals in `directory` survive a power cut."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
@@ -40,6 +52,7 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    sync_dir(path.parent)  # before the journal lets go of the rows this file holds
 
 
 def _without(part: Path, ids: set[str]) -> None:
@@ -49,6 +62,7 @@ def _without(part: Path, ids: set[str]) -> None:
         write_atomically(part, lambda p: pq.write_table(kept, p))
     else:
         part.unlink()
+        sync_dir(part.parent)
 
 
 def finish_interrupted(directory: Path) -> None:
@@ -59,7 +73,7 @@ def finish_interrupted(directory: Path) -> None:
     intent = json.loads(intent_path.read_text(encoding="utf-8"))
     new = [directory / name for name in intent["new"]]
     if all(p.exists() for p in new):
-        doomed = [directory / name for name in intent["old"]]
+        doomed = [directory / name for name in intent["old"] if name not in intent["new"]]
     else:
         doomed = [*new, *(p.with_name(f".{p.name}.tmp") for p in new)]
     for path in doomed:
@@ -89,11 +103,13 @@ class Store:
         # time orders the parts of successive runs; the random tail keeps two runs in one second apart
         self._stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         self._seq = 0
+        self._busy = threading.RLock()
         self._journal = Journal(directory) if journal else None
         self._memory: list[Row] = []  # with the journal off: outcomes wait here for the next part
         self._errors = self._error_parts()
         if self._journal and (self._journal.open_cuts() or self._journal.pending()):
-            self._recover()
+            with self._io("replay the journal"):
+                self._recover()
         parts = sorted(directory.glob(PARTS))
         rows = pl.scan_parquet(parts) if parts else pl.LazyFrame(schema={"id": pl.String, "status": pl.String,
                                                                           "retryable": pl.Boolean,
@@ -135,15 +151,30 @@ class Store:
             self._journal.finish_cut(part, upto)
         self.cut()
 
+    @contextmanager
+    def _io(self, doing: str) -> Iterator[None]:
+        """One store operation at a time (a cancelled caller's thread may still be in one),
+        and a failing disk as one StoreError naming what failed."""
+        with self._busy:
+            try:
+                yield
+            except (sqlite3.Error, OSError, pa.ArrowException) as exc:
+                raise StoreError(f"output.dir: cannot {doing} in {self.dir}: {exc}") from exc
+
     def record(self, rows: Sequence[Row]) -> None:
         """Outcomes on disk (one transaction) before they count as done."""
-        if self._journal:
-            self._journal.append(rows)
-        else:
-            self._memory.extend(rows)
+        with self._io("journal answers"):
+            if self._journal:
+                self._journal.append(rows)
+            else:
+                self._memory.extend(rows)
 
     def cut(self) -> None:
         """Everything recorded so far becomes one new part."""
+        with self._io("write a part"):
+            self._cut()
+
+    def _cut(self) -> None:
         self._seq += 1
         path = self.dir / f"part-{self._stamp}-{self._seq:05d}.parquet"
         if self._journal is None:
@@ -183,9 +214,10 @@ class Store:
 
     def close(self) -> None:
         """The last part, then the journal and the lock are let go."""
-        try:
-            self.cut()
-        finally:
-            if self._journal:
-                self._journal.close()
-            self._lock.release()
+        with self._busy:
+            try:
+                self.cut()
+            finally:
+                if self._journal:
+                    self._journal.close()
+                self._lock.release()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,6 +16,13 @@ from pipeline.lock import LOCK_FILE
 from pipeline.simulator import Simulator
 
 from .conftest import NAMED, named, write_config, write_manifest
+
+HOLD_LOCK = (  # a process that takes an output directory's lock and keeps it
+    "import sys, time, pathlib\n"
+    "from pipeline.lock import Lock\n"
+    "folder = pathlib.Path(sys.argv[1]); folder.mkdir(parents=True, exist_ok=True)\n"
+    "lock = Lock(folder); lock.acquire(); print('held', flush=True); time.sleep(60)\n"
+)
 
 
 def read_out(directory: Path) -> pl.DataFrame:
@@ -68,30 +72,28 @@ def test_a_changed_config_is_refused_naming_what_changed_unless_forced(
     assert len(sim.log) == 6
 
 
-def dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
-def test_a_stale_lock_from_a_dead_process_is_taken_over(job: Path, tmp_path: Path) -> None:
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / LOCK_FILE).write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
+def test_a_lock_left_by_a_killed_run_does_not_stop_the_next(job: Path, tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "out")], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    holder.kill()  # like kill -9: no clean-up ran
+    holder.wait()
+    assert (tmp_path / "out" / LOCK_FILE).exists()
     assert cli.main(["run", str(job), "-q"]) == 0
-    assert not (tmp_path / "out" / LOCK_FILE).exists()
 
 
 def test_a_live_lock_is_refused_and_nothing_is_sent(job: Path, sim: Simulator, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "out")], stdout=subprocess.PIPE,
+                              text=True)
     try:
-        (tmp_path / "out").mkdir()
-        (tmp_path / "out" / LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         assert cli.main(["run", str(job), "-q"]) == 2
     finally:
         holder.kill()
         holder.wait()
-    assert f"another annotate run (PID {holder.pid})" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "another annotate run is writing" in err and f'"pid": {holder.pid}' in err
     assert sim.log == []
 
 
