@@ -16,16 +16,21 @@ class Budget:
         self.limit_usd = limit_usd
         self.spent_usd = spent_usd  # earlier runs of the directory included
         self.held_usd = 0.0  # worst cases of the requests in flight
+        self.in_flight = 0  # counted apart: float sums never come back to exactly zero
         self.exhausted = False
 
     def reserve(self, worst_usd: float) -> bool:
-        """Hold a request's worst case; False (and exhausted) when it could pass the cap."""
+        """Hold a request's worst case, or say False when it could pass the cap. While other
+        requests are in flight their real cost may leave room, so only a request that cannot
+        fit with nothing in flight exhausts the budget."""
         if self.limit_usd is not None and self.spent_usd + self.held_usd + worst_usd > self.limit_usd:
-            self.exhausted = True
+            self.exhausted = self.in_flight == 0
             return False
         self.held_usd += worst_usd
+        self.in_flight += 1
         return True
 
     def settle(self, worst_usd: float, actual_usd: float) -> None:
         self.held_usd -= worst_usd
+        self.in_flight -= 1
         self.spent_usd += actual_usd

@@ -125,6 +125,16 @@ class RequestConfig(_Model):
                 raise ValueError(f"bias for token {token} must be between -100 and 100, got {bias}")
         return value
 
+    @field_validator("extra")
+    @classmethod
+    def _extra_is_extra(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # a field passed through here would slip past the checks, the limits and the budget
+        for key in value:
+            if key in cls.model_fields or key in ("messages", "stream_options"):
+                raise ValueError(f"{key!r} has its own key: set request.{key}" if key in cls.model_fields
+                                 else f"{key!r} is built by the pipeline")
+        return value
+
     def set_fields(self) -> dict[str, Any]:
         """The optional body fields the config sets; unset ones never reach the wire."""
         return self.model_dump(exclude={"model", "max_tokens", "extra"}, exclude_none=True)

@@ -128,6 +128,7 @@ class _Run:
         self.summary = summary
         self.prices = PriceTable(cfg.pricing)
         self.budget = Budget(cfg.limits.max_cost_usd, store.spent_usd)
+        self._settled = asyncio.Event()
         self.unpublished = 0  # rows journalled since the last part
         self.cut_at = time.monotonic()
         self.stop_reason: str | None = None
@@ -170,12 +171,17 @@ class _Run:
         worst = self.prices.worst_usd(request.model, tokens.input_max, tokens.output_max) or 0.0
         # The slot is held until the answer is on disk, so a kill loses at most `concurrency` answers.
         async with self.limiter.slot():
-            if self.stop_reason or self.stopping or not self.budget.reserve(worst):
-                return  # not sent: the row stays to do, for a run with a larger budget
+            while not self.budget.reserve(worst):
+                if self.budget.exhausted:
+                    return  # not sent: the row stays to do, for a run with a larger budget
+                await self._settled.wait()  # in-flight requests may cost less than they hold
+            if self.stop_reason or self.stopping:
+                self._settle(worst, 0.0)
+                return
             try:
                 reply = await self.client.complete(body, reserved)
             except RequestFailed as exc:
-                self.budget.settle(worst, 0.0)  # errors are not billed
+                self._settle(worst, 0.0)  # errors are not billed
                 # a 4xx is final, unless it says the key or the account is wrong: fix those and rerun
                 retryable = not isinstance(exc, Rejected) or exc.status in ACCOUNT_STATUSES
                 await self._journal(out, results.failed(row, f"request: {exc}", exc.attempts, retryable), exc.status)
@@ -183,8 +189,13 @@ class _Run:
             if reply.usage:
                 self.limiter.settle(reserved, reply.usage.prompt_tokens + tokens.output_max)
             cost = self._cost(reply)
-            self.budget.settle(worst, worst if cost is None else cost)  # no usage: assume the worst
+            self._settle(worst, worst if cost is None else cost)  # no usage: assume the worst
             await self._journal(out, results.answered(row, reply, cost), None)
+
+    def _settle(self, worst_usd: float, actual_usd: float) -> None:
+        self.budget.settle(worst_usd, actual_usd)
+        self._settled.set()  # wake requests waiting for room in the budget
+        self._settled = asyncio.Event()
 
     @staticmethod
     async def _journal(out: asyncio.Queue[_Durable | None], row: dict[str, Any], status: int | None) -> None:
@@ -281,6 +292,8 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
     if cfg.limits.max_cost_usd is not None and PriceTable(cfg.pricing).find(cfg.request.model) is None:
         raise ConfigError(f"limits.max_cost_usd: no price is known for {cfg.request.model}, so a budget cannot "
                           "be kept; add the model under pricing:")
+    if cfg.limits.max_cost_usd is not None and cfg.request.max_tokens is None:
+        raise ConfigError("limits.max_cost_usd: a budget needs request.max_tokens, the cap on what an answer costs")
     manifest = Manifest(cfg.input, cfg.prompt)
     total = await asyncio.to_thread(manifest.count)
     with _endpoint(cfg.endpoint) as (endpoint, key):

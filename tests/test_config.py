@@ -37,6 +37,10 @@ def good(sim: Simulator, tmp_path: Path, images: Callable[..., list[str]]) -> Pa
         (["--set", "limits.max_cost_usd=1", "--set", "request.model=my-own-model"],
          "limits.max_cost_usd: no price is known for my-own-model"),
         (["--set", "request"], "expected key.path=value"),
+        (["--set", "request.extra={max_tokens: 9999}"], "request.extra: Value error, 'max_tokens' has its own key"),
+        (["--set", "request.extra={messages: []}"], "request.extra: Value error, 'messages' is built by the pipeline"),
+        (["--set", "limits.max_cost_usd=1", "--set", "request.max_tokens=null"],
+         "limits.max_cost_usd: a budget needs request.max_tokens"),
     ],
 )
 def test_bad_config_exits_2_with_one_line_and_sends_nothing(

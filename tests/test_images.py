@@ -159,3 +159,12 @@ def test_the_first_unusable_ref_is_named(tmp_path: Path) -> None:
     (tmp_path / "ok.png").write_bytes(encoded("PNG"))
     with pytest.raises(RowInputError, match="gone.png"):
         to_parts(["ok.png", "gone.png", "https://example.com/x.jpg"], tmp_path)
+
+
+def test_an_image_too_large_to_decode_safely_is_a_row_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    (tmp_path / "big.png").write_bytes(encoded("PNG"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64x48 is then far past twice the limit: a "bomb"
+    with pytest.raises(RowInputError, match="big.png is not a readable image"):
+        to_parts(["big.png"], tmp_path, max_side=32)

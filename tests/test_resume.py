@@ -146,3 +146,13 @@ def test_compact_keeps_one_row_per_id_in_manifest_order(
         row["answer"].split('"Describe ')[1][:7] for row in after.iter_rows(named=True)]
     assert after.sort("id").equals(before.sort("id"))
     assert not list(out.glob(".*tmp")) and not (out / "_compact.json").exists()
+
+
+def test_compacting_twice_in_a_row_keeps_every_row(job: Path, tmp_path: Path) -> None:
+    assert cli.main(["run", str(job), "-q", "--limit", "3"]) == 0
+    assert cli.main(["run", str(job), "-q"]) == 0
+    out = tmp_path / "out"
+    assert cli.main(["compact", str(out)]) == 0
+    assert cli.main(["compact", str(out)]) == 0  # within the same second: new names never clash with old ones
+    rows = read_out(out)
+    assert rows.height == 6 and rows["id"].n_unique() == 6
