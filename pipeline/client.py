@@ -47,6 +47,11 @@ _RETRIED = frozenset({408, 409, 429})
 # Statuses that say the key, the account or the model is wrong: every row would fail alike.
 ACCOUNT_STATUSES = frozenset({401, 403, 404})
 _COOL_DOWN_S = 1.0  # after a 429 that names no wait
+# The longest wait a Retry-After is obeyed for: a date from a skewed clock, or a number meant
+# for a human, would otherwise pause every sender for hours.
+MAX_RETRY_AFTER_S = 600.0
+# timeout_s bounds each wait for bytes; a whole attempt may take this many times that.
+DEADLINE_FACTOR = 4
 _TRANSPORT_ERRORS = (httpx.RequestError, aiohttp.ClientError, TimeoutError)
 
 
@@ -69,7 +74,13 @@ def read_key(endpoint: EndpointConfig, fallback: str | None = None) -> str:
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds the provider asks us to wait: retry-after-ms, then Retry-After as seconds or a date."""
+    """Seconds the provider asks us to wait, at most MAX_RETRY_AFTER_S."""
+    wait = _asked_wait(headers)
+    return None if wait is None else min(wait, MAX_RETRY_AFTER_S)
+
+
+def _asked_wait(headers: httpx.Headers) -> float | None:
+    """retry-after-ms, then Retry-After as seconds or as an HTTP date."""
     if (ms := headers.get("retry-after-ms")) is not None:
         try:
             return max(0.0, float(ms) / 1000)
@@ -125,6 +136,7 @@ class Client:
     ) -> None:
         self._key = key
         self._base_url = endpoint.base_url.rstrip("/")
+        self._deadline_s = endpoint.timeout_s * DEADLINE_FACTOR
         self._pacer = pacer
         self._policy = retry_policy(max_attempts, sleep)
         pool = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -154,7 +166,10 @@ class Client:
 
     async def _send_once(self, body: dict[str, Any]) -> Reply:
         try:
-            return await self._attempt(body)
+            async with asyncio.timeout(self._deadline_s):  # a stream that trickles forever ends too
+                return await self._attempt(body)
+        except TimeoutError as exc:
+            raise Retryable(f"no whole answer within {self._deadline_s:.0f} s from {self._base_url}") from exc
         except RequestFailed as exc:  # before the retry log or the row sees it: gateways echo keys
             exc.args = (str(exc).replace(self._key, "***"),)
             raise

@@ -91,11 +91,14 @@ def _count(cfg: RunConfig) -> Estimate:
 
 def _scale_by_sample(out: Estimate, directory: Path, expected_prompt_per_row: float) -> None:
     """Replace the guesses with what the sampled rows really used, per row."""
-    answered = pl.scan_parquet(sorted(directory.glob(PARTS))).filter(pl.col("status") == "ok")
+    parts = sorted(directory.glob(PARTS))
+    if not parts:
+        return
+    answered = pl.scan_parquet(parts).filter(pl.col("status") == "ok", pl.col("prompt_tokens").is_not_null())
     used = answered.select(rows=pl.len(), prompt=pl.col("prompt_tokens").mean(),
                            completion=pl.col("completion_tokens").mean()).collect().row(0, named=True)
     if not used["rows"]:
-        return
+        return  # no sampled answer reported its usage
     ratio = used["prompt"] / expected_prompt_per_row if expected_prompt_per_row else 1.0
     out.image_tokens = round(out.image_tokens * ratio)
     out.text_tokens = round(out.text_tokens * ratio)

@@ -134,3 +134,9 @@ def test_read_key_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     assert read_key(endpoint, fallback="sim-key") == "sim-key"
     monkeypatch.setenv("MY_PROVIDER_KEY", "real-key")
     assert read_key(endpoint, fallback="sim-key") == "real-key"  # a set variable wins over the fallback
+
+
+def test_a_huge_retry_after_is_capped() -> None:
+    from pipeline.client import MAX_RETRY_AFTER_S
+
+    assert _retry_after(httpx.Headers({"Retry-After": "86400"})) == MAX_RETRY_AFTER_S
