@@ -24,7 +24,7 @@ from . import images, payload, results
 from .client import ACCOUNT_STATUSES, Client, read_key
 from .completion import Reply
 from .config import EndpointConfig, RunConfig, fingerprint, fingerprint_changes
-from .errors import ConfigError, Interrupted, Rejected, RequestFailed, RowInputError, RunStopped, StoreError
+from .errors import ConfigError, Interrupted, ManifestError, Rejected, RequestFailed, RowInputError, RunStopped, StoreError
 from .limits import Limiter
 from .budget import Budget
 from .manifest import Manifest, ManifestRow
@@ -133,6 +133,7 @@ class _Run:
         self.cut_at = time.monotonic()
         self.stop_reason: str | None = None
         self.stopping = False  # a signal came: no new requests
+        self.manifest_error: ManifestError | None = None
         self._account_streak: tuple[int | None, int] = (None, 0)
 
     async def rows(self, limit: int | None) -> AsyncIterator[ManifestRow]:
@@ -143,10 +144,14 @@ class _Run:
                 yield row
 
     async def produce(self, queue: asyncio.Queue[ManifestRow | None], workers: int, limit: int | None) -> None:
-        async for row in self.rows(limit):
-            if self.stop_reason or self.stopping or self.budget.exhausted:
-                break
-            await queue.put(row)  # waits while the queue is full: memory stays flat
+        try:
+            async for row in self.rows(limit):
+                if self.stop_reason or self.stopping or self.budget.exhausted:
+                    break
+                await queue.put(row)  # waits while the queue is full: memory stays flat
+        except ManifestError as exc:  # a bad line far down the file: keep what is in flight, then stop
+            self.manifest_error = exc
+            self.stop_reason = f"the manifest could not be read on: {exc}"
         for _ in range(workers):
             await queue.put(None)
 
@@ -324,6 +329,8 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
     if state.stopping:
         raise Interrupted(f"interrupted; {summary.ok + summary.failed} rows answered now are in "
                           f"{cfg.output.dir}; run the same command again to resume")
+    if state.manifest_error and summary.ok + summary.failed == 0:
+        raise state.manifest_error  # nothing was sent: a bad manifest, exit 2
     if state.stop_reason:
         raise RunStopped(state.stop_reason)
     return summary

@@ -118,3 +118,13 @@ def test_the_readme_config_is_valid() -> None:
     block = re.search(r"```yaml\n(input:.*?)```", readme, re.S)
     assert block is not None
     config.parse(yaml.safe_load(block.group(1)))
+
+
+def test_a_broken_line_in_a_jsonl_manifest_exits_2_and_sends_nothing(
+    sim: Simulator, tmp_path: Path, images: Callable[..., list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(f'{{"image": "{p}"}}\n' for p in images(3)) + "{broken\n")
+    cfg = write_config(tmp_path, sim.url, manifest)
+    assert cli.main(["run", str(cfg), "-q"]) == 2
+    assert "input.manifest: cannot read" in capsys.readouterr().err and sim.log == []
