@@ -33,6 +33,8 @@ COLUMNS = pa.schema(
         ("reasoning_tokens", pa.int64()),
         ("cached_tokens", pa.int64()),
         ("cost_usd", pa.float64()),
+        # what the budget counted: cost_usd, or the request's worst case when no usage came back
+        ("charged_usd", pa.float64()),
         ("latency_ms", pa.float64()),
         ("attempts", pa.int64()),
         ("error", pa.string()),
@@ -58,7 +60,7 @@ def _common(row: ManifestRow) -> dict[str, Any]:
     return {"id": row.id, "images": len(row.images), "finished_at": datetime.now(timezone.utc), **kept}
 
 
-def answered(row: ManifestRow, reply: Reply, cost_usd: float | None) -> dict[str, Any]:
+def answered(row: ManifestRow, reply: Reply, cost_usd: float | None, charged_usd: float | None) -> dict[str, Any]:
     usage = reply.usage
     return {
         **_common(row),
@@ -75,6 +77,7 @@ def answered(row: ManifestRow, reply: Reply, cost_usd: float | None) -> dict[str
         "reasoning_tokens": usage.reasoning_tokens if usage else None,
         "cached_tokens": usage.cached_tokens if usage else None,
         "cost_usd": cost_usd,
+        "charged_usd": charged_usd,
         "latency_ms": round(reply.latency_ms, 1),
         "attempts": reply.attempts,
         "error": None,

@@ -194,8 +194,9 @@ class _Run:
             if reply.usage:
                 self.limiter.settle(reserved, reply.usage.prompt_tokens + tokens.output_max)
             cost = self._cost(reply)
-            self._settle(worst, worst if cost is None else cost)  # no usage: assume the worst
-            await self._journal(out, results.answered(row, reply, cost), None)
+            charged = worst if cost is None else cost  # no usage: assume the worst
+            self._settle(worst, charged)
+            await self._journal(out, results.answered(row, reply, cost, charged if worst else None), None)
 
     def _settle(self, worst_usd: float, actual_usd: float) -> None:
         self.budget.settle(worst_usd, actual_usd)

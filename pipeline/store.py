@@ -113,7 +113,7 @@ class Store:
         parts = sorted(directory.glob(PARTS))
         rows = pl.scan_parquet(parts) if parts else pl.LazyFrame(schema={"id": pl.String, "status": pl.String,
                                                                           "retryable": pl.Boolean,
-                                                                          "cost_usd": pl.Float64})
+                                                                          "charged_usd": pl.Float64})
         final = pl.col("status") == "ok"
         if not retry_failed:
             final = final | pl.col("retryable").not_()
@@ -121,9 +121,9 @@ class Store:
         # done rows never become a million Python strings.
         self.done: pl.LazyFrame = rows.filter(final).select("id")
         counts = self._read(rows.select(ok=(pl.col("status") == "ok").sum(), final=final.sum(),
-                                        spent=pl.col("cost_usd").sum()))
+                                        spent=pl.col("charged_usd").sum()))
         self.resumed = int(counts["ok"][0] or 0)
-        self.spent_usd = float(counts["spent"][0] or 0.0)  # what every earlier answer here cost
+        self.spent_usd = float(counts["spent"][0] or 0.0)  # what earlier answers here were charged
         self.failed_for_good = int(counts["final"][0] or 0) - self.resumed  # earlier errors not asked again
         self.failed_before = frozenset(self._errors)
 

@@ -68,3 +68,18 @@ def test_budget_holds_worst_cases_in_flight_and_settles_to_what_was_billed() -> 
     budget.settle(0.3, 0.3)
     assert not budget.reserve(0.4) and budget.exhausted  # 0.65 + 0.4 > 1 with nothing in flight
     assert Budget(None).reserve(1e9)
+
+
+def test_what_earlier_runs_were_charged_counts_even_without_a_reported_cost(tmp_path: Path) -> None:
+    from pipeline import results
+    from pipeline.store import Store
+
+    schema = results.schema(pl.Schema())
+    rows = [{"id": "a", "status": "ok", "cost_usd": 0.25, "charged_usd": 0.25},
+            {"id": "b", "status": "ok", "cost_usd": None, "charged_usd": 0.5}]  # no usage: its worst case
+    store = Store(tmp_path, schema)
+    store.record(rows)
+    store.close()
+    reopened = Store(tmp_path, schema)
+    assert reopened.spent_usd == pytest.approx(0.75)
+    reopened.close()

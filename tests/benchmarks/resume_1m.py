@@ -280,6 +280,7 @@ def done_rows(ids: list[str], schema: pa.Schema) -> pa.Table:
         reasoning_tokens=pl.lit(0, pl.Int64),
         cached_tokens=pl.lit(0, pl.Int64),
         cost_usd=pl.lit((prompt_tokens * 2.50 + completion_tokens * 10.0) / 1e6),  # gpt-4o per 1M tokens
+        charged_usd=pl.lit((prompt_tokens * 2.50 + completion_tokens * 10.0) / 1e6),
         latency_ms=(400 + (pl.col("i") * 7919) % 900).cast(pl.Float64) + 0.5,
         attempts=pl.lit(1, pl.Int64),
         error=pl.lit(None, pl.String),
