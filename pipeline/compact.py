@@ -20,9 +20,9 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from .config import InputConfig, PromptConfig
-from .errors import ManifestError, StoreError
+from .errors import ManifestError
 from .manifest import Manifest
-from .store import INTENT_FILE, PARTS, RUN_FILE, Store, finish_interrupted, sync_dir, write_atomically
+from .store import INTENT_FILE, RUN_FILE, Store, finish_interrupted, parts, sync_dir, write_atomically
 
 __all__ = ["compact", "Compacted"]
 
@@ -50,10 +50,7 @@ def _manifest_order(directory: Path) -> pl.LazyFrame | None:
 
 
 def compact(directory: Path, rows_per_part: int = ROWS_PER_PART) -> Compacted:
-    parts = sorted(directory.glob(PARTS))
-    if not parts:
-        raise StoreError(f"{directory}: no Parquet parts here (is it an output.dir?)")
-    store = Store(directory, pq.read_schema(parts[0]))  # the lock, and a leftover journal made a part
+    store = Store(directory, pq.read_schema(parts(directory, required=True)[0]))  # the lock, and a leftover journal made a part
     try:
         return _rewrite(directory, rows_per_part)
     finally:
@@ -61,7 +58,7 @@ def compact(directory: Path, rows_per_part: int = ROWS_PER_PART) -> Compacted:
 
 
 def _rewrite(directory: Path, rows_per_part: int) -> Compacted:
-    old = sorted(directory.glob(PARTS))
+    old = parts(directory)
     rows = pl.scan_parquet(old).unique(subset="id", keep="last", maintain_order=True)
     order = _manifest_order(directory)
     if order is not None:

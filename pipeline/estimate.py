@@ -23,7 +23,7 @@ from .errors import RowInputError
 from .manifest import ImageRef, Manifest
 from .payload import UNSET_MAX_TOKENS
 from .pricing import PriceTable
-from .store import PARTS
+from .store import parts
 from .tokens import input_tokens
 
 __all__ = ["Estimate", "estimate", "TEXT_TOKENS_NOTE"]
@@ -91,10 +91,10 @@ def _count(cfg: RunConfig) -> Estimate:
 
 def _scale_by_sample(out: Estimate, directory: Path, expected_prompt_per_row: float) -> None:
     """Replace the guesses with what the sampled rows really used, per row."""
-    parts = sorted(directory.glob(PARTS))
-    if not parts:
+    written = parts(directory)
+    if not written:
         return
-    answered = pl.scan_parquet(parts).filter(pl.col("status") == "ok", pl.col("prompt_tokens").is_not_null())
+    answered = pl.scan_parquet(written).filter(pl.col("status") == "ok", pl.col("prompt_tokens").is_not_null())
     used = answered.select(rows=pl.len(), prompt=pl.col("prompt_tokens").mean(),
                            completion=pl.col("completion_tokens").mean()).collect().row(0, named=True)
     if not used["rows"]:
@@ -115,7 +115,7 @@ def estimate(cfg: RunConfig, sampled_dir: Path | None = None) -> dict[str, Any]:
     price = prices.find(model)
 
     def usd(inputs: float, outputs: float) -> float | None:
-        return None if price is None else (inputs * price.input + outputs * price.output) / 1e6
+        return prices.list_usd(model, inputs, outputs)
 
     low_output = out.rows * cfg.request.choices  # at least a token a choice
     return {

@@ -29,14 +29,19 @@ def _bundled() -> dict[str, Price]:
 class PriceTable:
     def __init__(self, overrides: Mapping[str, Price] | None = None) -> None:
         self._prices = _bundled() | dict(overrides or {})
+        self._found: dict[str, Price | None] = {}  # asked once or twice per row: resolve each name once
 
     def find(self, model: str) -> Price | None:
         """The price of a model, of its family when the name carries a date, or None."""
-        name = model.rsplit("/", 1)[-1]  # gateways write 'openai/gpt-4o'
-        return self._prices.get(model) or self._prices.get(name) or self._prices.get(_VERSION_SUFFIX.sub("", name))
+        if model not in self._found:
+            name = model.rsplit("/", 1)[-1]  # gateways write 'openai/gpt-4o'
+            self._found[model] = (self._prices.get(model) or self._prices.get(name)
+                                  or self._prices.get(_VERSION_SUFFIX.sub("", name)))
+        return self._found[model]
 
-    def worst_usd(self, model: str, input_tokens: int, output_tokens: int) -> float | None:
-        """The most a request of these sizes can cost: no input cached, every output token used."""
+    def list_usd(self, model: str, input_tokens: float, output_tokens: float) -> float | None:
+        """Tokens at the list price, none of the input cached: a request's worst case, or an
+        estimate's figures."""
         price = self.find(model)
         if price is None:
             return None

@@ -12,23 +12,15 @@ from typing import Any
 
 import polars as pl
 
-from .errors import StoreError
-from .store import PARTS
+from .store import parts
 
 __all__ = ["summarize", "render"]
 
 _TOKENS = ("prompt", "completion", "reasoning", "cached", "total")
 
 
-def _rows(directory: Path) -> pl.LazyFrame:
-    parts = sorted(directory.glob(PARTS))
-    if not parts:
-        raise StoreError(f"{directory}: no Parquet parts here (is it an output.dir?)")
-    return pl.scan_parquet(parts)
-
-
 def summarize(directory: Path) -> dict[str, Any]:
-    rows = _rows(directory)
+    rows = pl.scan_parquet(parts(directory, required=True))
     ok = rows.filter(pl.col("status") == "ok")
     totals = rows.select(
         rows=pl.len(),

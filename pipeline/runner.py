@@ -118,7 +118,7 @@ def _on_signals(first: Callable[[], None], second: Callable[[], None]) -> Iterat
 
 class _Run:
     def __init__(self, cfg: RunConfig, manifest: Manifest, store: Store, client: Client, limiter: Limiter,
-                 bar: tqdm[Any], summary: Summary) -> None:
+                 prices: PriceTable, bar: tqdm[Any], summary: Summary) -> None:
         self.cfg = cfg
         self.manifest = manifest
         self.store = store
@@ -126,7 +126,7 @@ class _Run:
         self.limiter = limiter
         self.bar = bar
         self.summary = summary
-        self.prices = PriceTable(cfg.pricing)
+        self.prices = prices
         self.budget = Budget(cfg.limits.max_cost_usd, store.spent_usd)
         self._settled = asyncio.Event()
         self.unpublished = 0  # rows journalled since the last part
@@ -173,7 +173,7 @@ class _Run:
         body = payload.build(row, parts, request, prompt)
         tokens = payload.estimate(row, parts, request, prompt)
         reserved = tokens.input + tokens.output_max  # what a tokens-per-minute limit counts
-        worst = self.prices.worst_usd(request.model, tokens.input_max, tokens.output_max) or 0.0
+        worst = self.prices.list_usd(request.model, tokens.input_max, tokens.output_max) or 0.0
         # The slot is held until the answer is on disk, so a kill loses at most `concurrency` answers.
         async with self.limiter.slot():
             while not self.budget.reserve(worst):
@@ -295,7 +295,8 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
     """Run, or resume, one job. Raises ConfigError, ManifestError or StoreError before sending
     anything, RunStopped when every request fails alike, Interrupted on SIGINT or SIGTERM."""
     started = time.monotonic()
-    if cfg.limits.max_cost_usd is not None and PriceTable(cfg.pricing).find(cfg.request.model) is None:
+    prices = PriceTable(cfg.pricing)
+    if cfg.limits.max_cost_usd is not None and prices.find(cfg.request.model) is None:
         raise ConfigError(f"limits.max_cost_usd: no price is known for {cfg.request.model}, so a budget cannot "
                           "be kept; add the model under pricing:")
     if cfg.limits.max_cost_usd is not None and cfg.request.max_tokens is None:
@@ -306,7 +307,7 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
         store = await asyncio.to_thread(_open_store, cfg, manifest, total, retry_failed, force)
         summary = Summary(output_dir=cfg.output.dir, total=total, resumed=store.resumed,
                           failed_before=store.failed_for_good)
-        if PriceTable(cfg.pricing).find(cfg.request.model) is None:
+        if prices.find(cfg.request.model) is None:
             log.warning("no price known for %s: cost_usd stays empty (add it under pricing:)", cfg.request.model)
         limiter = Limiter.from_config(cfg.limits)
         client = Client(endpoint, key, limiter, concurrency=cfg.limits.concurrency,
@@ -314,7 +315,7 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
         done_before = summary.resumed + summary.failed_before
         todo = total if limit is None else min(total, done_before + limit)
         with tqdm(total=todo, initial=done_before, unit="row", disable=not progress, dynamic_ncols=True) as bar:
-            state = _Run(cfg, manifest, store, client, limiter, bar, summary)
+            state = _Run(cfg, manifest, store, client, limiter, prices, bar, summary)
             try:
                 await _pump(state, cfg.limits.concurrency, limit)
             except asyncio.CancelledError:

@@ -29,7 +29,7 @@ from .errors import StoreError
 from .journal import Journal
 from .lock import Lock
 
-__all__ = ["Store", "RUN_FILE", "PARTS", "INTENT_FILE", "write_atomically", "sync_dir", "finish_interrupted"]
+__all__ = ["Store", "parts", "RUN_FILE", "PARTS", "INTENT_FILE", "write_atomically", "sync_dir", "finish_interrupted"]
 
 RUN_FILE = "_run.json"
 INTENT_FILE = "_compact.json"  # a compaction under way: which parts it replaces with which
@@ -81,6 +81,14 @@ def finish_interrupted(directory: Path) -> None:
     intent_path.unlink()
 
 
+def parts(directory: Path, required: bool = False) -> list[Path]:
+    """The Parquet parts of an output directory, oldest first; `required`: at least one."""
+    found = sorted(directory.glob(PARTS))
+    if required and not found:
+        raise StoreError(f"{directory}: no Parquet parts here (is it an output.dir?)")
+    return found
+
+
 class Store:
     """Usage:
         store = Store(directory, schema)       # takes the lock, finishes what a crash left
@@ -110,8 +118,8 @@ class Store:
         if self._journal and (self._journal.open_cuts() or self._journal.pending()):
             with self._io("replay the journal"):
                 self._recover()
-        parts = sorted(directory.glob(PARTS))
-        rows = pl.scan_parquet(parts) if parts else pl.LazyFrame(schema={"id": pl.String, "status": pl.String,
+        written = parts(directory)
+        rows = pl.scan_parquet(written) if written else pl.LazyFrame(schema={"id": pl.String, "status": pl.String,
                                                                           "retryable": pl.Boolean,
                                                                           "charged_usd": pl.Float64})
         final = pl.col("status") == "ok"
@@ -135,10 +143,10 @@ class Store:
 
     def _error_parts(self) -> dict[str, Path]:
         """The part holding each error row already written."""
-        parts = sorted(self.dir.glob(PARTS))
-        if not parts:
+        written = parts(self.dir)
+        if not written:
             return {}
-        errors = self._read(pl.scan_parquet(parts, include_file_paths="file")
+        errors = self._read(pl.scan_parquet(written, include_file_paths="file")
                             .filter(pl.col("status") != "ok").select("id", "file"))
         return {row_id: Path(file) for row_id, file in errors.iter_rows()}
 
