@@ -17,12 +17,16 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
+from .structured import Mode as StructuredMode
+from .structured import SchemaError, json_schema
 from .errors import ConfigError
 
 __all__ = [
@@ -79,6 +83,10 @@ class SimulatorSettings(_Model):
     rate_hang: Rate = Field(0.0, ge=0, le=1)
     rate_malformed: Rate = Field(0.0, ge=0, le=1)
     rate_drop: Rate = Field(0.0, ge=0, le=1)
+    rate_invalid_json: Rate = Field(0.0, ge=0, le=1, description="share of structured answers that are not JSON")
+    rate_schema_break: Rate = Field(0.0, ge=0, le=1, description="share of structured answers that break the schema")
+    refuse_response_format: Literal["none", "json_schema", "all"] = Field(
+        "none", description="answer 400 to response_format json_schema, or to any response_format, as some gateways do")
     retry_after_s: NonNegativeFloat = Field(1.0, description="Retry-After sent with a faulted 429")
     hang_s: PositiveFloat = Field(30.0, description="how long a hung request stays silent")
     seed: int = 0
@@ -109,6 +117,9 @@ class RequestConfig(_Model):
     logit_bias: dict[str, int] | None = None
     user: str | None = None
     stream: bool | None = None
+    structured: StructuredMode | None = Field(
+        None, description="how output_schema is asked for: json_schema (the default), json_object, or prompt")
+    parse_retries: NonNegativeInt = Field(1, description="times an answer that breaks output_schema is asked again")
     extra: dict[str, Any] = {}
 
     @field_validator("logit_bias", mode="before")
@@ -137,7 +148,8 @@ class RequestConfig(_Model):
 
     def set_fields(self) -> dict[str, Any]:
         """The optional body fields the config sets; unset ones never reach the wire."""
-        return self.model_dump(exclude={"model", "max_tokens", "extra"}, exclude_none=True)
+        return self.model_dump(exclude={"model", "max_tokens", "extra", "structured", "parse_retries"},
+                               exclude_none=True)
 
     @property
     def choices(self) -> int:
@@ -174,17 +186,33 @@ class RunConfig(_Model):
     request: RequestConfig
     limits: LimitsConfig = LimitsConfig()
     output: OutputConfig = OutputConfig()
-    output_schema: None = Field(None, description="structured output is not supported in this version")
+    output_schema: dict[str, Any] | None = Field(
+        None, description="{field: type} or a JSON Schema; held as the JSON Schema it stands for")
     pricing: dict[str, Price] = {}
+
+    @field_validator("output_schema", mode="before")
+    @classmethod
+    def _as_json_schema(cls, value: Any) -> Any:
+        return None if value is None else json_schema(value)
+
+    @model_validator(mode="after")
+    def _schema_settings(self) -> RunConfig:
+        if self.request.structured and self.output_schema is None:
+            raise ValueError(f"request.structured: {self.request.structured} needs an output_schema")
+        if self.output_schema is not None and "response_format" in self.request.extra:
+            raise ValueError("request.extra.response_format: output_schema builds it; set request.structured")
+        return self
 
 
 def fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The settings that change answers. Speed settings (concurrency, limits, timeouts,
-    streaming) are left out: they may change freely between runs of one output directory."""
+    streaming) and how a schema is asked for are left out: they may change freely between runs
+    of one output directory, so a gateway that refuses response_format can fall back mid-run."""
     return {
         "input": cfg.input.model_dump(mode="json", include={"image_column", "id_column", "image_root"}),
         "prompt": cfg.prompt.model_dump(mode="json"),
-        "request": cfg.request.model_dump(mode="json", exclude={"stream"}),
+        "request": cfg.request.model_dump(mode="json", exclude={"stream", "structured", "parse_retries"}),
+        "output_schema": cfg.output_schema,
     }
 
 
@@ -205,8 +233,15 @@ def one_line(exc: ValidationError) -> str:
     """A pydantic error as one line naming each bad key."""
     problems = []
     for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"]) or "config"
+        key = ".".join(str(part) for part in err["loc"])
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, SchemaError):  # names the field inside the schema
+            problems.append(f"{key}{'.' + cause.path if cause.path else ''}: {cause.message}")
+            continue
         message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if not key:  # a rule across sections: the message names its keys
+            problems.append(message.removeprefix("Value error, "))
+            continue
         if err["type"] not in ("extra_forbidden", "missing"):
             message += f" (got {err['input']!r})"
         problems.append(f"{key}: {message}")
