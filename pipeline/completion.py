@@ -45,6 +45,15 @@ class Usage:
             cached_tokens=_count(details_in.get("cached_tokens")),
         )
 
+    def __add__(self, other: Usage) -> Usage:
+        """Two requests' counts together (a question and its follow-up)."""
+        def both(a: int | None, b: int | None) -> int | None:
+            return None if a is None and b is None else (a or 0) + (b or 0)
+
+        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens,
+                     self.total_tokens + other.total_tokens, both(self.reasoning_tokens, other.reasoning_tokens),
+                     both(self.cached_tokens, other.cached_tokens))
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -59,6 +68,12 @@ class Reply:
 
     def timed(self, latency_ms: float, attempts: int) -> Reply:
         return replace(self, latency_ms=latency_ms, attempts=attempts)
+
+    def after(self, earlier: Reply) -> Reply:
+        """This reply to a follow-up, carrying the usage, time and attempts of the earlier one too."""
+        usage = self.usage if earlier.usage is None else earlier.usage if self.usage is None else earlier.usage + self.usage
+        return replace(self, usage=usage, latency_ms=earlier.latency_ms + self.latency_ms,
+                       attempts=earlier.attempts + self.attempts)
 
 
 def _text(value: Any) -> str | None:

@@ -21,9 +21,10 @@ from . import images
 from .config import RunConfig
 from .errors import RowInputError
 from .manifest import ImageRef, Manifest
-from .payload import UNSET_MAX_TOKENS
+from .payload import UNSET_MAX_TOKENS, input_texts
 from .pricing import PriceTable
 from .store import parts
+from .structured import labels
 from .tokens import input_tokens
 
 __all__ = ["Estimate", "estimate", "TEXT_TOKENS_NOTE"]
@@ -65,6 +66,7 @@ def _size(ref: str, root: Path, max_side: int | None) -> tuple[int, int] | None:
 def _count(cfg: RunConfig) -> Estimate:
     prompt, request = cfg.prompt, cfg.request
     manifest = Manifest(cfg.input, prompt)
+    schema = labels(cfg.output_schema, request.structured)
     out = Estimate()
     output_max = (request.max_tokens or UNSET_MAX_TOKENS) * request.choices
     for batch in manifest.batches():
@@ -74,7 +76,7 @@ def _count(cfg: RunConfig) -> Estimate:
             except RowInputError:
                 out.unreadable += 1
                 continue
-            texts = [row.prompt, *([prompt.system] if prompt.system else [])]
+            texts = input_texts(row, prompt, schema)
             text = input_tokens(request.model, texts, [], prompt.detail)
             image = input_tokens(request.model, [], sizes, prompt.detail)
             low_detail = "low" if prompt.detail == "auto" else prompt.detail

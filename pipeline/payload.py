@@ -3,30 +3,55 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .config import PromptConfig, RequestConfig
 from .images import ImagePart
 from .manifest import ManifestRow
+from .structured import OutputSchema
 from .tokens import input_tokens
 
-__all__ = ["build", "estimate", "TokenEstimate", "UNSET_MAX_TOKENS"]
+__all__ = ["build", "estimate", "input_texts", "follow_up", "TokenEstimate", "UNSET_MAX_TOKENS"]
 
 # Without max_tokens a provider may answer at length; limits reserve this many per choice.
 UNSET_MAX_TOKENS = 1024
 
 
-def build(row: ManifestRow, parts: Sequence[ImagePart], request: RequestConfig, prompt: PromptConfig) -> dict[str, Any]:
-    user = [{"type": "text", "text": row.prompt}, *(part.content(prompt.detail) for part in parts)]
-    system = [{"role": "system", "content": prompt.system}] if prompt.system else []
-    body: dict[str, Any] = {"model": request.model, "messages": [*system, {"role": "user", "content": user}]}
+def _texts(row: ManifestRow, prompt: PromptConfig, schema: OutputSchema | None) -> tuple[str | None, str]:
+    """The system and user texts; json_object mode states the schema in the system message,
+    prompt mode in the user's."""
+    system, user = prompt.system, row.prompt
+    if schema is not None and schema.mode == "json_object":
+        system = f"{system}\n\n{schema.instruction()}" if system else schema.instruction()
+    elif schema is not None and schema.mode == "prompt":
+        user = f"{user}\n\n{schema.instruction()}"
+    return system, user
+
+
+def build(row: ManifestRow, parts: Sequence[ImagePart], request: RequestConfig, prompt: PromptConfig,
+          schema: OutputSchema | None = None) -> dict[str, Any]:
+    system, text = _texts(row, prompt, schema)
+    user = [{"type": "text", "text": text}, *(part.content(prompt.detail) for part in parts)]
+    messages = [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": user}]
+    body: dict[str, Any] = {"model": request.model, "messages": messages}
     if request.max_tokens is not None:
         body["max_tokens"] = request.max_tokens
     body |= request.set_fields()
     if request.stream:
         body["stream_options"] = {"include_usage": True}  # else a streamed answer has no usage
+    if schema is not None and (response_format := schema.response_format()):
+        body["response_format"] = response_format
     return body | request.extra
+
+
+def input_texts(row: ManifestRow, prompt: PromptConfig, schema: OutputSchema | None = None) -> list[str]:
+    """The texts a request's input tokens count."""
+    system, user = _texts(row, prompt, schema)
+    texts = [user, *([system] if system else [])]
+    if schema is not None and schema.mode == "json_schema":
+        texts.append(schema.instruction())  # providers count the schema as input too
+    return texts
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +63,21 @@ class TokenEstimate:
     output_max: int  # max_tokens x n
 
 
-def estimate(row: ManifestRow, parts: Sequence[ImagePart], request: RequestConfig,
-             prompt: PromptConfig) -> TokenEstimate:
-    texts = [row.prompt, *([prompt.system] if prompt.system else [])]
+def estimate(row: ManifestRow, parts: Sequence[ImagePart], request: RequestConfig, prompt: PromptConfig,
+             schema: OutputSchema | None = None) -> TokenEstimate:
+    texts = input_texts(row, prompt, schema)
     sizes = [part.size for part in parts]
     return TokenEstimate(
         input=input_tokens(request.model, texts, sizes, prompt.detail),
         input_max=input_tokens(request.model, texts, sizes, prompt.detail, worst=True),
         output_max=(request.max_tokens or UNSET_MAX_TOKENS) * request.choices,
     )
+
+
+def follow_up(body: dict[str, Any], tokens: TokenEstimate, messages: Sequence[dict[str, str]],
+              model: str) -> tuple[dict[str, Any], TokenEstimate]:
+    """The conversation so far with `messages` added, and what the longer request costs."""
+    texts = [m["content"] for m in messages]
+    more = replace(tokens, input=tokens.input + input_tokens(model, texts, [], "auto"),
+                   input_max=tokens.input_max + input_tokens(model, texts, [], "auto", worst=True))
+    return {**body, "messages": [*body["messages"], *messages]}, more

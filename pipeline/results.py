@@ -6,6 +6,7 @@ Never: I/O.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -13,9 +14,10 @@ import polars as pl
 import pyarrow as pa
 
 from .completion import Reply
+from .errors import ConfigError
 from .manifest import ManifestRow
 
-__all__ = ["COLUMNS", "schema", "answered", "failed"]
+__all__ = ["COLUMNS", "schema", "answered", "unparsed", "failed"]
 
 COLUMNS = pa.schema(
     [
@@ -45,13 +47,19 @@ COLUMNS = pa.schema(
 )
 
 
-def schema(keep: pl.Schema) -> pa.Schema:
-    """The output columns followed by the manifest columns the config keeps."""
+def schema(keep: pl.Schema, labels: Sequence[pa.Field] = ()) -> pa.Schema:
+    """The output columns, one per output_schema field, then the manifest columns the config
+    keeps (renamed input_NAME where they clash with an output column). ConfigError when a
+    field's name is taken."""
+    for f in labels:
+        if f.name in COLUMNS.names or f.name in keep:
+            taken = "an output column" if f.name in COLUMNS.names else "a kept manifest column (input.keep_columns)"
+            raise ConfigError(f"output_schema.{f.name}: the name is {taken}; rename the field")
     kept = pl.DataFrame(schema=keep).to_arrow().schema
     clash = set(kept.names) & set(COLUMNS.names)
     if clash:
         kept = pa.schema([f.with_name(f"input_{f.name}") if f.name in clash else f for f in kept])
-    return pa.schema([*COLUMNS, *kept])
+    return pa.schema([*COLUMNS, *labels, *kept])
 
 
 def _common(row: ManifestRow) -> dict[str, Any]:
@@ -60,12 +68,16 @@ def _common(row: ManifestRow) -> dict[str, Any]:
     return {"id": row.id, "images": len(row.images), "finished_at": datetime.now(timezone.utc), **kept}
 
 
-def answered(row: ManifestRow, reply: Reply, cost_usd: float | None, charged_usd: float | None) -> dict[str, Any]:
+def answered(row: ManifestRow, reply: Reply, cost_usd: float | None, charged_usd: float | None,
+             values: Mapping[str, Any] | None = None, choice: int = 0) -> dict[str, Any]:
+    """An answer; with an output schema, `values` are the typed columns read from `choice`,
+    whose text is the `answer`."""
     usage = reply.usage
     return {
         **_common(row),
+        **(values or {}),
         "status": "ok",
-        "answer": reply.answers[0],
+        "answer": reply.answers[choice],
         "answers": list(reply.answers),
         "finish_reason": reply.finish_reason,
         "refusal": reply.refusal,
@@ -82,6 +94,13 @@ def answered(row: ManifestRow, reply: Reply, cost_usd: float | None, charged_usd
         "attempts": reply.attempts,
         "error": None,
     }
+
+
+def unparsed(row: ManifestRow, reply: Reply, cost_usd: float | None, charged_usd: float | None,
+             problem: str) -> dict[str, Any]:
+    """An answer (paid for, kept raw) that no asking made fit the output schema."""
+    return {**answered(row, reply, cost_usd, charged_usd), "status": "error", "error": f"parse_error: the answer {problem}",
+            "retryable": False}
 
 
 def failed(row: ManifestRow, error: str, attempts: int, retryable: bool) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from .budget import Budget
 from .manifest import Manifest, ManifestRow
 from .pricing import PriceTable
 from .store import Store
+from .structured import OutputSchema, Unusable, labels
 
 __all__ = ["Summary", "run"]
 
@@ -43,8 +44,41 @@ GRACE_S = 30.0  # after a first signal, in-flight requests get this long to fini
 # run: a wrong key or model name would otherwise fail every row of the manifest one by one.
 ACCOUNT_STOP_AFTER = 3
 _SIMULATOR_KEY = "simulator"
-_Outcome = tuple[dict[str, Any], int | None]  # an output row, and the HTTP status it failed with
-_Durable = tuple[dict[str, Any], int | None, "asyncio.Future[None]"]  # ... and what tells it is on disk
+# an output row, and what makes its failure alike others (see _watch_alike) ...
+_Outcome = tuple[dict[str, Any], int | str | None]
+_Durable = tuple[dict[str, Any], int | str | None, "asyncio.Future[None]"]  # ... and what tells it is on disk
+
+
+@dataclass(frozen=True)
+class _Paid:
+    """A reply and what it cost: `cost` by the provider's usage, `charged` what the budget counted."""
+
+    reply: Reply
+    cost: float | None
+    charged: float | None
+
+    def then(self, later: _Paid) -> _Paid:
+        """A follow-up's reply, with both requests' usage and cost."""
+        def add(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else a + b
+
+        return _Paid(later.reply.after(self.reply), add(self.cost, later.cost), add(self.charged, later.charged))
+
+    def row(self, row: ManifestRow, values: dict[str, Any] | None = None, choice: int = 0) -> dict[str, Any]:
+        return results.answered(row, self.reply, self.cost, self.charged, values, choice)
+
+
+def _first_fit(schema: OutputSchema, reply: Reply) -> tuple[int, dict[str, Any] | None, str]:
+    """The first choice that fits the schema and its values, or what was wrong with the first."""
+    problem = ""
+    for i, text in enumerate(reply.answers):
+        try:
+            return i, schema.read(text), ""
+        except Unusable as exc:
+            problem = problem or str(exc)
+    if reply.finish_reason == "length":
+        problem += " (cut at request.max_tokens: raise it)"
+    return 0, None, problem
 
 
 @dataclass
@@ -68,14 +102,15 @@ class Summary:
 
     def count(self, row: dict[str, Any], retried: bool) -> None:
         self.retried += retried
-        if row["status"] == "ok":
-            self.ok += 1
+        if "prompt_tokens" in row:  # answered, perhaps unparseable: paid for either way
             self.prompt_tokens += row["prompt_tokens"] or 0
             self.completion_tokens += row["completion_tokens"] or 0
             if row["cost_usd"] is None:
                 self.priced = False
             else:
                 self.cost_usd += row["cost_usd"]
+        if row["status"] == "ok":
+            self.ok += 1
         else:
             self.failed += 1
             kind = row["error"].split(":", 1)[0]
@@ -118,7 +153,7 @@ def _on_signals(first: Callable[[], None], second: Callable[[], None]) -> Iterat
 
 class _Run:
     def __init__(self, cfg: RunConfig, manifest: Manifest, store: Store, client: Client, limiter: Limiter,
-                 prices: PriceTable, bar: tqdm[Any], summary: Summary) -> None:
+                 prices: PriceTable, bar: tqdm[Any], summary: Summary, schema: OutputSchema | None) -> None:
         self.cfg = cfg
         self.manifest = manifest
         self.store = store
@@ -127,6 +162,7 @@ class _Run:
         self.bar = bar
         self.summary = summary
         self.prices = prices
+        self.labels = schema
         self.budget = Budget(cfg.limits.max_cost_usd, store.spent_usd)
         self._settled = asyncio.Event()
         self.unpublished = 0  # rows journalled since the last part
@@ -134,7 +170,7 @@ class _Run:
         self.stop_reason: str | None = None
         self.stopping = False  # a signal came: no new requests
         self.manifest_error: ManifestError | None = None
-        self._account_streak: tuple[int | None, int] = (None, 0)
+        self._account_streak: tuple[int | str | None, int] = (None, 0)
 
     async def rows(self, limit: int | None) -> AsyncIterator[ManifestRow]:
         """Manifest rows not done yet, each id once, read off the event loop."""
@@ -170,33 +206,81 @@ class _Run:
         except RowInputError as exc:
             await self._journal(out, results.failed(row, f"image: {exc}", attempts=0, retryable=False), None)
             return
-        body = payload.build(row, parts, request, prompt)
-        tokens = payload.estimate(row, parts, request, prompt)
-        reserved = tokens.input + tokens.output_max  # what a tokens-per-minute limit counts
-        worst = self.prices.list_usd(request.model, tokens.input_max, tokens.output_max) or 0.0
+        body = payload.build(row, parts, request, prompt, self.labels)
+        tokens = payload.estimate(row, parts, request, prompt, self.labels)
         # The slot is held until the answer is on disk, so a kill loses at most `concurrency` answers.
         async with self.limiter.slot():
-            while not self.budget.reserve(worst):
-                if self.budget.exhausted:
-                    return  # not sent: the row stays to do, for a run with a larger budget
-                await self._settled.wait()  # in-flight requests may cost less than they hold
-            if self.stop_reason or self.stopping:
-                self._settle(worst, 0.0)
-                return
             try:
-                reply = await self.client.complete(body, reserved)
+                paid = await self._send(body, tokens)
             except RequestFailed as exc:
-                self._settle(worst, 0.0)  # errors are not billed
-                # a 4xx is final, unless it says the key or the account is wrong: fix those and rerun
-                retryable = not isinstance(exc, Rejected) or exc.status in ACCOUNT_STATUSES
-                await self._journal(out, results.failed(row, f"request: {exc}", exc.attempts, retryable), exc.status)
+                await self._journal(out, *self._failed(row, exc))
                 return
-            if reply.usage:
-                self.limiter.settle(reserved, reply.usage.prompt_tokens + tokens.output_max)
-            cost = self._cost(reply)
-            charged = worst if cost is None else cost  # no usage: assume the worst
-            self._settle(worst, charged)
-            await self._journal(out, results.answered(row, reply, cost, charged if worst else None), None)
+            if paid is None:
+                return  # not sent: the row stays to do
+            outcome = await self._read(row, body, tokens, paid) if self.labels else paid.row(row)
+            await self._journal(out, outcome, None)
+
+    async def _send(self, body: dict[str, Any], tokens: payload.TokenEstimate) -> _Paid | None:
+        """One request within the limits and the budget; None when it was not sent (the budget
+        ran out, or a signal came)."""
+        reserved = tokens.input + tokens.output_max  # what a tokens-per-minute limit counts
+        worst = self.prices.list_usd(self.cfg.request.model, tokens.input_max, tokens.output_max) or 0.0
+        while not self.budget.reserve(worst):
+            if self.budget.exhausted:
+                return None
+            await self._settled.wait()  # in-flight requests may cost less than they hold
+        if self.stop_reason or self.stopping:
+            self._settle(worst, 0.0)
+            return None
+        try:
+            reply = await self.client.complete(body, reserved)
+        except RequestFailed:
+            self._settle(worst, 0.0)  # errors are not billed
+            raise
+        if reply.usage:
+            self.limiter.settle(reserved, reply.usage.prompt_tokens + tokens.output_max)
+        cost = self._cost(reply)
+        charged = worst if cost is None else cost  # no usage: assume the worst
+        self._settle(worst, charged)
+        return _Paid(reply, cost, charged if worst else None)
+
+    async def _read(self, row: ManifestRow, body: dict[str, Any], tokens: payload.TokenEstimate,
+                    paid: _Paid) -> dict[str, Any]:
+        """The typed columns of the first choice that fits the schema, asking again up to
+        request.parse_retries times with what was wrong; else a parse_error row keeping the
+        raw answer. Every request's usage counts in the row."""
+        assert self.labels is not None
+        retries = self.cfg.request.parse_retries
+        while True:
+            choice, values, problem = _first_fit(self.labels, paid.reply)
+            if values is not None:
+                return paid.row(row, values, choice)
+            if retries == 0 or paid.reply.refusal:
+                break
+            retries -= 1
+            follow = self.labels.ask_again(paid.reply.answers[0], problem)
+            body, tokens = payload.follow_up(body, tokens, follow, self.cfg.request.model)
+            try:
+                more = await self._send(body, tokens)
+            except RequestFailed as exc:
+                problem += f" (asking again failed: {exc})"
+                break
+            if more is None:
+                break
+            paid = paid.then(more)
+        if paid.reply.refusal:
+            problem = f"is a refusal: {paid.reply.refusal}"
+        return results.unparsed(row, paid.reply, paid.cost, paid.charged, problem)
+
+    def _failed(self, row: ManifestRow, exc: RequestFailed) -> tuple[dict[str, Any], int | str | None]:
+        """The error row of a request that failed, and what makes failures alike (see _watch_alike)."""
+        if isinstance(exc, Rejected) and exc.status == 400 and self.labels and "response_format" in str(exc):
+            fallback = "json_object (or prompt)" if self.labels.mode == "json_schema" else "prompt"
+            message = f"request: {exc}; the endpoint refuses this response_format: set request.structured: {fallback}"
+            return results.failed(row, message, exc.attempts, retryable=True), "response_format"
+        # a 4xx is final, unless it says the key or the account is wrong: fix those and rerun
+        retryable = not isinstance(exc, Rejected) or exc.status in ACCOUNT_STATUSES
+        return results.failed(row, f"request: {exc}", exc.attempts, retryable), exc.status
 
     def _settle(self, worst_usd: float, actual_usd: float) -> None:
         self.budget.settle(worst_usd, actual_usd)
@@ -204,10 +288,10 @@ class _Run:
         self._settled = asyncio.Event()
 
     @staticmethod
-    async def _journal(out: asyncio.Queue[_Durable | None], row: dict[str, Any], status: int | None) -> None:
+    async def _journal(out: asyncio.Queue[_Durable | None], row: dict[str, Any], kind: int | str | None) -> None:
         """Hand an outcome to the collector and wait until it is on disk."""
         durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await out.put((row, status, durable))
+        await out.put((row, kind, durable))
         await durable
 
     def _cost(self, reply: Reply) -> float | None:
@@ -236,7 +320,7 @@ class _Run:
 
     def _done(self, outcomes: list[_Outcome]) -> None:
         for row, status in outcomes:
-            self._watch_account(status, row)
+            self._watch_alike(status, row)
             self.summary.count(row, retried=row["id"] in self.store.failed_before)
         self.unpublished += len(outcomes)
         self.bar.update(len(outcomes))
@@ -247,13 +331,17 @@ class _Run:
         self.unpublished = 0
         self.cut_at = time.monotonic()
 
-    def _watch_account(self, status: int | None, row: dict[str, Any]) -> None:
+    def _watch_alike(self, kind: int | str | None, row: dict[str, Any]) -> None:
+        """Stop after ACCOUNT_STOP_AFTER failures in a row of one kind that every row would meet:
+        an account-level status, or an endpoint that refuses the response_format."""
+        alike = kind in ACCOUNT_STATUSES or kind == "response_format"
         last, streak = self._account_streak
-        streak = streak + 1 if status in ACCOUNT_STATUSES and status == last else int(status in ACCOUNT_STATUSES)
-        self._account_streak = (status, streak)
+        streak = streak + 1 if alike and kind == last else int(alike)
+        self._account_streak = (kind, streak)
         if streak >= ACCOUNT_STOP_AFTER and not self.stop_reason:
-            self.stop_reason = (f"{streak} requests in a row failed alike ({row['error']}); check the key in "
-                                f"${self.cfg.endpoint.api_key_env}, the account and request.model")
+            advice = "" if kind == "response_format" else (
+                f"; check the key in ${self.cfg.endpoint.api_key_env}, the account and request.model")
+            self.stop_reason = f"{streak} requests in a row failed alike ({row['error']}){advice}"
 
     def _postfix(self) -> dict[str, Any]:
         s, limit = self.summary, self.budget.limit_usd
@@ -279,9 +367,10 @@ def _check_identity(store: Store, cfg: RunConfig, total: int, force: bool) -> No
     })
 
 
-def _open_store(cfg: RunConfig, manifest: Manifest, total: int, retry_failed: bool, force: bool) -> Store:
-    store = Store(cfg.output.dir, results.schema(manifest.keep_schema), journal=cfg.output.journal,
-                  retry_failed=retry_failed)
+def _open_store(cfg: RunConfig, manifest: Manifest, total: int, schema: OutputSchema | None, retry_failed: bool,
+                force: bool) -> Store:
+    columns = results.schema(manifest.keep_schema, schema.fields if schema else ())
+    store = Store(cfg.output.dir, columns, journal=cfg.output.journal, retry_failed=retry_failed)
     try:
         _check_identity(store, cfg, total, force)
     except BaseException:
@@ -302,9 +391,11 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
     if cfg.limits.max_cost_usd is not None and cfg.request.max_tokens is None:
         raise ConfigError("limits.max_cost_usd: a budget needs request.max_tokens, the cap on what an answer costs")
     manifest = Manifest(cfg.input, cfg.prompt)
+    schema = labels(cfg.output_schema, cfg.request.structured)
+    results.schema(manifest.keep_schema, schema.fields if schema else ())  # a clashing field name: exit 2 now
     total = await asyncio.to_thread(manifest.count)
     with _endpoint(cfg.endpoint) as (endpoint, key):
-        store = await asyncio.to_thread(_open_store, cfg, manifest, total, retry_failed, force)
+        store = await asyncio.to_thread(_open_store, cfg, manifest, total, schema, retry_failed, force)
         summary = Summary(output_dir=cfg.output.dir, total=total, resumed=store.resumed,
                           failed_before=store.failed_for_good)
         if prices.find(cfg.request.model) is None:
@@ -315,7 +406,7 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
         done_before = summary.resumed + summary.failed_before
         todo = total if limit is None else min(total, done_before + limit)
         with tqdm(total=todo, initial=done_before, unit="row", disable=not progress, dynamic_ncols=True) as bar:
-            state = _Run(cfg, manifest, store, client, limiter, prices, bar, summary)
+            state = _Run(cfg, manifest, store, client, limiter, prices, bar, summary, schema)
             try:
                 await _pump(state, cfg.limits.concurrency, limit)
             except asyncio.CancelledError:

@@ -106,7 +106,7 @@ def json_schema(spec: Any) -> JSON:
     if not isinstance(spec, Mapping) or not spec:
         raise SchemaError("", "expected a mapping of fields to types, or a JSON Schema object")
     if _is_json_schema(spec):
-        schema = json.loads(json.dumps(spec))  # plain JSON types, a copy
+        schema: JSON = json.loads(json.dumps(spec))  # plain JSON types, a copy
         try:
             Draft202012Validator.check_schema(schema)
         except _InvalidSchema as exc:
