@@ -1,7 +1,8 @@
 """What a run produced, read back from its output directory with Polars.
 
 Owns: the summary of an output directory: rows by status, tokens and cost in total and by
-model, cost per 1,000 images, latency percentiles, throughput, the commonest errors.
+model, cost per 1,000 images, latency percentiles, throughput, the commonest errors, and value
+counts of the output schema's enum and boolean fields.
 Never: writing to it.
 """
 
@@ -12,7 +13,8 @@ from typing import Any
 
 import polars as pl
 
-from .store import parts
+from .store import parts, read_run_info
+from .structured import categories
 
 __all__ = ["summarize", "render"]
 
@@ -22,16 +24,17 @@ _TOKENS = ("prompt", "completion", "reasoning", "cached", "total")
 def summarize(directory: Path) -> dict[str, Any]:
     rows = pl.scan_parquet(parts(directory, required=True))
     ok = rows.filter(pl.col("status") == "ok")
+    answered = rows.filter(pl.col("model").is_not_null())  # an unparseable answer was paid for too
     totals = rows.select(
         rows=pl.len(),
         images=pl.col("images").sum(),
         cost_usd=pl.col("cost_usd").sum(),
-        unpriced=(pl.col("status") == "ok").sum() - pl.col("cost_usd").count(),
+        unpriced=(pl.col("model").is_not_null() & pl.col("cost_usd").is_null()).sum(),
         seconds=(pl.col("finished_at").max() - pl.col("finished_at").min()).dt.total_milliseconds() / 1000,
         **{name: pl.col(f"{name}_tokens").sum() for name in _TOKENS},
     ).collect().row(0, named=True)
     by_status = rows.group_by("status").len().sort("status").collect()
-    by_model = (ok.group_by("model")
+    by_model = (answered.group_by("model")
                 .agg(pl.len().alias("rows"), pl.col("prompt_tokens").sum(), pl.col("completion_tokens").sum(),
                      pl.col("cost_usd").sum())
                 .sort("model").collect())
@@ -52,7 +55,23 @@ def summarize(directory: Path) -> dict[str, Any]:
         "latency_ms": latency.row(0, named=True),
         "rows_per_s": totals["rows"] / seconds if seconds else None,
         "errors": [{"error": e, "rows": n} for e, n in errors.iter_rows()],
+        "labels": _value_counts(directory, ok),
     }
+
+
+def _value_counts(directory: Path, ok: pl.LazyFrame) -> dict[str, list[dict[str, Any]]]:
+    """Answered rows by each enum and boolean field of the run's output schema, commonest first."""
+    info = read_run_info(directory) or {}
+    schema = (info.get("config") or {}).get("output_schema")
+    counts = {}
+    for path in categories(schema) if schema else []:
+        column = pl.col(path[0])
+        for name in path[1:]:
+            column = column.struct.field(name)
+        frame = (ok.select(column.alias("value")).group_by("value").len()
+                 .sort(["len", "value"], descending=[True, False], nulls_last=True).collect())
+        counts[".".join(path)] = [{"value": v, "rows": n} for v, n in frame.iter_rows()]
+    return counts
 
 
 def render(report: dict[str, Any]) -> str:
@@ -75,4 +94,10 @@ def render(report: dict[str, Any]) -> str:
     if report["rows_per_s"]:
         lines.append(f"  throughput: {report['rows_per_s']:.1f} rows/s (first to last outcome)")
     lines += [f"  {e['rows']} x {e['error']}" for e in report["errors"]]
+    lines += [f"  {field}: " + ", ".join(f"{_shown(c['value'])} {c['rows']}" for c in counts)
+              for field, counts in report["labels"].items()]
     return "\n".join(lines)
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)

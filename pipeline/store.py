@@ -29,7 +29,7 @@ from .errors import StoreError
 from .journal import Journal
 from .lock import Lock
 
-__all__ = ["Store", "parts", "RUN_FILE", "PARTS", "INTENT_FILE", "write_atomically", "sync_dir", "finish_interrupted"]
+__all__ = ["Store", "parts", "read_run_info", "RUN_FILE", "PARTS", "INTENT_FILE", "write_atomically", "sync_dir", "finish_interrupted"]
 
 RUN_FILE = "_run.json"
 INTENT_FILE = "_compact.json"  # a compaction under way: which parts it replaces with which
@@ -79,6 +79,17 @@ def finish_interrupted(directory: Path) -> None:
     for path in doomed:
         path.unlink(missing_ok=True)
     intent_path.unlink()
+
+
+def read_run_info(directory: Path) -> dict[str, Any] | None:
+    """The directory's _run.json: its fingerprint, manifest, runs and config; None before a first run."""
+    try:
+        info: dict[str, Any] = json.loads((directory / RUN_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"output.dir: cannot read {directory / RUN_FILE}: {exc}") from None
+    return info
 
 
 def parts(directory: Path, required: bool = False) -> list[Path]:
@@ -208,13 +219,7 @@ class Store:
         self._errors.update((row["id"], path) for row in rows if row["status"] != "ok")
 
     def read_run_info(self) -> dict[str, Any] | None:
-        try:
-            info: dict[str, Any] = json.loads((self.dir / RUN_FILE).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"output.dir: cannot read {self.dir / RUN_FILE}: {exc}") from None
-        return info
+        return read_run_info(self.dir)
 
     def write_run_info(self, info: dict[str, Any]) -> None:
         text = json.dumps(info, indent=2, default=str)

@@ -23,7 +23,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError as _InvalidSchema
 from jsonschema.exceptions import best_match
 
-__all__ = ["Mode", "SchemaError", "Unusable", "OutputSchema", "json_schema", "arrow_fields", "labels"]
+__all__ = ["Mode", "SchemaError", "Unusable", "OutputSchema", "json_schema", "arrow_fields", "categories", "labels"]
 
 Mode = Literal["json_schema", "json_object", "prompt"]
 JSON = dict[str, Any]
@@ -156,14 +156,20 @@ def _one_type(node: JSON, path: str) -> str:
     return str(kinds[0])
 
 
-def _arrow_type(node: Any, root: JSON, path: str) -> pa.DataType:
-    node = _resolve(node, root, path)
+def _node(node: Any, root: JSON, path: str) -> JSON:
+    """A field's schema with references followed and a null option (anyOf/oneOf) left out."""
+    resolved = _resolve(node, root, path)
     for key in ("anyOf", "oneOf"):
-        if key in node:
-            options = [o for o in node[key] if _resolve(o, root, path).get("type") != "null"]
+        if key in resolved:
+            options = [o for o in resolved[key] if _resolve(o, root, path).get("type") != "null"]
             if len(options) != 1:
                 raise SchemaError(path, f"{key} with several types has no single column type")
-            return _arrow_type(options[0], root, path)
+            return _node(options[0], root, path)
+    return resolved
+
+
+def _arrow_type(node: Any, root: JSON, path: str) -> pa.DataType:
+    node = _node(node, root, path)
     kind = _one_type(node, path)
     if kind in _ARROW:
         return _ARROW[kind]
@@ -176,6 +182,18 @@ def _arrow_type(node: Any, root: JSON, path: str) -> pa.DataType:
             raise SchemaError(path, "an object needs properties: the fields of its column")
         return pa.struct(_fields(node, root, path))
     raise SchemaError(path, f"type {kind!r} has no column type")
+
+
+def categories(schema: JSON) -> list[tuple[str, ...]]:
+    """The column paths of enum and boolean fields, nested ones included: what value counts suit."""
+    def walk(node: Any, path: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+        node = _node(node, schema, ".".join(path))
+        if "enum" in node or "const" in node or node.get("type") in ("boolean", ["boolean", "null"]):
+            yield path
+        for name, sub in (node.get("properties") or {}).items():
+            yield from walk(sub, (*path, name))
+
+    return list(walk(schema, ()))
 
 
 def _fields(node: JSON, root: JSON, path: str) -> list[pa.Field]:

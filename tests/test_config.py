@@ -41,6 +41,16 @@ def good(sim: Simulator, tmp_path: Path, images: Callable[..., list[str]]) -> Pa
         (["--set", "request.extra={messages: []}"], "request.extra: Value error, 'messages' is built by the pipeline"),
         (["--set", "limits.max_cost_usd=1", "--set", "request.max_tokens=null"],
          "limits.max_cost_usd: a budget needs request.max_tokens"),
+        (["--set", "output_schema={label: 'enum[]'}"], "output_schema.label: an enum needs at least one value"),
+        (["--set", "output_schema={box: {x: integer}}"], "output_schema.box.x: unknown type 'integer'"),
+        (["--set", "output_schema={type: object, properties: {a: {type: [string, integer]}}}"],
+         "output_schema.a: no single column type"),
+        (["--set", "output_schema={status: str}"], "output_schema.status: the name is an output column"),
+        (["--set", "output_schema={label: bool}", "--set", "input.keep_columns=[label]"], "output_schema.label: the name is a kept manifest column"),
+        (["--set", "request.structured=json_object"], "request.structured: json_object needs an output_schema"),
+        (["--set", "request.structured=xml", "--set", "output_schema={a: int}"], "request.structured"),
+        (["--set", "output_schema={a: int}", "--set", "request.extra={response_format: {type: text}}"],
+         "request.extra.response_format: output_schema builds it"),
     ],
 )
 def test_bad_config_exits_2_with_one_line_and_sends_nothing(
