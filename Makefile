@@ -19,9 +19,11 @@ $(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 demo: $(VENV)/.base
-	rm -rf out/demo
+	rm -rf out/demo out/demo-labels
 	$(BIN)/annotate run configs/demo.yaml
 	$(BIN)/annotate report out/demo
+	$(BIN)/annotate run configs/demo-labels.yaml
+	$(BIN)/annotate report out/demo-labels
 
 test: $(VENV)/.dev
 	$(BIN)/python -m mypy

@@ -1,17 +1,20 @@
 """Simulated completions: what the simulator answers to a chat-completions request body.
 
 Owns: validating a body the way the provider does (`Invalid` carries the 400's message, param
-and code); the facts of its images (size and dominant colour, decoded from data: URLs and
-cached; other URLs described, not fetched); the answer texts, usage counts, the completion
-JSON, the SSE chunk events, the model list and OpenAI-style error bodies.
-Never: a server, sockets, headers, auth, faults or rate limits; no I/O beyond decoding data:
-URLs. Plain blocking functions: the simulator calls `parse` off the event loop.
+and code), `response_format` included; the facts of its images (size, dominant colour, shapes,
+photo or drawing, decoded from data: URLs and cached; other URLs described, not fetched); the
+answer texts (prose, or JSON following the schema asked for, flawed as the caller drew), usage
+counts, the completion JSON, the SSE chunk events, the model list and OpenAI-style error bodies.
+Never: a server, sockets, headers, auth, faults, flaw draws or rate limits; no I/O beyond
+decoding data: URLs. Plain blocking functions: the simulator calls `parse` off the event loop.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import copy
+import functools
 import hashlib
 import io
 import json
@@ -22,10 +25,13 @@ import threading
 import time
 import typing
 import uuid
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
 from PIL import Image
 
 from . import tokens
@@ -54,6 +60,12 @@ _PALETTE = {
 }
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 _MODEL_IDS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1-mini")
+_FORMATS = ("text", "json_object", "json_schema")
+_SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_DESCRIBED: JSON = {"type": "object", "properties": {"description": {"type": "string"}}, "required": ["description"]}
+_DEPTH = 32  # how deep a schema is followed: recursive $refs end there
+_WRONG: tuple[tuple[str, Any], ...] = (("string", "n/a"), ("number", 0.5), ("boolean", True), ("array", []),
+                                       ("object", {}))  # a value of the first type a node does not allow breaks it
 
 
 class Invalid(Exception):
@@ -66,11 +78,19 @@ class Invalid(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ImageFacts:
-    """What the answer says about one image, and its size for the prompt tokens."""
+    """What the answer says about one image, and its size for the prompt tokens.
+
+    `colour` is the dominant palette colour; `shapes` counts the regions (4-neighbour, of 3 pixels
+    or more) not of the background colour on a 32x32 thumbnail; `photo` is True when its two
+    commonest palette colours cover less than 80% of it."""
 
     width: int
     height: int
     description: str
+    colour: str = "grey"
+    size_class: str = "large"
+    shapes: int = 0
+    photo: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +108,8 @@ class Parsed:
     markers: tuple[str, ...]
     digest: str  # of the body without stream fields: a retry is the same request
     logged: JSON
+    response_format: str | None = None  # its type: text, json_object or json_schema
+    schema: JSON | None = None  # the JSON Schema the answer follows; None: a prose answer
 
 
 def models_body() -> JSON:
@@ -133,6 +155,47 @@ def _dominant(img: Image.Image) -> tuple[str, str]:
     return name, "#" + "".join(f"{round(c / count):02x}" for c in sums[name])
 
 
+def _size_class(width: int, height: int) -> str:
+    side = max(width, height)
+    return "small" if side < 256 else "medium" if side < 1024 else "large"
+
+
+def _regions(names: list[str], background: str, side: int) -> list[int]:
+    """The sizes of the 4-neighbour regions of a side x side grid whose colour is not the background."""
+    seen = [name == background for name in names]
+    sizes = []
+    for start in range(len(names)):
+        if seen[start]:
+            continue
+        seen[start], queue, size = True, deque([start]), 0
+        while queue:
+            at = queue.popleft()
+            size += 1
+            y, x = divmod(at, side)
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < side and 0 <= nx < side and not seen[ny * side + nx]:
+                    seen[ny * side + nx] = True
+                    queue.append(ny * side + nx)
+        sizes.append(size)
+    return sizes
+
+
+def _shapes_and_photo(img: Image.Image) -> tuple[int, bool]:
+    """Regions off the background on a 32x32 point-sampled thumbnail (sampled, so that edges do not
+    blend into colours of their own), and whether it looks like a photo rather than a drawing."""
+    data = img.convert("RGB").resize((32, 32), Image.Resampling.NEAREST).tobytes()
+    memo: dict[bytes, str] = {}
+    names = []
+    for k in range(0, len(data), 3):
+        pixel = data[k: k + 3]
+        if (name := memo.get(pixel)) is None:
+            name = memo[pixel] = _colour_name((pixel[0], pixel[1], pixel[2]))
+        names.append(name)
+    common = Counter(names).most_common(2)
+    shapes = sum(1 for size in _regions(names, common[0][0], 32) if size >= 3)
+    return shapes, sum(count for _, count in common) < 0.8 * len(names)
+
+
 def _decode(url: str) -> ImageFacts:
     head, sep, payload = url.partition(",")
     if not sep or not head.endswith(";base64"):
@@ -141,18 +204,23 @@ def _decode(url: str) -> ImageFacts:
         data = base64.b64decode(payload, validate=True)
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-            img.draft("RGB", (64, 64))  # JPEG: decode at a reduced scale, the colour does not need more
+            img.draft("RGB", (128, 128))  # JPEG: decode at a reduced scale, enough for 32x32 samples
             img.load()
             colour, hex_ = _dominant(img)
+            shapes, photo = _shapes_and_photo(img)
     except (binascii.Error, *_DECODE_ERRORS):
         raise Invalid("Invalid image.", None, "invalid_image") from None
-    return ImageFacts(width, height, f"{width}x{height} image, mostly {colour} ({hex_})")
+    return ImageFacts(width, height, f"{width}x{height} image, mostly {colour} ({hex_})", colour,
+                      _size_class(width, height), shapes, photo)
 
 
 def _url_image(url: str) -> ImageFacts:
     host = re.sub(r"^https?://", "", url).split("/", 1)[0]
     w, h = tokens.UNKNOWN_SIZE
-    return ImageFacts(w, h, f"an image from {host} (not fetched)")
+    return ImageFacts(w, h, f"an image from {host} (not fetched)", size_class=_size_class(w, h))
+
+
+_NO_IMAGE = ImageFacts(1, 1, "no image given", size_class="small", photo=False)
 
 
 class ImageCache:
@@ -214,6 +282,75 @@ def _check_options(body: JSON) -> None:
         raise Invalid("Invalid 'stream_options.include_usage': expected a boolean.", "stream_options.include_usage")
 
 
+def _type_name(value: object) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(type(value), "a number")
+
+
+def _check_format(body: JSON, texts: list[str]) -> tuple[str | None, JSON | None]:
+    """The response_format's type and, for json_schema, its schema, checked as OpenAI checks them."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None, None
+    if not isinstance(fmt, dict):
+        raise Invalid(f"Invalid type for 'response_format': expected an object, but got {_type_name(fmt)} instead.",
+                      "response_format")
+    kind = fmt.get("type")
+    if kind not in _FORMATS:
+        raise Invalid(f"Invalid value: {kind!r}. Supported values are: 'json_object', 'json_schema', and 'text'.",
+                      "response_format.type")
+    if kind == "json_object" and not any("json" in text.lower() for text in texts):
+        raise Invalid("'messages' must contain the word 'json' in some form, to use 'response_format' of type "
+                      "'json_object'.", "messages")
+    if kind != "json_schema":
+        return str(kind), None
+    where = "response_format.json_schema"
+    spec = fmt.get("json_schema")
+    if spec is None:
+        raise Invalid(f"Missing required parameter: '{where}'.", where)
+    if not isinstance(spec, dict):
+        raise Invalid(f"Invalid type for '{where}': expected an object, but got {_type_name(spec)} instead.", where)
+    name, strict, schema = spec.get("name"), spec.get("strict"), spec.get("schema")
+    if name is None:
+        raise Invalid(f"Missing required parameter: '{where}.name'.", f"{where}.name")
+    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+        raise Invalid(f"Invalid '{where}.name': string does not match pattern. Expected a string that matches "
+                      "the pattern '^[a-zA-Z0-9_-]{1,64}$'.", f"{where}.name")
+    if strict is not None and not isinstance(strict, bool):
+        raise Invalid(f"Invalid type for '{where}.strict': expected a boolean, but got {_type_name(strict)} instead.",
+                      f"{where}.strict")
+    if not isinstance(schema, dict):
+        raise Invalid(f"Invalid type for '{where}.schema': expected an object, but got {_type_name(schema)} instead.",
+                      f"{where}.schema")
+    if (problem := _schema_problem(json.dumps(schema, sort_keys=True))) is not None:
+        raise Invalid(f"Invalid schema for response_format '{name}': {problem}.", f"{where}.schema")
+    return kind, schema
+
+
+@functools.lru_cache(maxsize=256)  # a run sends one schema over and over; checking it takes milliseconds
+def _schema_problem(text: str) -> str | None:
+    try:
+        Draft202012Validator.check_schema(json.loads(text))
+    except SchemaError as exc:
+        return str(exc.message)
+    return None
+
+
+def _embedded_schema(texts: Iterable[str]) -> JSON | None:
+    """The first JSON object with a "properties" key written in these texts, as a prompt carries a schema."""
+    decoder = json.JSONDecoder()
+    for text in texts:
+        start = text.find("{")
+        while start != -1:
+            try:
+                value, _ = decoder.raw_decode(text, start)
+            except ValueError:
+                value = None
+            if isinstance(value, dict) and "properties" in value:
+                return value
+            start = text.find("{", start + 1)
+    return None
+
+
 def _parts(i: int, message: object) -> list[tuple[str, JSON]]:
     """A message's content as (param, part) pairs; a string content is one text part."""
     where = f"messages.[{i}]"
@@ -270,6 +407,8 @@ def parse(body: object, cache: ImageCache) -> Parsed:
         raise Invalid("Invalid 'messages': expected a non-empty array.", "messages")
     pairs = [(m, _parts(i, m)) for i, m in enumerate(messages)]
     _check_options(body)
+    texts = [(m["role"], part["text"]) for m, parts in pairs for _, part in parts if part["type"] == "text"]
+    response_format, schema = _check_format(body, [text for _, text in texts])
     prompt_tokens, prompt, markers, images = 0, "", [], []
     for message, parts in pairs:
         user = message["role"] == "user"
@@ -285,25 +424,189 @@ def parse(body: object, cache: ImageCache) -> Parsed:
             markers.append(_data_url_summary(url) if url.startswith("data:") else url[:200])
         if user:
             prompt = " ".join(part["text"] for _, part in parts if part["type"] == "text")
+    if schema is not None:  # json_schema: the provider puts the schema in the prompt, and counts it
+        prompt_tokens += tokens.text_tokens(json.dumps(schema))
+    else:  # json_object or prompt: a schema written in the messages (not the model's own), if any
+        schema = _embedded_schema(text for role, text in texts if role != "assistant")
+        schema = _DESCRIBED if schema is None and response_format == "json_object" else schema
     options = body.get("stream_options") or {}
     return Parsed(model, body.get("n") or 1, body.get("max_completion_tokens") or body.get("max_tokens"),
                    bool(body.get("stream")), bool(options.get("include_usage")), prompt, prompt_tokens,
-                   tuple(images), tuple(markers), _digest(body), _logged(body))
+                   tuple(images), tuple(markers), _digest(body), _logged(body), response_format, schema)
 
 
 # --- answers ------------------------------------------------------------------------------
 
 
-def answer_texts(parsed: Parsed) -> list[tuple[str, str]]:
-    """(content, finish_reason) per choice: deterministic from the prompt and the images."""
+def _prose(parsed: Parsed) -> list[str]:
     prompt = " ".join(parsed.prompt.split())
     head = f'[simulated] re "{prompt[:40]}{"..." if len(prompt) > 40 else ""}":'
     many = len(parsed.images) > 1
     sentences = [f"{'Image %d: ' % (k + 1) if many else ''}{img.description}." for k, img in enumerate(parsed.images)]
     base = " ".join([head, *(sentences or ["no image given."])])
-    answers = []
+    return [f"{'(variant %d) ' % i if i else ''}{base}" for i in range(parsed.n)]
+
+
+def _follow(ref: str, root: JSON) -> Any:
+    """What a local $ref ("#" or "#/$defs/name") points at; None for anything else."""
+    if ref != "#" and not ref.startswith("#/"):
+        return None
+    target: Any = root
+    for key in ref[2:].split("/") if ref != "#" else []:
+        target = target.get(key.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
+    return target
+
+
+def _resolve(node: Any, root: JSON, depth: int) -> JSON:
+    """The node behind local $refs, and the non-null option of anyOf/oneOf; {} for what cannot be followed."""
+    for _ in range(_DEPTH - depth):
+        if not isinstance(node, dict):
+            return {}
+        if isinstance(node.get("$ref"), str):
+            node = _follow(node["$ref"], root)
+            continue
+        options = next((node[key] for key in ("anyOf", "oneOf") if isinstance(node.get(key), list) and node[key]),
+                       None)
+        if options is None:
+            return node
+        node = next((o for o in options if _resolve(o, root, depth + 1).get("type") != "null"), options[0])
+    return {}
+
+
+def _kinds(node: JSON) -> list[str]:
+    """The node's JSON types, null last; inferred from properties or items when it names none."""
+    named = node.get("type")
+    kinds = [named] if isinstance(named, str) else [k for k in named if isinstance(k, str)] if isinstance(
+        named, list) else []
+    kinds.sort(key=lambda kind: kind == "null")
+    return kinds or ["object" if "properties" in node else "array" if "items" in node else "string"]
+
+
+def _among(word: str, values: Sequence[Any]) -> Any:
+    """The value that spells this word, any case (grey and gray alike), or None."""
+    spellings = {"grey", "gray"} if word in ("grey", "gray") else {word.lower()}
+    return next((v for v in values if isinstance(v, str) and v.lower() in spellings), None)
+
+
+def _hashed(text: str, count: int) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16) % count
+
+
+def _bounded(value: float, node: JSON) -> float:
+    low, high = node.get("minimum"), node.get("maximum")
+    if isinstance(low, (int, float)) and value < low:
+        value = low
+    if isinstance(high, (int, float)) and value > high:
+        value = high
+    return value
+
+
+def _array(node: JSON, name: str, root: JSON, facts: ImageFacts, depth: int) -> list[Any]:
+    """Strings: colour, size class, photo or drawing (those of the items' enum, if any); else one item;
+    padded to minItems (with unused enum values, else repeats) and cut to maxItems."""
+    items = _resolve(node.get("items", {}), root, depth + 1)
+    enum = items.get("enum")
+    values: list[Any] = []
+    spare: list[Any] = []
+    if _kinds(items)[0] == "string" and "const" not in items:
+        words = [facts.colour, facts.size_class, "photo" if facts.photo else "drawing"]
+        if isinstance(enum, list) and enum:
+            values = [v for v in (_among(w, enum) for w in words) if v is not None]
+            spare = [v for v in enum if v not in values and v is not None]
+        else:
+            values, spare = words, [facts.description]
+        values = list(dict.fromkeys(values))
+    values = values or [_value(items, name, root, facts, depth + 1)]
+    low, high = node.get("minItems"), node.get("maxItems")
+    for k in range(low - len(values) if isinstance(low, int) else 0):
+        values.append(spare.pop(0) if spare else values[k % len(values)])
+    return values[:high] if isinstance(high, int) else values
+
+
+def _value(node: Any, name: str, root: JSON, facts: ImageFacts, depth: int) -> Any:
+    """The answer for one schema node, by its type and the field's name, from the image's facts."""
+    node = _resolve(node, root, depth)
+    if "const" in node:
+        return node["const"]
+    enum = node.get("enum")
+    if isinstance(enum, list) and enum:
+        choices = [v for v in enum if v is not None] or enum
+        for word in (facts.colour, facts.size_class):
+            if (match := _among(word, choices)) is not None:
+                return match
+        return choices[_hashed(facts.description, len(choices))]
+    kind = _kinds(node)[0]
+    if kind == "boolean":
+        return facts.photo
+    if kind == "integer":
+        return int(_bounded(facts.shapes, node))
+    if kind == "number":
+        return _bounded(round(facts.width / facts.height, 3), node)
+    if kind == "array":
+        return _array(node, name, root, facts, depth) if depth < _DEPTH else []
+    if kind == "object":
+        properties = node.get("properties")
+        if not isinstance(properties, dict) or depth >= _DEPTH:
+            return {}
+        return {str(key): _value(sub, str(key), root, facts, depth + 1) for key, sub in properties.items()}
+    if kind == "null":
+        return None
+    lowered = name.lower()
+    text = (facts.colour if "colour" in lowered or "color" in lowered
+            else facts.size_class if "size" in lowered else facts.description)
+    limit = node.get("maxLength")
+    return text[:limit] if isinstance(limit, int) else text
+
+
+def _wrong(node: JSON) -> Any:
+    """A value of a type this node does not allow."""
+    if "enum" in node or "const" in node:
+        return []
+    allowed = set(_kinds(node))
+    return next(value for kind, value in _WRONG if kind not in allowed)
+
+
+def _broken(value: Any, schema: JSON) -> Any:
+    """The answer without its first required property, or else with its first property of a wrong type."""
+    root = _resolve(schema, schema, 0)
+    if not isinstance(value, dict):
+        return _wrong(root)
+    required = root.get("required")
+    present = [key for key in required if key in value] if isinstance(required, list) else []
+    if present:
+        del value[present[0]]
+        return value
+    if not value:
+        return []
+    first = next(iter(value))
+    properties = root.get("properties")
+    value[first] = _wrong(_resolve(properties.get(first, {}) if isinstance(properties, dict) else {}, schema, 1))
+    return value
+
+
+def _structured(parsed: Parsed, schema: JSON, flaws: Sequence[str | None]) -> list[str]:
+    """The JSON answer per choice, from the first image; a flaw makes it invalid JSON or breaks the schema."""
+    value = _value(schema, "", schema, parsed.images[0] if parsed.images else _NO_IMAGE, 0)
+    texts = []
     for i in range(parsed.n):
-        text = f"(variant {i}) {base}" if i else base
+        flaw = flaws[i] if i < len(flaws) else None
+        if flaw == "schema_break":
+            texts.append(json.dumps(_broken(copy.deepcopy(value), schema), separators=(",", ":")))
+            continue
+        text = json.dumps(value, separators=(",", ":"))
+        if flaw == "invalid_json":  # alternately cut in half, or wrapped in chatter
+            text = (text[: len(text) // 2] if (int(parsed.digest[:8], 16) + i) % 2
+                    else f"Here is the JSON: {text} Hope this helps!")
+        texts.append(text)
+    return texts
+
+
+def answer_texts(parsed: Parsed, flaws: Sequence[str | None] = ()) -> list[tuple[str, str]]:
+    """(content, finish_reason) per choice: deterministic from the prompt and the images, prose or
+    JSON of `parsed.schema`; flaws, one per choice ("invalid_json", "schema_break" or None), spoil it."""
+    texts = _prose(parsed) if parsed.schema is None else _structured(parsed, parsed.schema, flaws)
+    answers = []
+    for text in texts:
         if parsed.max_tokens is not None and tokens.text_tokens(text) > parsed.max_tokens:
             answers.append((text[: parsed.max_tokens * 4], "length"))
         else:

@@ -2,8 +2,9 @@
 
 Owns: a real HTTP server on loopback (starlette + uvicorn, in a thread or in the foreground);
 auth checks; request and token rate limits as token buckets; seeded faults (429, 5xx, hangs,
-malformed bodies, dropped connections) and faults scripted per marker; a log of what it
-received; CLI flags for its settings.
+malformed bodies, dropped connections) and faults scripted per marker; seeded flaws of
+structured answers (invalid JSON, broken schema) per choice; refusing `response_format` as
+gateways without structured output do; a log of what it received; CLI flags for its settings.
 Never: computing an answer (validation, image facts, answers, usage, completion JSON, SSE
 events and error bodies are `simulated`'s), an HTTP client (no httpx), hosts beyond loopback,
 fetching image URLs, keeping API keys.
@@ -62,6 +63,7 @@ class LogEntry:
     response_id: str | None = None
     usage: JSON | None = None
     markers: tuple[str, ...] = ()
+    flaws: tuple[str | None, ...] = ()  # per choice of the answer sent: "invalid_json", "schema_break" or None
 
 
 class _Raw(Response):
@@ -217,13 +219,17 @@ class Simulator:
         except simulated.Invalid as exc:
             return _error(400, exc.message, param=exc.param, code=exc.code)
         entry.body, entry.markers = parsed.logged, parsed.markers
-        entry.fault, action, retry_after = self._decide(parsed)
+        if (refusal := self._refusal(parsed)) is not None:
+            return refusal
+        k = self._count(parsed)
+        entry.fault, action, retry_after = self._decide(parsed, k)
         if action == "hang":
             if await self._hang():
                 return _error(503, "The simulator is shutting down.")
         elif isinstance(action, int) and action != 200:
             return _error(action, headers={} if retry_after is None else {"retry-after": _seconds(retry_after)})
-        answers = simulated.answer_texts(parsed)
+        flaws = self._flaws(parsed, k)
+        answers = simulated.answer_texts(parsed, flaws)
         usage = simulated.count_usage(parsed, answers)
         charged = parsed.prompt_tokens + (
             parsed.max_tokens * parsed.n if parsed.max_tokens else usage["completion_tokens"])
@@ -240,14 +246,27 @@ class Simulator:
             return raw.truncated()
         if action == "drop":
             return raw.cut()
-        entry.response_id, entry.usage = response_id, usage
+        entry.response_id, entry.usage, entry.flaws = response_id, usage, flaws
         return raw
 
-    def _decide(self, parsed: simulated.Parsed) -> tuple[str | None, Action | None, float | None]:
-        """(fault for the log, what to do, Retry-After): a plan first, else a seeded draw."""
+    def _refusal(self, parsed: simulated.Parsed) -> _Raw | None:
+        """The 400 of a gateway that does not pass this response_format on, or None."""
+        refuse, kind = self.settings.refuse_response_format, parsed.response_format
+        if kind is None or refuse == "none" or (refuse == "json_schema" and kind != "json_schema"):
+            return None
+        return _error(400, f"Invalid parameter: 'response_format' of type '{kind}' is not supported with this model.",
+                      param="response_format")
+
+    def _count(self, parsed: simulated.Parsed) -> int:
+        """How often this request was seen before: its draws differ each time."""
         with self._lock:
             k = self._seen[parsed.digest]
             self._seen[parsed.digest] += 1
+        return k
+
+    def _decide(self, parsed: simulated.Parsed, k: int) -> tuple[str | None, Action | None, float | None]:
+        """(fault for the log, what to do, Retry-After): a plan first, else a seeded draw."""
+        with self._lock:
             for plan in self._plans:
                 marker, actions, retry_after = plan
                 if any(marker in m for m in parsed.markers):
@@ -263,6 +282,18 @@ class Simulator:
             if draw < edge:
                 return name, action, (settings.retry_after_s if action == 429 else None)
         return None, None, None
+
+    def _flaws(self, parsed: simulated.Parsed, k: int) -> tuple[str | None, ...]:
+        """Per choice of a structured answer, a seeded draw of its flaw: not JSON, breaks the schema, or none."""
+        if parsed.schema is None:
+            return (None,) * parsed.n
+        settings, flaws = self.settings, []
+        for i in range(parsed.n):
+            draw = random.Random(f"{settings.seed}:{parsed.digest}:{k}:flaw:{i}").random()
+            flaws.append("invalid_json" if draw < settings.rate_invalid_json
+                         else "schema_break" if draw < settings.rate_invalid_json + settings.rate_schema_break
+                         else None)
+        return tuple(flaws)
 
     async def _hang(self) -> bool:
         """Stay silent for hang_s; True when the server stops meanwhile."""

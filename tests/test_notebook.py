@@ -1,4 +1,4 @@
-"""The results notebook runs against a fresh demo output, so it cannot rot."""
+"""The results notebook runs against fresh demo outputs, so it cannot rot."""
 
 from __future__ import annotations
 
@@ -13,11 +13,15 @@ from pipeline import cli
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_explore_results_notebook_runs_on_the_demo_output_and_draws_its_figures(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("demo", "figures"), [
+    ("demo.yaml", 3),  # the grid, the histograms, the costs
+    ("demo-labels.yaml", 5),  # ... and the label distribution, the images per label
+])
+def test_explore_results_notebook_runs_on_a_demo_output_and_draws_its_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo: str, figures: int
 ) -> None:
     out = tmp_path / "demo"
-    assert cli.main(["run", str(REPO / "configs" / "demo.yaml"), "-q", "-o", str(out),
+    assert cli.main(["run", str(REPO / "configs" / demo), "-q", "-o", str(out),
                      "--set", f"input.manifest={REPO / 'configs' / 'demo' / 'manifest.csv'}"]) == 0
     monkeypatch.setenv("ANNOTATE_OUTPUT", str(out))
     notebook = nbformat.read(REPO / "notebooks" / "explore_results.ipynb", as_version=4)
@@ -27,4 +31,4 @@ def test_explore_results_notebook_runs_on_the_demo_output_and_draws_its_figures(
 
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # the grid, the histograms, the costs
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == figures

@@ -1,0 +1,193 @@
+"""Structured runs against the simulator: typed columns, re-asks, parse errors, fallbacks, resume."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import cli
+from pipeline.simulator import Simulator
+
+from .conftest import NAMED, image_bytes, named, write_config, write_manifest
+
+PALETTE = "black, white, grey, red, orange, yellow, green, cyan, blue, purple, pink, brown"
+LABELS: dict[str, Any] = {
+    "colour": {"type": f"enum[{PALETTE}]", "description": "the dominant colour"},
+    "shapes": "int",
+    "photo": "bool",
+    "tags": "list[str]",
+    "shape": {"ratio": "float", "size": "enum[small, medium, large]"},
+}
+
+
+def coloured(tmp_path: Path, colours: list[str]) -> Path:
+    """A manifest of one plain image per colour, named so sim.plan() can find them."""
+    folder = tmp_path / "images"
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for i, colour in enumerate(colours):
+        (folder / f"img{i:04d}.png").write_bytes(image_bytes((64 + i, 48), colour))
+        paths.append(f"images/img{i:04d}.png")
+    return write_manifest(tmp_path, [{**row, "truth": c} for row, c in zip(named(paths), colours)])
+
+
+def labelled(tmp_path: Path, url: str, manifest: Path, **request: Any) -> Path:
+    return write_config(tmp_path, url, manifest, prompt=NAMED, output_schema=LABELS,
+                        input={"keep_columns": ["truth"]}, request=request)
+
+
+def read_out(directory: Path) -> pl.DataFrame:
+    return pl.read_parquet(directory / "*.parquet")
+
+
+def test_a_labelling_run_writes_typed_columns_read_back_alike_by_polars_and_duckdb(
+        sim: Simulator, tmp_path: Path) -> None:
+    colours = ["red", "blue", "green", "yellow"] * 2
+    assert cli.main(["run", str(labelled(tmp_path, sim.url, coloured(tmp_path, colours))), "-q"]) == 0
+
+    arrow = pq.read_schema(next((tmp_path / "out").glob("*.parquet")))
+    assert {name: str(arrow.field(name).type) for name in LABELS} == {
+        "colour": "string", "shapes": "int64", "photo": "bool", "tags": "list<element: string>",
+        "shape": "struct<ratio: double, size: string>"}
+    out = read_out(tmp_path / "out").sort("id")
+    assert out.schema["shapes"] == pl.Int64 and out.schema["photo"] == pl.Boolean
+    assert out["colour"].to_list() == out["truth"].to_list()  # the simulator reads the colour off the image
+    assert out["shapes"].to_list() == [0] * 8 and out["photo"].to_list() == [False] * 8
+    assert set(out["shape"].struct.field("size")) == {"small"}
+    assert out["shape"].struct.field("ratio").dtype == pl.Float64
+
+    ducked = duckdb.sql(f"SELECT * FROM read_parquet('{tmp_path / 'out'}/*.parquet')").pl().sort("id")
+    assert ducked.select(list(LABELS)).equals(out.select(list(LABELS)))
+    types = dict(zip(*duckdb.sql(f"DESCRIBE SELECT shapes, photo, tags, colour FROM "
+                                 f"read_parquet('{tmp_path / 'out'}/*.parquet')").pl()
+                     .select("column_name", "column_type").to_dict(as_series=False).values()))
+    assert types == {"shapes": "BIGINT", "photo": "BOOLEAN", "tags": "VARCHAR[]", "colour": "VARCHAR"}
+
+
+@pytest.mark.parametrize("mode", ["json_object", "prompt"])
+def test_the_fallback_modes_give_the_same_columns(sim: Simulator, tmp_path: Path, mode: str) -> None:
+    colours = ["red", "blue", "green"]
+    manifest = coloured(tmp_path, colours)
+    assert cli.main(["run", str(labelled(tmp_path, sim.url, manifest)), "-q"]) == 0
+    assert cli.main(["run", str(labelled(tmp_path, sim.url, manifest, structured=mode)), "-q",
+                     "-o", str(tmp_path / mode)]) == 0
+    assert all("response_format" not in e.body or e.body["response_format"]["type"] == "json_object"
+               for e in sim.log[3:])
+    first, second = (read_out(tmp_path / d).sort("id").select(list(LABELS)) for d in ("out", mode))
+    assert first.equals(second)
+
+
+def test_bad_answers_are_asked_again_and_every_row_ends_ok_or_as_a_parse_error(
+        faulty_sim: Callable[..., Simulator], tmp_path: Path, images: Callable[..., list[str]]) -> None:
+    sim = faulty_sim(rate_invalid_json=0.1, rate_schema_break=0.05, seed=3)
+    manifest = write_manifest(tmp_path, named(images(80)))
+    cfg = write_config(tmp_path, sim.url, manifest, prompt=NAMED, output_schema=LABELS)
+    assert cli.main(["run", str(cfg), "-q"]) in (0, 1)
+
+    out = read_out(tmp_path / "out")
+    assert out.height == 80 and out["id"].n_unique() == 80
+    first = [e for e in sim.log if len(e.body["messages"]) == 1]
+    again = [e for e in sim.log if len(e.body["messages"]) == 3]  # the question, the answer, what was wrong
+    assert len(first) == 80 and len(first) + len(again) == len(sim.log)
+    assert again, "the simulator sent no bad answer: the test proves nothing"
+    assert len(again) == sum(1 for e in first if e.flaws[0])  # one re-ask per bad answer (parse_retries 1)
+    ok, bad = out.filter(pl.col("status") == "ok"), out.filter(pl.col("status") == "error")
+    assert bad.height == sum(1 for e in again if e.flaws[0])
+    assert ok["colour"].null_count() == 0 and ok["shapes"].null_count() == 0
+    assert bad["error"].str.starts_with("parse_error: the answer").all()
+    assert bad["answer"].null_count() == 0  # the raw answer is kept, the typed columns stay empty
+    assert bad.select(pl.col(list(LABELS)).is_null().all()).row(0) == (True,) * len(LABELS)
+    # every request's usage is in its row: re-asks included
+    assert out["prompt_tokens"].sum() == sum(e.usage["prompt_tokens"] for e in sim.log if e.usage)
+    assert out["completion_tokens"].sum() == sum(e.usage["completion_tokens"] for e in sim.log if e.usage)
+
+
+def test_an_answer_that_stays_invalid_is_a_parse_error_row_with_the_raw_answer_and_all_its_usage(
+        faulty_sim: Callable[..., Simulator], tmp_path: Path, images: Callable[..., list[str]],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    sim = faulty_sim(rate_invalid_json=1.0)
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, named(images(3))), prompt=NAMED,
+                       output_schema=LABELS, request={"parse_retries": 2})
+    assert cli.main(["run", str(cfg), "-q"]) == 1
+    assert "3 failed" in capsys.readouterr().out
+
+    out = read_out(tmp_path / "out")
+    assert set(out["status"]) == {"error"} and out["retryable"].to_list() == [False] * 3
+    assert out["error"].str.starts_with("parse_error: the answer is not valid JSON").all()
+    assert out["answer"].null_count() == 0 and out["colour"].null_count() == 3
+    assert len(sim.log) == 9 and out["attempts"].to_list() == [3] * 3
+    follow_up = sim.log[-1].body["messages"]
+    assert follow_up[-2]["role"] == "assistant" and "not valid JSON" in follow_up[-1]["content"]
+    assert out["prompt_tokens"].sum() == sum(e.usage["prompt_tokens"] for e in sim.log)
+    assert out["cost_usd"].null_count() == 0 and out["cost_usd"].sum() > 0
+
+    assert cli.main(["run", str(cfg), "-q"]) == 1  # a parse error is final ...
+    assert len(sim.log) == 9
+    assert cli.main(["run", str(cfg), "-q", "--retry-failed", "--set", "request.parse_retries=0"]) == 1
+    assert len(sim.log) == 12  # ... unless asked for
+
+
+def test_n_choices_fill_the_columns_from_the_first_valid_one(
+        faulty_sim: Callable[..., Simulator], tmp_path: Path, images: Callable[..., list[str]]) -> None:
+    sim = faulty_sim(rate_schema_break=0.5, seed=1)
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, named(images(12))), prompt=NAMED,
+                       output_schema=LABELS, request={"n": 3, "parse_retries": 0})
+    cli.main(["run", str(cfg), "-q"])
+
+    out = read_out(tmp_path / "out")
+    flaws = {e.response_id: e.flaws for e in sim.log}
+    picked_later = 0
+    for row in out.iter_rows(named=True):
+        assert len(row["answers"]) == 3
+        if row["status"] == "error":  # no choice fitted
+            assert None not in flaws[row["response_id"]]
+            continue
+        first_valid = flaws[row["response_id"]].index(None)
+        assert row["answer"] == row["answers"][first_valid]
+        picked_later += first_valid > 0
+    assert picked_later, "no row needed a later choice: the test proves nothing"
+    assert len(sim.log) == 12
+
+
+def test_an_endpoint_refusing_response_format_stops_the_run_and_names_the_fallback(
+        faulty_sim: Callable[..., Simulator], tmp_path: Path, images: Callable[..., list[str]],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    sim = faulty_sim(refuse_response_format="json_schema")
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, named(images(20))), prompt=NAMED,
+                       output_schema=LABELS, limits={"concurrency": 1})
+    assert cli.main(["run", str(cfg), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "response_format" in err and "request.structured: json_object" in err
+    assert len(sim.log) == 3
+
+    # how the schema is asked for is not part of the run's identity: the fallback resumes
+    assert cli.main(["run", str(cfg), "-q", "--set", "request.structured=json_object"]) == 0
+    out = read_out(tmp_path / "out")
+    assert out.height == 20 and set(out["status"]) == {"ok"}
+
+
+def test_a_changed_schema_refuses_to_resume_unless_forced(sim: Simulator, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = coloured(tmp_path, ["red", "blue", "green"])
+    cfg = labelled(tmp_path, sim.url, manifest)
+    assert cli.main(["run", str(cfg), "-q", "--limit", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", str(cfg), "-q", "--set", "output_schema.shapes=float"]) == 2
+    err = capsys.readouterr().err
+    assert "output_schema.properties.shapes.type: 'integer' -> 'number'" in err and "--force" in err
+    assert len(sim.log) == 1
+    assert cli.main(["run", str(cfg), "-q"]) == 0
+    assert len(sim.log) == 3
+
+
+def test_streamed_structured_answers_fill_the_same_columns(sim: Simulator, tmp_path: Path) -> None:
+    manifest = coloured(tmp_path, ["red", "blue"])
+    assert cli.main(["run", str(labelled(tmp_path, sim.url, manifest, stream=True)), "-q"]) == 0
+    out = read_out(tmp_path / "out").sort("id")
+    assert out["colour"].to_list() == out["truth"].to_list() and out["prompt_tokens"].null_count() == 0
