@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -191,3 +192,32 @@ def test_streamed_structured_answers_fill_the_same_columns(sim: Simulator, tmp_p
     assert cli.main(["run", str(labelled(tmp_path, sim.url, manifest, stream=True)), "-q"]) == 0
     out = read_out(tmp_path / "out").sort("id")
     assert out["colour"].to_list() == out["truth"].to_list() and out["prompt_tokens"].null_count() == 0
+
+
+def test_report_counts_the_values_of_enum_and_boolean_fields(sim: Simulator, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = coloured(tmp_path, ["red", "red", "blue", "green"])
+    assert cli.main(["run", str(labelled(tmp_path, sim.url, manifest)), "-q"]) == 0
+    capsys.readouterr()
+    assert cli.main(["report", str(tmp_path / "out"), "--json"]) == 0
+    labels = json.loads(capsys.readouterr().out)["labels"]
+    assert labels == {"colour": [{"value": "red", "rows": 2}, {"value": "blue", "rows": 1},
+                                 {"value": "green", "rows": 1}],
+                      "photo": [{"value": False, "rows": 4}],
+                      "shape.size": [{"value": "small", "rows": 4}]}
+    assert cli.main(["report", str(tmp_path / "out")]) == 0
+    assert "colour: red 2, blue 1, green 1" in capsys.readouterr().out
+
+
+def test_re_asks_stay_within_the_budget_and_keep_what_was_paid_for(
+        faulty_sim: Callable[..., Simulator], tmp_path: Path, images: Callable[..., list[str]]) -> None:
+    sim = faulty_sim(rate_invalid_json=1.0)
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, named(images(10))), prompt=NAMED,
+                       output_schema=LABELS, request={"parse_retries": 5}, limits={"concurrency": 2,
+                                                                                     "max_cost_usd": 0.02})
+    assert cli.main(["run", str(cfg), "-q"]) == 3
+
+    out = read_out(tmp_path / "out")
+    assert out["charged_usd"].sum() <= 0.02
+    assert out["prompt_tokens"].sum() == sum(e.usage["prompt_tokens"] for e in sim.log)  # every answer is kept
+    assert len(sim.log) > out.height  # re-asks were sent before the budget ran out
