@@ -360,7 +360,9 @@ def running(settings: SimulatorSettings | None = None, host: str = "127.0.0.1", 
     """Run a simulator in a background thread; yields once it accepts connections, stops it on exit."""
     _check_loopback(host)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, so asyncio sets TCP_NODELAY on accepted connections (proto 0 skips
+    # it, and Nagle then holds a response's last write for the peer's delayed ACK, 40 ms)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1" if host == "localhost" else host, port))  # bound first: port 0 picks a free one
     sock.listen(128)
