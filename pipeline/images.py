@@ -64,15 +64,21 @@ def _read(ref: str, root: Path) -> bytes:
         raise RowInputError(f"cannot read {ref!r}: {exc}") from None
 
 
-def _downscale(image: Image.Image, max_side: int) -> tuple[bytes, str]:
-    # Pillow's default: a JPEG is decoded at a reduced scale first (draft), then resampled
-    # bicubically; several times faster than a full decode and LANCZOS, and as good to a model.
-    image.thumbnail((max_side, max_side))
+def _downscale(image: Image.Image, size: tuple[int, int]) -> tuple[bytes, str]:
+    # Hand-rolled `thumbnail`: that keeps a 2x margin when it drafts, so a 4000x3000 JPEG bound for
+    # 1024 is decoded whole. Drafting straight to `size` lets libjpeg scale in the DCT domain
+    # (here 1/2: 2000x1500), which with the same bicubic pass is ~2.5x faster and looks the same
+    # (PSNR > 45 dB against `thumbnail`; tests/benchmarks/image_stage.py). Resizing to `size`
+    # also makes the size sent exactly what `size_as_sent` predicts.
+    transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    drafted = image.draft(None, size)  # JPEG only: None for other formats
+    box = drafted[1] if drafted else None
+    small = image.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
     buffer = io.BytesIO()
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        image.save(buffer, "PNG", optimize=False)  # keep transparency: JPEG has none
+    if transparent:
+        small.save(buffer, "PNG", optimize=False)  # keep transparency: JPEG has none
         return buffer.getvalue(), "image/png"
-    image.convert("RGB").save(buffer, "JPEG", quality=_JPEG_QUALITY)
+    small.convert("RGB").save(buffer, "JPEG", quality=_JPEG_QUALITY)
     return buffer.getvalue(), "image/jpeg"
 
 
@@ -86,8 +92,8 @@ def _encode(data: bytes, label: str, max_side: int | None) -> ImagePart:
                 raise RowInputError(f"{label} is {image.format}, which is not sent (JPEG, PNG, WebP or GIF only)")
             size = image.size
             if max_side and max(size) > max_side:
-                data, mime = _downscale(image, max_side)
-                size = image.size
+                size = _fitted(size, max_side)
+                data, mime = _downscale(image, size)
     except UnidentifiedImageError:
         raise RowInputError(f"{label} is not an image file (JPEG, PNG, WebP or GIF expected)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -111,7 +117,7 @@ def to_parts(refs: Sequence[ImageRef], root: Path, max_side: int | None = None) 
 
 
 def _fitted(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
-    """The size `thumbnail` gives an image downscaled to fit max_side (aspect kept)."""
+    """The size an image is downscaled to so that it fits max_side (aspect kept)."""
     w, h = size
     if not max_side or max(w, h) <= max_side:
         return size

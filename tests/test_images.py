@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import random
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageChops, ImageFilter
 
 from pipeline.errors import RowInputError
-from pipeline.images import ImagePart, sniff_mime, to_parts
+from pipeline.images import ImagePart, size_as_sent, sniff_mime, to_parts
 
 
 def encoded(fmt: str, size: tuple[int, int] = (64, 48), mode: str = "RGB") -> bytes:
@@ -28,6 +29,21 @@ def noisy_png(size: tuple[int, int]) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def photo_like(size: tuple[int, int]) -> Image.Image:
+    """Gradients and blurred noise: detail for a resampler to get wrong, unlike a flat colour."""
+    noise = Image.effect_noise(size, 48).filter(ImageFilter.GaussianBlur(1))
+    vertical = Image.linear_gradient("L").resize(size)
+    return Image.merge("RGB", (ImageChops.add(vertical, noise, scale=2), vertical.rotate(180), noise))
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    """Peak signal-to-noise ratio in dB over the RGB pixels of two images of one size."""
+    histogram = ImageChops.difference(a.convert("RGB"), b.convert("RGB")).histogram()  # 256 per band
+    squares = sum(count * (i % 256) ** 2 for i, count in enumerate(histogram))
+    mse = squares / (a.width * a.height * 3)
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def decode(part: ImagePart) -> tuple[str, bytes]:
@@ -87,6 +103,50 @@ def test_max_side_keeps_transparency_as_png(tmp_path: Path) -> None:
         assert image.mode == "RGBA"
         assert image.size == (60, 120)
     assert part.size == (60, 120)
+
+
+@pytest.mark.parametrize(
+    ("size", "max_side"),
+    [((102, 26), 100),  # `thumbnail` rounds this to 100x26, size_as_sent to 100x25
+     ((803, 601), 100),  # JPEG decoded at 1/8 scale, odd sizes
+     ((401, 299), 200),  # at 1/2 scale
+     ((299, 401), 200)],  # portrait
+)
+def test_downscaled_jpeg_has_the_size_size_as_sent_predicts(tmp_path: Path, size: tuple[int, int],
+                                                            max_side: int) -> None:
+    (tmp_path / "big.jpg").write_bytes(encoded("JPEG", size))
+    (part,) = to_parts(["big.jpg"], tmp_path, max_side=max_side)
+    with Image.open(io.BytesIO(decode(part)[1])) as image:
+        assert image.size == part.size == size_as_sent("big.jpg", tmp_path, max_side)
+
+
+def test_downscaled_jpeg_looks_like_pillows_thumbnail(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    photo_like((1500, 1000)).save(buffer, "JPEG", quality=90)
+    (part,) = to_parts([buffer.getvalue()], tmp_path, max_side=400)
+    with Image.open(io.BytesIO(buffer.getvalue())) as naive, Image.open(io.BytesIO(decode(part)[1])) as ours:
+        naive.thumbnail((400, 400))  # decodes at full size: a different path to the same picture
+        assert ours.size == naive.size == (400, 267)
+        assert psnr(ours, naive) >= 35
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_downscaled_jpeg_of_another_mode_is_sent_as_rgb_jpeg(tmp_path: Path, mode: str) -> None:
+    buffer = io.BytesIO()
+    Image.new(mode, (300, 200), 100).save(buffer, "JPEG")
+    (part,) = to_parts([buffer.getvalue()], tmp_path, max_side=150)
+    with Image.open(io.BytesIO(decode(part)[1])) as image:
+        assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (150, 100))
+
+
+def test_max_side_keeps_palette_transparency_as_png(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.new("P", (300, 200)).save(buffer, "GIF", transparency=0)
+    (part,) = to_parts([buffer.getvalue()], tmp_path, max_side=150)
+    mime, data = decode(part)
+    with Image.open(io.BytesIO(data)) as image:
+        assert (mime, image.mode, image.size) == ("image/png", "P", (150, 100))
+        assert "transparency" in image.info
 
 
 @pytest.mark.parametrize("max_side", [64, 65, 1000])
