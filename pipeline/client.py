@@ -136,12 +136,13 @@ class Client:
     ) -> None:
         self._key = key
         self._base_url = endpoint.base_url.rstrip("/")
+        # parsed once: a relative path is merged with a base_url on every request (60 us each)
+        self._completions = httpx.URL(self._base_url + "/chat/completions")
         self._deadline_s = endpoint.timeout_s * DEADLINE_FACTOR
         self._pacer = pacer
         self._policy = retry_policy(max_attempts, sleep)
         pool = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self._http = httpx.AsyncClient(
-            base_url=self._base_url + "/",
             headers={**endpoint.headers, **AUTH_HEADERS[endpoint.auth](key)},
             timeout=httpx.Timeout(endpoint.timeout_s),
             transport=AiohttpTransport(limits=pool),
@@ -176,7 +177,7 @@ class Client:
 
     async def _attempt(self, body: dict[str, Any]) -> Reply:
         try:
-            async with self._http.stream("POST", "chat/completions", json=body) as resp:
+            async with self._http.stream("POST", self._completions, json=body) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
                     raise self._failure(resp)

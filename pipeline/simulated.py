@@ -76,21 +76,34 @@ class Invalid(Exception):
         self.message, self.param, self.code = message, param, code
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: cached_property keeps its value in __dict__
 class ImageFacts:
     """What the answer says about one image, and its size for the prompt tokens.
 
     `colour` is the dominant palette colour; `shapes` counts the regions (4-neighbour, of 3 pixels
     or more) not of the background colour on a 32x32 thumbnail; `photo` is True when its two
-    commonest palette colours cover less than 80% of it."""
+    commonest palette colours cover less than 80% of it. Those two are worked out from `sample`
+    (the thumbnail's RGB bytes) when a structured answer first asks: a prose answer needs neither."""
 
     width: int
     height: int
     description: str
     colour: str = "grey"
     size_class: str = "large"
-    shapes: int = 0
-    photo: bool = True
+    sample: bytes = b""
+    guessed: tuple[int, bool] = (0, True)  # shapes and photo when there is no sample
+
+    @functools.cached_property
+    def _shapes_and_photo(self) -> tuple[int, bool]:
+        return _shapes_and_photo(self.sample) if self.sample else self.guessed
+
+    @property
+    def shapes(self) -> int:
+        return self._shapes_and_photo[0]
+
+    @property
+    def photo(self) -> bool:
+        return self._shapes_and_photo[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,10 +193,14 @@ def _regions(names: list[str], background: str, side: int) -> list[int]:
     return sizes
 
 
-def _shapes_and_photo(img: Image.Image) -> tuple[int, bool]:
-    """Regions off the background on a 32x32 point-sampled thumbnail (sampled, so that edges do not
-    blend into colours of their own), and whether it looks like a photo rather than a drawing."""
-    data = img.convert("RGB").resize((32, 32), Image.Resampling.NEAREST).tobytes()
+def _sample(img: Image.Image) -> bytes:
+    """A 32x32 point-sampled thumbnail (sampled, so that edges do not blend into colours of their own)."""
+    return img.convert("RGB").resize((32, 32), Image.Resampling.NEAREST).tobytes()
+
+
+def _shapes_and_photo(data: bytes) -> tuple[int, bool]:
+    """Regions off the background on a 32x32 RGB sample, and whether it looks like a photo rather
+    than a drawing."""
     memo: dict[bytes, str] = {}
     names = []
     for k in range(0, len(data), 3):
@@ -207,11 +224,11 @@ def _decode(url: str) -> ImageFacts:
             img.draft("RGB", (128, 128))  # JPEG: decode at a reduced scale, enough for 32x32 samples
             img.load()
             colour, hex_ = _dominant(img)
-            shapes, photo = _shapes_and_photo(img)
+            sample = _sample(img)
     except (binascii.Error, *_DECODE_ERRORS):
         raise Invalid("Invalid image.", None, "invalid_image") from None
     return ImageFacts(width, height, f"{width}x{height} image, mostly {colour} ({hex_})", colour,
-                      _size_class(width, height), shapes, photo)
+                      _size_class(width, height), sample)
 
 
 def _url_image(url: str) -> ImageFacts:
@@ -220,7 +237,7 @@ def _url_image(url: str) -> ImageFacts:
     return ImageFacts(w, h, f"an image from {host} (not fetched)", size_class=_size_class(w, h))
 
 
-_NO_IMAGE = ImageFacts(1, 1, "no image given", size_class="small", photo=False)
+_NO_IMAGE = ImageFacts(1, 1, "no image given", size_class="small", guessed=(0, False))
 
 
 class ImageCache:

@@ -54,7 +54,8 @@ _DROP_MESSAGE = "ASGI callable returned without completing response."
 class LogEntry:
     """One request as received; status stays 0 while it is in flight and for a dropped connection."""
 
-    time: float
+    time: float  # time.monotonic() when it arrived ...
+    answered_at: float = 0.0  # ... and when its response was ready (0 while in flight)
     status: int = 0
     fault: str | None = None
     auth: str | None = None
@@ -206,6 +207,7 @@ class Simulator:
             self.log.append(entry)
         raw = await self._respond(request, entry)
         entry.status = raw.status_code if raw.complete else 0
+        entry.answered_at = time.monotonic()
         return raw
 
     async def _respond(self, request: Request, entry: LogEntry) -> _Raw:
