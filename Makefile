@@ -18,6 +18,11 @@ $(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e ".[dev]"
 	touch $@
 
+# The bench extra adds the baselines' clients (openai, litellm), pinned exactly.
+$(VENV)/.bench: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e ".[dev,bench]"
+	touch $@
+
 demo: $(VENV)/.base
 	rm -rf out/demo out/demo-labels
 	$(BIN)/annotate run configs/demo.yaml
@@ -29,7 +34,10 @@ test: $(VENV)/.dev
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
 
-bench: $(VENV)/.dev
+# check_pth runs on the base interpreter with no site (-S -I): a venv interpreter would run the
+# start-up files it checks for. It stops the benchmarks when the venv has one not allowed.
+bench: $(VENV)/.bench
+	$(PYTHON) -S -I tests/benchmarks/check_pth.py $(VENV)
 	$(BIN)/python tests/benchmarks/run_overhead.py
 	$(BIN)/python tests/benchmarks/resume_1m.py
 
