@@ -9,15 +9,17 @@ import json
 import logging
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import compact, config, estimate, report, runner
 from pydantic import ValidationError
 
 from .config import SimulatorSettings
 from .errors import ConfigError, Interrupted, ManifestError, RunStopped, StoreError
+
+T = TypeVar("T")
 
 __all__ = ["main", "simulator_arguments", "simulator_settings", "EXIT_OK", "EXIT_ROWS_FAILED", "EXIT_BAD_INPUT",
            "EXIT_BUDGET", "EXIT_INTERRUPTED"]
@@ -58,10 +60,15 @@ def _summary_text(s: runner.Summary) -> str:
     return "\n".join(lines)
 
 
+def _in_loop(job: Coroutine[Any, Any, T]) -> T:
+    with asyncio.Runner(loop_factory=runner.new_event_loop) as loop:
+        return loop.run(job)
+
+
 def _run(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, overrides=args.set, output_dir=args.output)
-    summary = asyncio.run(runner.run(cfg, limit=args.limit, progress=not args.quiet,
-                                     retry_failed=args.retry_failed, force=args.force))
+    summary = _in_loop(runner.run(cfg, limit=args.limit, progress=not args.quiet,
+                                  retry_failed=args.retry_failed, force=args.force))
     print(_summary_text(summary))
     if summary.stopped_at_budget:
         return EXIT_BUDGET
@@ -94,7 +101,7 @@ def _estimate(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, overrides=args.set)
     sampled = None
     if args.sample:
-        asyncio.run(runner.run(cfg, limit=args.sample, progress=False))
+        _in_loop(runner.run(cfg, limit=args.sample, progress=False))
         sampled = cfg.output.dir  # the sampled answers stay there: a later run does not pay again
     result = estimate.estimate(cfg, sampled)
     print(json.dumps(result, indent=2) if args.json else _estimate_text(result))

@@ -32,7 +32,13 @@ from .pricing import PriceTable
 from .store import Store
 from .structured import OutputSchema, Unusable, labels
 
-__all__ = ["Summary", "run"]
+__all__ = ["Summary", "run", "new_event_loop"]
+
+new_event_loop: Callable[[], asyncio.AbstractEventLoop]
+try:  # uvloop takes about a tenth less CPU per request than asyncio's own loop
+    from uvloop import new_event_loop
+except ImportError:  # Windows, where uvloop does not install
+    new_event_loop = asyncio.new_event_loop
 
 log = logging.getLogger(__name__)
 
