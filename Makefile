@@ -38,8 +38,7 @@ test: $(VENV)/.dev
 # start-up files it checks for. It stops the benchmarks when the venv has one not allowed.
 bench: $(VENV)/.bench
 	$(PYTHON) -S -I tests/benchmarks/check_pth.py $(VENV)
-	$(BIN)/python tests/benchmarks/run_overhead.py
-	$(BIN)/python tests/benchmarks/resume_1m.py
+	$(BIN)/python tests/benchmarks/suite.py
 
 clean:
 	rm -rf $(VENV) out

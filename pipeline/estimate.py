@@ -1,8 +1,9 @@
 """`annotate estimate`: rows, tokens and cost of a run before it is sent.
 
-Owns: the pre-run estimate: image sizes from headers only, the model's image-token rule,
-text tokens, and the cost range. Never: sending requests (a sample is an ordinary run of a
-few rows, made by the runner, whose answers stay in the output directory).
+Owns: the pre-run estimate: image sizes from headers only (remembered by file, mtime and
+size), the model's image-token rule, text tokens, and the cost range. Never: sending
+requests (a sample is an ordinary run of a few rows, made by the runner, whose answers stay
+in the output directory).
 
 Text tokens are approximated at four characters a token: tiktoken fetches its encodings
 over the network on first use, which an offline machine cannot do.
@@ -11,6 +12,7 @@ over the network on first use, which an offline machine cannot do.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,12 @@ import polars as pl
 from . import images
 from .config import RunConfig
 from .errors import RowInputError
-from .manifest import ImageRef, Manifest
+from .manifest import ImageRef, Manifest, ManifestRow
 from .payload import UNSET_MAX_TOKENS, input_texts
 from .pricing import PriceTable
 from .store import parts
 from .structured import labels
-from .tokens import input_tokens
+from .tokens import Detail, input_tokens
 
 __all__ = ["Estimate", "estimate", "TEXT_TOKENS_NOTE"]
 
@@ -51,44 +53,131 @@ class Estimate:
         return self.image_tokens + self.text_tokens
 
 
-def _sizes(refs: tuple[ImageRef, ...], root: Path, max_side: int | None) -> list[tuple[int, int] | None]:
-    if not refs:
-        raise RowInputError("no image")
-    return [_size(ref, root, max_side) if isinstance(ref, str) else images.size_as_sent(ref, root, max_side)
-            for ref in refs]
+# --- image sizes, from headers ----------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=65_536)  # manifests often show one file in many rows
-def _size(ref: str, root: Path, max_side: int | None) -> tuple[int, int] | None:
+def _file(ref: str, root: Path) -> Path:
+    """The file a reference names, resolved as `images` resolves it: a leading ~, then `root`."""
+    path = Path(ref).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+@functools.lru_cache(maxsize=65_536)
+def _size_of(ref: str, root: Path, max_side: int | None, version: tuple[str, int, int, int]) -> (
+        tuple[int, int] | None):
+    """`version` (the file's path, mtime, size and inode) is here only to be part of the key."""
     return images.size_as_sent(ref, root, max_side)
 
 
+def _size(ref: str, root: Path, max_side: int | None) -> tuple[int, int] | None:
+    """`images.size_as_sent`, remembered for the life of the process by file and version, so a
+    file rewritten since is read again. The version is mtime, size and inode, not mtime alone:
+    mtimes tick every few ms (2 s on FAT), and a rewrite within one tick must count too."""
+    try:
+        path = _file(ref, root)
+        stat = os.stat(path)
+    except (OSError, ValueError, RuntimeError):  # missing, a URL, a NUL in the path, an unknown ~user
+        return images.size_as_sent(ref, root, max_side)  # a URL's None, or the RowInputError saying why
+    return _size_of(ref, root, max_side, (str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino))
+
+
+# --- rows ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Images:
+    """The input tokens a row's images add: the same for every row showing the same references."""
+
+    count: int
+    tokens: int
+    low: int  # detail 'auto' billed as 'low'
+    worst: int  # images of unknown size (URLs) at their costliest shape
+
+
+@dataclass(frozen=True, slots=True)
+class _Text:
+    """The input tokens a row's texts add."""
+
+    tokens: int
+    worst: int  # a token per byte
+
+
+_UNSEEN = _Images(0, 0, 0, 0)  # compared by identity; None means "cannot be read"
+_REMEMBERED_SETS = 65_536  # image reference sets remembered in one estimate, then forgotten at once
+_SHORT = 4_096  # characters: paths and URLs are shorter; image bytes and data: URLs are not kept
+
+
+class _Counter:
+    """What a row adds, worked out once per distinct image references and once per prompt
+    length and remembered in `by_refs` and `by_length`: rows showing the same files, or with
+    prompts as long, cost a dictionary lookup each."""
+
+    def __init__(self, cfg: RunConfig, root: Path) -> None:
+        self._model, self._prompt, self._root = cfg.request.model, cfg.prompt, root
+        self._schema = labels(cfg.output_schema, cfg.request.structured)
+        self._low_detail: Detail = "low" if cfg.prompt.detail == "auto" else cfg.prompt.detail
+        self.by_refs: dict[tuple[ImageRef, ...], _Images | None] = {}
+        self.by_length: dict[tuple[int, int], _Text] = {}
+
+    def add_images(self, refs: tuple[ImageRef, ...]) -> _Images | None:
+        """None when an image cannot be read: the row will not be sent."""
+        found = self._images(refs)
+        if sum(map(len, refs)) <= _SHORT:  # else the bytes would stay in memory
+            if len(self.by_refs) >= _REMEMBERED_SETS:
+                self.by_refs.clear()
+            self.by_refs[refs] = found
+        return found
+
+    def add_text(self, row: ManifestRow, key: tuple[int, int]) -> _Text:
+        texts = input_texts(row, self._prompt, self._schema)
+        detail = self._prompt.detail
+        found = self.by_length[key] = _Text(input_tokens(self._model, texts, [], detail),
+                                        input_tokens(self._model, texts, [], detail, worst=True))
+        return found
+
+    def _images(self, refs: tuple[ImageRef, ...]) -> _Images | None:
+        if not refs:
+            return None
+        max_side, detail = self._prompt.max_side, self._prompt.detail
+        try:
+            sizes = [_size(ref, self._root, max_side) if isinstance(ref, str)
+                     else images.size_as_sent(ref, self._root, max_side) for ref in refs]
+        except RowInputError:
+            return None
+        return _Images(count=len(sizes), tokens=input_tokens(self._model, [], sizes, detail),
+                       low=input_tokens(self._model, [], sizes, self._low_detail),
+                       worst=input_tokens(self._model, [], sizes, detail, worst=True))
+
+
 def _count(cfg: RunConfig) -> Estimate:
-    prompt, request = cfg.prompt, cfg.request
-    manifest = Manifest(cfg.input, prompt)
-    schema = labels(cfg.output_schema, request.structured)
-    out = Estimate()
-    output_max = (request.max_tokens or UNSET_MAX_TOKENS) * request.choices
+    manifest = Manifest(cfg.input, cfg.prompt)
+    counter = _Counter(cfg, manifest.root)
+    by_refs, by_length = counter.by_refs, counter.by_length
+    rows = images_ = unreadable = image_tokens = text_tokens = low = worst = 0
     for batch in manifest.batches():
-        for row in batch:
-            try:
-                sizes = _sizes(row.images, manifest.root, prompt.max_side)
-            except RowInputError:
-                out.unreadable += 1
+        for row in batch:  # a million times: so lookups and additions only, the work is per key
+            image = by_refs.get(row.images, _UNSEEN)
+            if image is _UNSEEN:
+                image = counter.add_images(row.images)
+            if image is None:
+                unreadable += 1
                 continue
-            texts = input_texts(row, prompt, schema)
-            text = input_tokens(request.model, texts, [], prompt.detail)
-            image = input_tokens(request.model, [], sizes, prompt.detail)
-            low_detail = "low" if prompt.detail == "auto" else prompt.detail
-            out.rows += 1
-            out.images += len(sizes)
-            out.text_tokens += text
-            out.image_tokens += image
-            out.input_low += text + input_tokens(request.model, [], sizes, low_detail)
-            out.input_max += input_tokens(request.model, texts, sizes, prompt.detail, worst=True)
-            out.output_max += output_max
-            out.output_expected += output_max * EXPECTED_OUTPUT_SHARE
-    return out
+            # Keyed by the length of the one text that varies by row (the system prompt and the
+            # schema are the run's), in characters and in UTF-8 bytes: all that 4 characters a
+            # token and a token a byte read. A real tokenizer would need the text as the key.
+            prompt = row.prompt
+            key = (len(prompt), len(prompt) if prompt.isascii() else len(prompt.encode("utf-8")))
+            text = by_length.get(key) or counter.add_text(row, key)
+            rows += 1
+            images_ += image.count
+            image_tokens += image.tokens
+            text_tokens += text.tokens
+            low += text.tokens + image.low
+            worst += text.worst + image.worst  # input_tokens of texts and images is the sum of each's
+    output_max = (cfg.request.max_tokens or UNSET_MAX_TOKENS) * cfg.request.choices
+    return Estimate(rows=rows, images=images_, unreadable=unreadable, image_tokens=image_tokens,
+                    text_tokens=text_tokens, input_low=low, input_max=worst, output_max=rows * output_max,
+                    output_expected=rows * output_max * EXPECTED_OUTPUT_SHARE)
 
 
 def _scale_by_sample(out: Estimate, directory: Path, expected_prompt_per_row: float) -> None:

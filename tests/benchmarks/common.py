@@ -1,10 +1,13 @@
 """What the benchmark scripts share: where `annotate` is, the environment its processes get,
-and the table they print. (Not collected by pytest: no test_ prefix.)"""
+and the tables they print. (Not collected by pytest: no test_ prefix.)"""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -26,7 +29,69 @@ def child_env() -> dict[str, str]:
     return env
 
 
+# A bare interpreter (-S) that spawns the command, waits for it with wait4 and prints the
+# child's wall time, CPU and ru_maxrss. Why not wait4 from the benchmark itself: on Linux a
+# child's ru_maxrss starts at the peak RSS of the process it was spawned from (the pre-exec
+# high-water mark carries over), and a benchmark holding a large setup would inflate every
+# child's figure. The launcher's own peak (about 10 MB) is the floor of what it reports.
+LAUNCHER = r"""
+import json, os, sys, time
+command, log = json.loads(sys.argv[1]), sys.argv[2]
+files = [(os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), (os.POSIX_SPAWN_DUP2, 1, 2)]
+started = time.perf_counter()
+pid = os.posix_spawn(command[0], command, os.environ, file_actions=files)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - started
+print(json.dumps({"wall_s": wall, "maxrss_kb": usage.ru_maxrss, "cpu_s": usage.ru_utime + usage.ru_stime,
+                  "returncode": os.waitstatus_to_exitcode(status)}))
+"""
+
+
+@dataclass
+class Finished:
+    wall_s: float  # spawn to exit, timed by the launcher
+    peak_rss_mb: float  # ru_maxrss of this child alone
+    cpu_s: float  # user + system CPU of this child
+    returncode: int
+    output: str  # stdout and stderr together
+
+
+def run_to_exit(command: list[str], log_path: Path, env: dict[str, str] | None = None,
+                timeout_s: float = 300) -> Finished:
+    """Run a command to its end through the launcher: wall time, peak RSS and CPU of it alone."""
+    done = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, json.dumps(command), str(log_path)],
+                          capture_output=True, text=True, env=env or child_env(), timeout=timeout_s, check=True)
+    got = json.loads(done.stdout)
+    return Finished(got["wall_s"], got["maxrss_kb"] / 1024, got["cpu_s"], got["returncode"],
+                    log_path.read_text(errors="replace").strip())
+
+
 def markdown(rows: list[Row]) -> str:
     lines = ["| figure | setting | value |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One row of the results table: a target of the performance issue and how it went.
+    `met` is None for a figure that has no target of its own (a ceiling, a breakdown);
+    `note` says, with figures, what limits a target that is not met."""
+
+    figure: str  # "P6 image preparation"
+    target: str  # "≥ 2× naive Pillow per core; PSNR ≥ 35 dB"
+    ours: str
+    baseline: str = "-"
+    ratio: str = "-"
+    met: bool | None = None
+    note: str = ""
+
+
+def results_table(figures: list[Figure]) -> str:
+    """The Markdown table of figures: figure, target, ours, baseline, ratio, met."""
+    verdict = {True: "yes", False: "**no**", None: "-"}
+    lines = ["| figure | target | ours | baseline | ratio | met |", "| --- | --- | --- | --- | --- | --- |"]
+    for f in figures:
+        ours = f"{f.ours}<br>{f.note}" if f.note else f.ours
+        lines.append(f"| {f.figure} | {f.target} | {ours} | {f.baseline} | {f.ratio} | {verdict[f.met]} |")
     return "\n".join(lines)

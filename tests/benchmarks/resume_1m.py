@@ -1,5 +1,7 @@
-"""What resuming costs when the output directory already holds 1,000,000 done rows, measured
-in one run and printed as one Markdown table. Everything talks to 127.0.0.1 only.
+"""P5 resume: what resuming costs when the output directory already holds 1,000,000 done
+rows, measured in one run. `figures(work)` returns the rows of the results table
+(common.results_table); run standalone, the script prints that table. Everything talks to
+127.0.0.1 only.
 
 Setup (not timed): 8 small PNGs; a CSV manifest of 1,000,000 rows, each with its own id
 (prompt "Describe {item}."); the ids computed with `Manifest.batches`; an output directory
@@ -8,19 +10,21 @@ schema, `_run.json` with the config's fingerprint, and an empty `_journal.sqlite
 
 1. Nothing to do: `annotate run CONFIG -q` (a subprocess) on that directory. Wall seconds
    from spawn to exit and the child's peak RSS (from `os.wait4`, in a bare launcher process:
-   see LAUNCHER); the run must exit 0, say it answered 0 rows, and write no part.
+   see common.LAUNCHER); the run must exit 0, say it answered 0 rows, and write no part.
 2. To the first request: the same manifest with 1 undone row appended at the end, against
    a TCP listener that accepts and never answers. Wall seconds from spawn to the first
    accepted connection, and the child's peak RSS (VmHWM) just before it is killed. The
    request it sent must ask about that one new row. (A fresh address space starts VmHWM at
    zero, so it needs no launcher.)
-3. Interpreter + imports alone: `python -c "import pipeline.cli"`, to subtract from 1 and 2.
+3. Interpreter + imports alone: `python -c "import pipeline.cli"`, shown beside 1 and 2.
 
-1 and 2 run three times each (median and max); 3 three times (median). The timings are
+The P5 target (≤ 2 s) is held against the medians of 1 and 2 as they are: the whole
+process, interpreter start and imports included, nothing subtracted. The run's own clock
+(from its summary line) is shown too. 1, 2 and 3 run three times each. The timings are
 figures to report, not assertions: they move with the machine and its load. The script
 fails (exit code 1) only when a check above does not hold.
 
-Run it with `.venv/bin/python tests/benchmarks/resume_1m.py` (about a minute on 2 cores).
+Run it with `.venv/bin/python tests/benchmarks/resume_1m.py` (about 35 s on 2 cores).
 The file name does not start with test_, so pytest does not collect it.
 """
 
@@ -52,7 +56,7 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
-from common import ANNOTATE, HOST, KEY_ENV, Row, child_env, markdown
+from common import ANNOTATE, HOST, KEY_ENV, Figure, Finished, child_env, results_table, run_to_exit
 from pipeline import config, results
 from pipeline.journal import Journal
 from pipeline.manifest import Manifest
@@ -76,41 +80,6 @@ def vm_hwm_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024  # kB
     raise RuntimeError(f"no VmHWM for PID {pid}")
-
-
-# The launcher for figure 1: a bare interpreter (-S) that spawns the command, waits for it
-# with wait4 and prints the child's wall time and ru_maxrss. Why not wait4 from here: on
-# Linux a child's ru_maxrss starts at the peak RSS of the process it was spawned from (the
-# high-water mark of the pre-exec address space is carried over), and this script holds
-# ~1 GB after the setup, so every child would report at least that. The launcher's own
-# peak (about 10 MB) is the floor of what it reports.
-LAUNCHER = r"""
-import json, os, sys, time
-command, log = json.loads(sys.argv[1]), sys.argv[2]
-files = [(os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), (os.POSIX_SPAWN_DUP2, 1, 2)]
-started = time.perf_counter()
-pid = os.posix_spawn(command[0], command, os.environ, file_actions=files)
-_, status, usage = os.wait4(pid, 0)
-wall = time.perf_counter() - started
-print(json.dumps({"wall_s": wall, "maxrss_kb": usage.ru_maxrss, "returncode": os.waitstatus_to_exitcode(status)}))
-"""
-
-
-@dataclass
-class Finished:
-    wall_s: float  # spawn to exit, timed by the launcher
-    peak_rss_mb: float  # ru_maxrss of this child alone, from wait4 in the launcher
-    returncode: int
-    output: str
-
-
-def run_to_exit(command: list[str], log_path: Path) -> Finished:
-    """Spawn through the launcher, which waits with wait4 and times spawn to exit."""
-    done = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, json.dumps(command), str(log_path)],
-                          capture_output=True, text=True, env=child_env(), timeout=300, check=True)
-    got = json.loads(done.stdout)
-    return Finished(got["wall_s"], got["maxrss_kb"] / 1024, got["returncode"],
-                    log_path.read_text(errors="replace").strip())
 
 
 @dataclass
@@ -257,7 +226,7 @@ def write_config(path: Path, manifest: Path, base_url: str, out: Path) -> tuple[
 
 def manifest_ids(cfg: config.RunConfig) -> tuple[list[str], pa.Schema]:
     manifest = Manifest(cfg.input, cfg.prompt)
-    ids = [row.id for batch in manifest.batches(rows=100_000) for row in batch]
+    ids = [row.id for batch in manifest.batches() for row in batch]  # 1,000-row slices: 5.5 s here, 100,000: 8.5 s
     return ids, results.schema(manifest.keep_schema)
 
 
@@ -339,7 +308,7 @@ def prepare(work: Path) -> Setup:
                  parts_mb)
 
 
-# --- the figures ----------------------------------------------------------------------------
+# --- the measurements -----------------------------------------------------------------------
 
 
 def median_max(values: list[float], unit: str, digits: int) -> str:
@@ -367,27 +336,16 @@ def parts_in(out: Path) -> int:
     return len(list(out.glob(PARTS)))
 
 
-def nothing_to_do(work: Path, setup: Setup) -> tuple[list[Row], bool]:
+def nothing_to_do(work: Path, setup: Setup) -> tuple[list[Finished], str | None]:
+    """The runs, and what went wrong (None: they exited 0, answered 0 rows, wrote no part)."""
     runs = [run_to_exit([ANNOTATE, "run", str(setup.done_config), "-q"], work / f"nothing-{i}.log")
             for i in range(REPEATS)]
     parts_after = parts_in(setup.out)
     bad = [r for r in runs if r.returncode != 0 or summary_counts(r.output) != (0, ROWS)]
     if bad or parts_after != setup.parts:
-        verdict = (f"FAILED: exit {runs[0].returncode}, {parts_after} parts (expected {setup.parts}): "
-                   f"{(bad or runs)[0].output[-300:]!r}")
-    else:
-        verdict = (f"OK: all {REPEATS} exit 0, 0 rows answered now, {ROWS} resumed; "
-                   f"still {parts_after} parts")
-    setting = f"{ROWS:,} done rows in {setup.parts} parts ({setup.parts_mb:.0f} MB), `annotate run -q`"
-    own = [t for r in runs if (t := own_seconds(r.output)) is not None]
-    return [
-        ("nothing to do: wall, spawn to exit", setting, median_max([r.wall_s for r in runs], "s", 2)),
-        ("nothing to do: the run's own clock", setting,
-         median_max(own, "s", 1) + " (from the summary line)" if own else "not in the summary"),
-        ("nothing to do: child peak RSS (wait4, via a bare launcher)", setting,
-         median_max([r.peak_rss_mb for r in runs], "MB", 0)),
-        ("nothing to do: check", setting, verdict),
-    ], not bad and parts_after == setup.parts
+        return runs, (f"nothing to do: exit {runs[0].returncode}, {parts_after} parts (expected {setup.parts}): "
+                      f"{(bad or runs)[0].output[-300:]!r}")
+    return runs, None
 
 
 def request_item(request: bytes) -> str | None:
@@ -407,7 +365,8 @@ def request_item(request: bytes) -> str | None:
     return None
 
 
-def to_first_request(work: Path, setup: Setup) -> tuple[list[Row], bool]:
+def to_first_request(work: Path, setup: Setup) -> tuple[list[FirstRequest], str | None]:
+    """The runs, and what went wrong (None: each first request asked about the new row)."""
     runs = [run_to_first_request([ANNOTATE, "run", str(setup.more_config), "-q"], work / f"first-{i}.log")
             for i in range(REPEATS)]
     want = PROMPT.format(item=setup.new_item)
@@ -415,53 +374,96 @@ def to_first_request(work: Path, setup: Setup) -> tuple[list[Row], bool]:
     bad = [(r, t) for r, t in zip(runs, texts, strict=True) if r.to_accept_s is None or t != want]
     parts_after = parts_in(setup.out)
     if parts_after != setup.parts:
-        verdict = f"FAILED: {parts_after} parts after the killed runs (expected {setup.parts})"
-    elif bad:
+        return runs, f"to the first request: {parts_after} parts after the killed runs (expected {setup.parts})"
+    if bad:
         r, t = bad[0]
-        verdict = (f"FAILED: accepted={r.to_accept_s is not None}, request text {t!r} (expected {want!r}); "
-                   f"child said {r.output[-300:]!r}")
-    else:
-        verdict = (f"OK: in all {REPEATS} the first connection carried POST /v1/chat/completions "
-                   f"asking {want!r}")
-    setting = f"{ROWS:,} done + 1 new row at the end, listener never answers"
-    accepted = [r.to_accept_s for r in runs if r.to_accept_s is not None]
+        return runs, (f"to the first request: accepted={r.to_accept_s is not None}, request text {t!r} "
+                      f"(expected {want!r}); child said {r.output[-300:]!r}")
+    return runs, None
+
+
+@dataclass
+class Measured:
+    setup: Setup
+    imports_s: list[float]
+    nothing: list[Finished]
+    first: list[FirstRequest]
+    problems: list[str]  # checks that did not hold
+
+    @property
+    def nothing_s(self) -> float:
+        return statistics.median(r.wall_s for r in self.nothing)
+
+    @property
+    def first_s(self) -> float | None:
+        accepted = [r.to_accept_s for r in self.first if r.to_accept_s is not None]
+        return statistics.median(accepted) if accepted else None
+
+
+def measure(work: Path) -> Measured:
+    setup = prepare(work)
+    imports_s = [import_seconds() for _ in range(REPEATS)]
+    nothing, nothing_problem = nothing_to_do(work, setup)
+    first, first_problem = to_first_request(work, setup)
+    return Measured(setup, imports_s, nothing, first, [p for p in (nothing_problem, first_problem) if p])
+
+
+# --- the results table ----------------------------------------------------------------------
+
+TARGET_S = 2.0
+
+
+def listed(values: list[float]) -> str:
+    return f"n={len(values)}: " + ", ".join(f"{v:.2f}" for v in values)
+
+
+def to_figures(m: Measured) -> list[Figure]:
+    own = [t for r in m.nothing if (t := own_seconds(r.output)) is not None]
+    own_text = f"{statistics.median(own):.1f} s" if own else "not in its summary"
+    nothing = f"nothing to do: {m.nothing_s:.2f} s, spawn to exit ({listed([r.wall_s for r in m.nothing])})"
+    accepted = [r.to_accept_s for r in m.first if r.to_accept_s is not None]
+    first = (f"to the first request: {m.first_s:.2f} s, spawn to first accept ({listed(accepted)})"
+             if m.first_s is not None else "to the first request: no connection")
+    ours = f"{nothing}; {first}; medians. Inside the run, by its own clock: {own_text}"
+    met = not m.problems and m.first_s is not None and max(m.nothing_s, m.first_s) <= TARGET_S
+    notes = [f"check FAILED: {p}" for p in m.problems]
+    if not m.problems and not met:
+        notes.append(f"over {TARGET_S:.0f} s; interpreter + imports alone take {statistics.median(m.imports_s):.2f} s, "
+                     f"the nothing-to-do run by its own clock {own_text}")
+    s = m.setup
     return [
-        ("to the first request: wall, spawn to first accept", setting,
-         median_max(accepted, "s", 2) if accepted else "no connection"),
-        ("to the first request: child peak RSS (VmHWM before SIGKILL)", setting,
-         median_max([r.peak_rss_mb for r in runs], "MB", 0)),
-        ("to the first request: check", setting, verdict),
-    ], not bad and parts_after == setup.parts
+        Figure("P5 resume",
+               f"≤ {TARGET_S:.0f} s bookkeeping for 1M done rows (bookkeeping: the whole process's wall time, "
+               "spawn to exit when nothing is left to do, spawn to the first request for 1 new row; "
+               "interpreter start and imports included, nothing subtracted)",
+               ours, met=met, note="; ".join(notes)),
+        Figure("P5 resume: peak RSS", "- (informational)",
+               f"nothing to do {median_max([r.peak_rss_mb for r in m.nothing], 'MB', 0)} (wait4); "
+               f"to the first request {median_max([r.peak_rss_mb for r in m.first], 'MB', 0)} (VmHWM before SIGKILL)"),
+        Figure("P5 resume: interpreter + imports", "- (informational; part of both P5 figures)",
+               f"`python -c \"import pipeline.cli\"` {median_max(m.imports_s, 's', 2)}"),
+        Figure("P5 setup (not timed)",
+               f"{ROWS:,}-row CSV, {s.parts} parts of done rows ({s.parts_mb:.0f} MB), 1 listener that never answers",
+               f"{s.seconds:.0f} s, of which ids via `Manifest.batches` {s.ids_seconds:.1f} s; checks "
+               + ("FAILED" if m.problems else f"OK: all {REPEATS} nothing-to-do runs exit 0, answer 0 rows, resume "
+                  f"{ROWS:,} and write no part; all {REPEATS} first requests ask about the new row")),
+    ]
 
 
-def startup_rows() -> list[Row]:
-    times = [import_seconds() for _ in range(REPEATS)]
-    return [("interpreter + `import pipeline.cli`", "`python -c \"import pipeline.cli\"`",
-             median_max(times, "s", 2))]
+def figures(work: Path) -> list[Figure]:
+    return to_figures(measure(work / "resume_1m"))
 
 
 def main() -> int:
     started = time.perf_counter()
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
-    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="annotate-bench-resume-") as tmp:
-        work = Path(tmp)
-        setup = prepare(work)
-        rows.append(("setup (not in the figures)", f"{ROWS:,}-row CSV, ids, {setup.parts} parts",
-                     f"{setup.seconds:.0f} s, of which ids via `Manifest.batches` {setup.ids_seconds:.1f} s"))
-        rows += startup_rows()
-        figure, good_nothing = nothing_to_do(work, setup)
-        rows += figure
-        figure, good_first = to_first_request(work, setup)
-        rows += figure
-    total = time.perf_counter() - started
-    rows.append(("whole script", f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
-                 f"Polars {pl.__version__}, PyArrow {pa.__version__}", f"{total:.0f} s"))
-
+        measured = measure(Path(tmp))
     print(f"command: {shlex.join([sys.executable, *sys.argv])}  (cwd {Path.cwd()})")
-    print(f"date: {when}\n")
-    print(markdown(rows))
-    return 0 if good_nothing and good_first else 1
+    print(f"date: {when}; {os.cpu_count()} CPUs, Python {platform.python_version()}, Polars {pl.__version__}, "
+          f"PyArrow {pa.__version__}; whole script {time.perf_counter() - started:.0f} s\n")
+    print(results_table(to_figures(measured)))
+    return 1 if measured.problems else 0
 
 
 if __name__ == "__main__":

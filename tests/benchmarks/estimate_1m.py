@@ -1,0 +1,207 @@
+"""P7 estimate at scale: `annotate estimate --json` on a 1,000,000-row manifest whose rows
+share 10,000 image files. Everything is local; nothing is sent.
+
+Setup (not timed, a few seconds): 10,000 image files of 8 shapes, from 64x48 to 2048x1536,
+PNG and JPEG (each shape encoded once, its bytes written under 1,250 names); a CSV manifest
+of 1,000,000 rows, row i showing file (i * 7919) mod 10,000 (so the rows sharing a file are
+spread through the manifest) and asking "Describe item {i}." (so no two rows are the same
+question, and all 1,000,000 are counted); a config with detail auto, max_side 1024, gpt-4o.
+
+Measured: `annotate estimate CONFIG --json` as a subprocess, wall seconds from spawn to exit
+and the child's peak RSS (os.wait4 in a bare launcher: see common.LAUNCHER), REPEATS
+times. Checked: exit 0 and the JSON's rows, images and tokens against figures computed here
+from the shapes and prompt lengths (the same token rules, applied per shape and per length).
+The timings are figures to report, not assertions.
+
+Run it with `.venv/bin/python tests/benchmarks/estimate_1m.py`. The file name does not start
+with test_, so pytest does not collect it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import yaml
+from PIL import Image
+
+from common import ANNOTATE, HOST, KEY_ENV, Figure, Finished, results_table, run_to_exit
+from pipeline.tokens import Detail, input_tokens
+
+ROWS = 1_000_000
+FILES = 10_000
+STEP = 7919  # prime, so row i -> file (i * STEP) % FILES visits every file before repeating
+SHAPES = ((64, 48, "PNG"), (300, 200, "JPEG"), (640, 480, "PNG"), (800, 600, "JPEG"),
+          (1280, 720, "JPEG"), (1600, 900, "PNG"), (900, 1600, "JPEG"), (2048, 1536, "PNG"))
+MAX_SIDE = 1024
+MODEL = "gpt-4o"
+DETAIL: Detail = "auto"
+PROMPT = "Describe {item}."
+MAX_TOKENS = 50
+REPEATS = 3
+TARGET_S = 60.0
+TARGET_MB = 500.0
+TARGET = "< 60 s and ≤ 500 MB for 1M rows sharing 10k files"
+
+
+def write_images(folder: Path) -> list[str]:
+    """FILES image files cycling through SHAPES; their names relative to `folder`'s parent."""
+    folder.mkdir(parents=True)
+    encoded = []
+    for w, h, fmt in SHAPES:
+        buffer = io.BytesIO()
+        Image.new("RGB", (w, h), (w % 256, h % 256, 99)).save(buffer, fmt)
+        encoded.append((buffer.getvalue(), "png" if fmt == "PNG" else "jpg"))
+    names = []
+    for i in range(FILES):
+        data, suffix = encoded[i % len(SHAPES)]
+        name = f"img{i:05d}.{suffix}"
+        (folder / name).write_bytes(data)
+        names.append(f"{folder.name}/{name}")
+    return names
+
+
+def write_manifest(path: Path, names: list[str]) -> Path:
+    i = pl.int_range(ROWS, dtype=pl.Int64, eager=True)
+    frame = pl.DataFrame({"image": pl.Series(names).gather(i * STEP % FILES), "item": "item " + i.cast(pl.String)})
+    frame.write_csv(path)
+    return path
+
+
+def write_config(path: Path, manifest: Path, out: Path) -> Path:
+    data = {
+        "input": {"manifest": str(manifest)},
+        "prompt": {"user": PROMPT, "detail": DETAIL, "max_side": MAX_SIDE},
+        "endpoint": {"base_url": f"http://{HOST}:9/v1", "api_key_env": KEY_ENV},
+        "request": {"model": MODEL, "max_tokens": MAX_TOKENS},
+        "output": {"dir": str(out)},
+    }
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def expected() -> dict[str, int]:
+    """What the estimate must say, worked out per shape and per prompt length."""
+    def fitted(w: int, h: int) -> tuple[int, int]:
+        scale = min(1.0, MAX_SIDE / max(w, h))
+        return max(1, round(w * scale)), max(1, round(h * scale))
+
+    rows_per_file = pl.select(f=(pl.int_range(ROWS, dtype=pl.Int64) * STEP) % FILES)["f"].value_counts()
+    per_shape = rows_per_file.group_by(shape=pl.col("f") % len(SHAPES)).agg(pl.col("count").sum())
+    image = sum(count * input_tokens(MODEL, [], [fitted(*SHAPES[shape][:2])], DETAIL)
+                for shape, count in per_shape.iter_rows())
+    lengths = pl.select(n=pl.format(PROMPT.replace("{item}", "item {}"), pl.int_range(ROWS)).str.len_chars())
+    text = sum(count * input_tokens(MODEL, ["x" * n], [], DETAIL)
+               for n, count in lengths["n"].value_counts().iter_rows())
+    return {"rows": ROWS, "images": ROWS, "unreadable_rows": 0, "image": image, "text": text}
+
+
+@dataclass
+class Setup:
+    config: Path
+    want: dict[str, int]
+    seconds: float
+    manifest_mb: float
+    images_mb: float
+
+
+def prepare(work: Path) -> Setup:
+    started = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    names = write_images(work / "images")
+    manifest = write_manifest(work / "manifest.csv", names)
+    config = write_config(work / "estimate.yaml", manifest, work / "out")
+    images_mb = sum(p.stat().st_size for p in (work / "images").iterdir()) / 1e6
+    return Setup(config, expected(), time.perf_counter() - started, manifest.stat().st_size / 1e6, images_mb)
+
+
+def check(run: Finished, want: dict[str, int]) -> str | None:
+    """None when the run exited 0 and printed the expected figures; else what is wrong."""
+    if run.returncode != 0:
+        return f"exit {run.returncode}: {run.output[-300:]!r}"
+    try:
+        got: dict[str, Any] = json.loads(run.output)
+        seen = {"rows": got["rows"], "images": got["images"], "unreadable_rows": got["unreadable_rows"],
+                "image": got["input_tokens"]["image"], "text": got["input_tokens"]["text"]}
+    except (ValueError, KeyError, TypeError):
+        return f"not the estimate's JSON: {run.output[-300:]!r}"
+    return None if seen == want else f"expected {want}, got {seen}"
+
+
+@dataclass
+class Measured:
+    setup: Setup
+    runs: list[Finished]
+    problems: list[str]
+
+    @property
+    def wall_s(self) -> float:
+        return statistics.median(r.wall_s for r in self.runs)
+
+    @property
+    def peak_mb(self) -> float:
+        return max(r.peak_rss_mb for r in self.runs)
+
+
+def measure(work: Path) -> Measured:
+    setup = prepare(work)
+    runs = [run_to_exit([ANNOTATE, "estimate", str(setup.config), "--json"], work / f"estimate-{i}.log")
+            for i in range(REPEATS)]
+    problems = [problem for run in runs if (problem := check(run, setup.want))]
+    return Measured(setup, runs, problems)
+
+
+def to_figures(m: Measured) -> list[Figure]:
+    walls = ", ".join(f"{r.wall_s:.1f}" for r in m.runs)
+    peaks = ", ".join(f"{r.peak_rss_mb:.0f}" for r in m.runs)
+    ours = (f"{m.wall_s:.1f} s, {m.peak_mb:.0f} MB peak (median wall, spawn to exit, of {len(m.runs)}: {walls} s; "
+            f"peak RSS from wait4: {peaks} MB)")
+    met = not m.problems and m.wall_s < TARGET_S and m.peak_mb <= TARGET_MB
+    notes = []
+    if m.problems:
+        notes.append(f"check FAILED: {m.problems[0]}")
+    if m.wall_s >= TARGET_S:
+        notes.append(f"median {m.wall_s:.1f} s is not under {TARGET_S:.0f} s")
+    if m.peak_mb > TARGET_MB:
+        notes.append(f"peak {m.peak_mb:.0f} MB is over {TARGET_MB:.0f} MB")
+    s = m.setup
+    return [
+        Figure("P7 estimate at scale", TARGET, ours, met=met, note="; ".join(notes)),
+        Figure("P7 setup (not timed)",
+               f"{ROWS:,}-row CSV ({s.manifest_mb:.0f} MB), {FILES:,} files of {len(SHAPES)} shapes "
+               f"({s.images_mb:.0f} MB), `annotate estimate CONFIG --json`",
+               f"{s.seconds:.1f} s; the JSON checked: {ROWS:,} rows and images, image and text tokens "
+               f"as worked out per shape and prompt length" + ("" if not m.problems else " (FAILED)")),
+    ]
+
+
+def figures(work: Path) -> list[Figure]:
+    return to_figures(measure(work / "estimate_1m"))
+
+
+def main() -> int:
+    started = time.perf_counter()
+    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    with tempfile.TemporaryDirectory(prefix="annotate-bench-estimate-") as tmp:
+        measured = measure(Path(tmp))
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}  (cwd {Path.cwd()})")
+    print(f"date: {when}; {os.cpu_count()} CPUs, Python {platform.python_version()}, Polars {pl.__version__}; "
+          f"whole script {time.perf_counter() - started:.0f} s\n")
+    print(results_table(to_figures(measured)))
+    return 1 if measured.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
