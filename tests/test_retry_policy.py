@@ -140,3 +140,16 @@ def test_a_huge_retry_after_is_capped() -> None:
     from pipeline.client import MAX_RETRY_AFTER_S
 
     assert _retry_after(httpx.Headers({"Retry-After": "86400"})) == MAX_RETRY_AFTER_S
+
+
+def test_the_proxy_comes_from_the_environment_once_and_no_proxy_spares_loopback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.client import _proxy
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    assert _proxy("https://api.openai.com/v1/chat/completions") == "http://proxy.invalid:3128"
+    assert _proxy("http://127.0.0.1:8000/v1/chat/completions") is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.delenv("https_proxy", raising=False)
+    assert _proxy("https://api.openai.com/v1/chat/completions") is None
