@@ -16,12 +16,12 @@ import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError as _InvalidSchema
-from jsonschema.exceptions import best_match
+
+if TYPE_CHECKING:  # jsonschema loads only when a schema is set: it costs every run 80 ms
+    from jsonschema import Draft202012Validator
 
 __all__ = ["Mode", "SchemaError", "Unusable", "OutputSchema", "json_schema", "arrow_fields", "categories", "labels"]
 
@@ -106,10 +106,13 @@ def json_schema(spec: Any) -> JSON:
     if not isinstance(spec, Mapping) or not spec:
         raise SchemaError("", "expected a mapping of fields to types, or a JSON Schema object")
     if _is_json_schema(spec):
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError as InvalidSchema
+
         schema: JSON = json.loads(json.dumps(spec))  # plain JSON types, a copy
         try:
             Draft202012Validator.check_schema(schema)
-        except _InvalidSchema as exc:
+        except InvalidSchema as exc:
             raise SchemaError(".".join(str(p) for p in exc.path), f"not a valid JSON Schema: {exc.message}") from None
         if schema.get("type") != "object" or not schema.get("properties"):
             raise SchemaError("", "the top level must be an object with properties: each becomes a column")
@@ -224,6 +227,8 @@ def _cell(value: Any, kind: pa.DataType) -> Any:
 
 
 def _problems(validator: Draft202012Validator, value: Any) -> Iterator[str]:
+    from jsonschema.exceptions import best_match
+
     error = best_match(validator.iter_errors(value))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path)
@@ -241,6 +246,8 @@ class OutputSchema:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fields", arrow_fields(self.schema))
+        from jsonschema import Draft202012Validator
+
         object.__setattr__(self, "_validator", Draft202012Validator(self.schema))
 
     @property

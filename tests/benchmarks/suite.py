@@ -159,7 +159,9 @@ def baseline(sim: simulator.Simulator, work: Path, client: str, manifest: Path, 
                             "--model", MODEL, "--max-tokens", str(MAX_TOKENS)],
                            work / f"{client}-{concurrency}.log", env=env, timeout_s=600)
     cpu = time.process_time() - cpu
-    summary = json.loads(finished.output.strip().splitlines()[-1]) if finished.returncode == 0 else {}
+    # the summary is the last JSON line: a client may log after it (its output and errors share the log)
+    lines = [line for line in finished.output.splitlines() if line.startswith('{"rows"')]
+    summary = json.loads(lines[-1]) if lines else {}
     return served(sim, client, summary.get("rows", 0), summary.get("ok", 0), finished, cpu)
 
 
@@ -314,12 +316,19 @@ def main() -> int:
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="annotate-bench-") as tmp:
         work = Path(tmp)
-        for measure in (overhead, fidelity, latency_bound, memory):
-            figures += measure(work, sizes, checks)
-            print(f"bench: {measure.__name__} done at {time.perf_counter() - started:.0f} s", file=sys.stderr)
-        figures += resume_1m.figures(work / "resume")
-        figures += image_stage.figures(work / "images")
-        figures += estimate_1m.figures(work / "estimate")
+        measures = [lambda: overhead(work, sizes, checks), lambda: fidelity(work, sizes, checks),
+                    lambda: latency_bound(work, sizes, checks), lambda: memory(work, sizes, checks),
+                    lambda: resume_1m.figures(work / "resume"), lambda: image_stage.figures(work / "images"),
+                    lambda: estimate_1m.figures(work / "estimate")]
+        for i, measure in enumerate(measures, 1):
+            try:
+                done = measure()
+            except Exception as exc:  # one broken measurement must not lose the others
+                checks.problems.append(f"measurement {i} failed: {exc!r}")
+                done = []
+            figures += done
+            print(f"bench: {i} of {len(measures)} done at {time.perf_counter() - started:.0f} s\n"
+                  f"{results_table(done)}", file=sys.stderr)
     command = shlex.join(["make", "bench"] if os.environ.get("MAKELEVEL") else [sys.executable, *sys.argv])
     text = (f"# Benchmark results\n\nMachine: {machine()}  \nDate: {when}  \nCommand: `{command}` "
             f"({time.perf_counter() - started:.0f} s in all)\n\nEvery figure against the bundled simulator on "
