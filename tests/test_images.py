@@ -228,3 +228,38 @@ def test_an_image_too_large_to_decode_safely_is_a_row_error(tmp_path: Path, monk
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64x48 is then far past twice the limit: a "bomb"
     with pytest.raises(RowInputError, match="big.png is not a readable image"):
         to_parts(["big.png"], tmp_path, max_side=32)
+
+
+def _sideways_photo(path: Path, orientation: int) -> None:
+    """A 400x200 JPEG stored sideways: red on its stored left half, blue on the right, and an
+    EXIF orientation saying how to turn it upright."""
+    image = Image.new("RGB", (400, 200), "blue")
+    image.paste((255, 0, 0), (0, 0, 200, 200))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, "JPEG", quality=95, exif=exif)
+
+
+@pytest.mark.parametrize(("orientation", "upright", "red_at"), [
+    (1, (100, 50), (10, 25)),  # as stored: red on the left
+    (6, (50, 100), (25, 10)),  # turned 90 degrees clockwise: the stored left is on top
+    (8, (50, 100), (25, 90)),  # turned counter-clockwise: the stored left is at the bottom
+    (3, (100, 50), (90, 25)),  # upside down: the stored left is on the right
+])
+def test_a_downscaled_photo_is_sent_upright_as_its_exif_orientation_says(
+        tmp_path: Path, orientation: int, upright: tuple[int, int], red_at: tuple[int, int]) -> None:
+    path = tmp_path / "photo.jpg"
+    _sideways_photo(path, orientation)
+    (part,) = to_parts([path.name], tmp_path, max_side=100)  # a re-encode drops the tag: the pixels turn
+    sent = Image.open(io.BytesIO(base64.b64decode(part.url.partition(",")[2]))).convert("RGB")
+    assert sent.size == part.size == upright == size_as_sent(path.name, tmp_path, max_side=100)
+    r, g, b = sent.getpixel(red_at)
+    assert r > 200 and b < 60
+
+
+def test_a_photo_within_max_side_keeps_its_bytes_and_exif_tag(tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    _sideways_photo(path, 6)
+    (part,) = to_parts([path.name], tmp_path, max_side=1000)
+    assert base64.b64decode(part.url.partition(",")[2]) == path.read_bytes()
+    assert part.size == (400, 200) == size_as_sent(path.name, tmp_path, max_side=1000)
