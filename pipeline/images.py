@@ -66,7 +66,11 @@ def _read(ref: str, root: Path) -> bytes:
 
 
 def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation, 1 when none: a camera's portrait photo is often stored sideways."""
+    """The EXIF orientation of a JPEG, 1 when none: a camera's portrait photo is often stored
+    sideways. Other formats count as upright: a PNG's EXIF may follow its pixels, and reading it
+    would decode the whole image where only the header is wanted."""
+    if image.format not in ("JPEG", "MPO"):
+        return 1
     value = image.getexif().get(ExifTags.Base.Orientation, 1)
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 

@@ -210,6 +210,12 @@ def test_truncated_png_fails_when_it_must_be_decoded(tmp_path: Path) -> None:
         to_parts(["cut.png"], tmp_path, max_side=100)
 
 
+def test_size_as_sent_reads_a_png_header_only(tmp_path: Path) -> None:
+    data = noisy_png((200, 150))
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])  # pixels cut short: a decode would fail
+    assert size_as_sent("cut.png", tmp_path, max_side=100) == (100, 75)
+
+
 def test_empty_ref_list() -> None:
     with pytest.raises(RowInputError, match="no image"):
         to_parts([], Path("."))
