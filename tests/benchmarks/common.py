@@ -3,12 +3,21 @@ and the tables they print. (Not collected by pytest: no test_ prefix.)"""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
+import shlex
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent  # .venv/bin: `annotate` sits next to this interpreter
@@ -95,3 +104,26 @@ def results_table(figures: list[Figure]) -> str:
         ours = f"{f.ours}<br>{f.note}" if f.note else f.ours
         lines.append(f"| {f.figure} | {f.target} | {ours} | {f.baseline} | {f.ratio} | {verdict[f.met]} |")
     return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0)
+    return f"{os.cpu_count()} CPUs ({cpu}), {mem / 1024:.1f} GB RAM, {platform.system()} {platform.release()}, " \
+           f"Python {platform.python_version()}"
+
+
+def standalone(measure: Callable[[Path], T], to_figures: Callable[[T], list[Figure]],
+               problems: Callable[[T], list[str]]) -> int:
+    """One benchmark script run on its own: measure in a temporary directory, print the command,
+    the date, the machine and the table; exit 1 when one of its checks failed."""
+    started = time.perf_counter()
+    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    with tempfile.TemporaryDirectory(prefix="annotate-bench-") as tmp:
+        measured = measure(Path(tmp))
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}  (cwd {Path.cwd()})")
+    print(f"date: {when}; {machine()}; whole script {time.perf_counter() - started:.0f} s\n")
+    print(results_table(to_figures(measured)))
+    return 1 if problems(measured) else 0

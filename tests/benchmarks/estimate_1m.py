@@ -19,15 +19,10 @@ with test_, so pytest does not collect it.
 
 from __future__ import annotations
 
-import datetime
 import io
 import json
-import os
-import platform
-import shlex
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +32,7 @@ import polars as pl
 import yaml
 from PIL import Image
 
-from common import ANNOTATE, HOST, KEY_ENV, Figure, Finished, results_table, run_to_exit
+from common import ANNOTATE, Figure, Finished, HOST, KEY_ENV, run_to_exit, standalone
 from pipeline.tokens import Detail, input_tokens
 
 ROWS = 1_000_000
@@ -192,15 +187,7 @@ def figures(work: Path) -> list[Figure]:
 
 
 def main() -> int:
-    started = time.perf_counter()
-    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
-    with tempfile.TemporaryDirectory(prefix="annotate-bench-estimate-") as tmp:
-        measured = measure(Path(tmp))
-    print(f"command: {shlex.join([sys.executable, *sys.argv])}  (cwd {Path.cwd()})")
-    print(f"date: {when}; {os.cpu_count()} CPUs, Python {platform.python_version()}, Polars {pl.__version__}; "
-          f"whole script {time.perf_counter() - started:.0f} s\n")
-    print(results_table(to_figures(measured)))
-    return 1 if measured.problems else 0
+    return standalone(measure, to_figures, lambda measured: measured.problems)
 
 
 if __name__ == "__main__":

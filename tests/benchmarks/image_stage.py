@@ -14,13 +14,13 @@ from __future__ import annotations
 import base64
 import io
 import math
-import tempfile
+import sys
 import time
 from pathlib import Path
 
 from PIL import Image, ImageChops, ImageFilter
 
-from common import Figure, results_table
+from common import Figure, standalone
 from pipeline.images import _JPEG_QUALITY, to_parts
 
 PHOTO_COUNT = 20
@@ -117,7 +117,4 @@ def figures(work: Path) -> list[Figure]:
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory(prefix="annotate-bench-") as tmp:
-        started = time.perf_counter()
-        print(results_table(figures(Path(tmp))))
-        print(f"\n({time.perf_counter() - started:.0f} s, generation included)")
+    sys.exit(standalone(figures, lambda done: done, lambda done: []))

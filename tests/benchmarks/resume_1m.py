@@ -33,16 +33,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import os
-import platform
 import re
-import shlex
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -56,7 +52,7 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
-from common import ANNOTATE, HOST, KEY_ENV, Figure, Finished, child_env, results_table, run_to_exit
+from common import ANNOTATE, Figure, Finished, HOST, KEY_ENV, child_env, run_to_exit, standalone
 from pipeline import config, results
 from pipeline.journal import Journal
 from pipeline.manifest import Manifest
@@ -455,15 +451,7 @@ def figures(work: Path) -> list[Figure]:
 
 
 def main() -> int:
-    started = time.perf_counter()
-    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
-    with tempfile.TemporaryDirectory(prefix="annotate-bench-resume-") as tmp:
-        measured = measure(Path(tmp))
-    print(f"command: {shlex.join([sys.executable, *sys.argv])}  (cwd {Path.cwd()})")
-    print(f"date: {when}; {os.cpu_count()} CPUs, Python {platform.python_version()}, Polars {pl.__version__}, "
-          f"PyArrow {pa.__version__}; whole script {time.perf_counter() - started:.0f} s\n")
-    print(results_table(to_figures(measured)))
-    return 1 if measured.problems else 0
+    return standalone(measure, to_figures, lambda measured: measured.problems)
 
 
 if __name__ == "__main__":

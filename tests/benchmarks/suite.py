@@ -20,7 +20,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from PIL import Image
 import estimate_1m
 import image_stage
 import resume_1m
-from common import ANNOTATE, KEY_ENV, Figure, Finished, child_env, results_table, run_to_exit
+from common import ANNOTATE, KEY_ENV, Figure, Finished, child_env, machine, results_table, run_to_exit
 from pipeline import simulator
 from pipeline.config import SimulatorSettings
 
@@ -319,15 +318,6 @@ def memory(work: Path, sizes: Sizes, checks: Checks) -> list[Figure]:
 
 
 # --- the table --------------------------------------------------------------------------------
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal")), 0)
-    return f"{os.cpu_count()} CPUs ({cpu}), {mem / 1024:.1f} GB RAM, {platform.system()} {platform.release()}, " \
-           f"Python {platform.python_version()}"
 
 
 def main() -> int:
