@@ -56,12 +56,6 @@ class Estimate:
 # --- image sizes, from headers ----------------------------------------------------------------
 
 
-def _file(ref: str, root: Path) -> Path:
-    """The file a reference names, resolved as `images` resolves it: a leading ~, then `root`."""
-    path = Path(ref).expanduser()
-    return path if path.is_absolute() else root / path
-
-
 @functools.lru_cache(maxsize=65_536)
 def _size_of(ref: str, root: Path, max_side: int | None, version: tuple[str, int, int, int]) -> (
         tuple[int, int] | None):
@@ -74,7 +68,7 @@ def _size(ref: str, root: Path, max_side: int | None) -> tuple[int, int] | None:
     file rewritten since is read again. The version is mtime, size and inode, not mtime alone:
     mtimes tick every few ms (2 s on FAT), and a rewrite within one tick must count too."""
     try:
-        path = _file(ref, root)
+        path = images.resolve(ref, root)
         stat = os.stat(path)
     except (OSError, ValueError, RuntimeError):  # missing, a URL, a NUL in the path, an unknown ~user
         return images.size_as_sent(ref, root, max_side)  # a URL's None, or the RowInputError saying why

@@ -19,7 +19,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from .errors import RowInputError
 from .manifest import ImageRef
 
-__all__ = ["ImagePart", "to_parts", "sniff_mime", "size_as_sent"]
+__all__ = ["ImagePart", "to_parts", "sniff_mime", "size_as_sent", "resolve"]
 
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"\xff\xd8\xff", 0, "image/jpeg"),
@@ -50,14 +50,15 @@ def sniff_mime(data: bytes) -> str | None:
     return None
 
 
-def _path(ref: str, root: Path) -> Path:
+def resolve(ref: str, root: Path) -> Path:
+    """The file a reference names: a leading ~ expanded, a relative path under `root`."""
     path = Path(ref).expanduser()
     return path if path.is_absolute() else root / path
 
 
 def _read(ref: str, root: Path) -> bytes:
     try:
-        path = _path(ref, root)
+        path = resolve(ref, root)
         return path.read_bytes()
     except FileNotFoundError:
         raise RowInputError(f"missing file {path}") from None
@@ -150,7 +151,7 @@ def size_as_sent(ref: ImageRef, root: Path, max_side: int | None = None) -> tupl
     if isinstance(ref, str) and ref.startswith(_REMOTE):
         return None
     try:
-        source: Any = io.BytesIO(ref) if isinstance(ref, bytes) else _path(ref, root)
+        source: Any = io.BytesIO(ref) if isinstance(ref, bytes) else resolve(ref, root)
         with Image.open(source) as image:
             fitted = _fitted(image.size, max_side)
             return _upright(fitted, _orientation(image)) if fitted != image.size else fitted

@@ -23,9 +23,9 @@ def _texts(row: ManifestRow, prompt: PromptConfig, schema: OutputSchema | None) 
     prompt mode in the user's."""
     system, user = prompt.system, row.prompt
     if schema is not None and schema.mode == "json_object":
-        system = f"{system}\n\n{schema.instruction()}" if system else schema.instruction()
+        system = f"{system}\n\n{schema.instruction}" if system else schema.instruction
     elif schema is not None and schema.mode == "prompt":
-        user = f"{user}\n\n{schema.instruction()}"
+        user = f"{user}\n\n{schema.instruction}"
     return system, user
 
 
@@ -50,7 +50,7 @@ def input_texts(row: ManifestRow, prompt: PromptConfig, schema: OutputSchema | N
     system, user = _texts(row, prompt, schema)
     texts = [user, *([system] if system else [])]
     if schema is not None and schema.mode == "json_schema":
-        texts.append(schema.instruction())  # providers count the schema as input too
+        texts.append(schema.instruction)  # providers count the schema as input too
     return texts
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from tqdm import tqdm
 
 from . import images, payload, results
@@ -373,9 +374,7 @@ def _check_identity(store: Store, cfg: RunConfig, total: int, force: bool) -> No
     })
 
 
-def _open_store(cfg: RunConfig, manifest: Manifest, total: int, schema: OutputSchema | None, retry_failed: bool,
-                force: bool) -> Store:
-    columns = results.schema(manifest.keep_schema, schema.fields if schema else ())
+def _open_store(cfg: RunConfig, columns: pa.Schema, total: int, retry_failed: bool, force: bool) -> Store:
     store = Store(cfg.output.dir, columns, journal=cfg.output.journal, retry_failed=retry_failed)
     try:
         _check_identity(store, cfg, total, force)
@@ -398,10 +397,10 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
         raise ConfigError("limits.max_cost_usd: a budget needs request.max_tokens, the cap on what an answer costs")
     manifest = Manifest(cfg.input, cfg.prompt)
     schema = labels(cfg.output_schema, cfg.request.structured)
-    results.schema(manifest.keep_schema, schema.fields if schema else ())  # a clashing field name: exit 2 now
+    columns = results.schema(manifest.keep_schema, schema.fields if schema else ())  # a clashing field: exit 2 now
     total = await asyncio.to_thread(manifest.count)
     with _endpoint(cfg.endpoint) as (endpoint, key):
-        store = await asyncio.to_thread(_open_store, cfg, manifest, total, schema, retry_failed, force)
+        store = await asyncio.to_thread(_open_store, cfg, columns, total, retry_failed, force)
         summary = Summary(output_dir=cfg.output.dir, total=total, resumed=store.resumed,
                           failed_before=store.failed_for_good)
         if prices.find(cfg.request.model) is None:

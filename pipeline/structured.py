@@ -226,13 +226,14 @@ def _cell(value: Any, kind: pa.DataType) -> Any:
     return value
 
 
-def _problems(validator: Draft202012Validator, value: Any) -> Iterator[str]:
+def _problem(validator: Draft202012Validator, value: Any) -> str | None:
     from jsonschema.exceptions import best_match
 
     error = best_match(validator.iter_errors(value))
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path)
-        yield f"{where}: {error.message}" if where else error.message
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path)
+    return f"{where}: {error.message}" if where else error.message
 
 
 @dataclass(frozen=True)
@@ -242,21 +243,16 @@ class OutputSchema:
     schema: JSON
     mode: Mode = "json_schema"
     fields: list[pa.Field] = field(init=False)
+    instruction: str = field(init=False, repr=False)  # the schema stated in words, for a message
     _validator: Draft202012Validator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fields", arrow_fields(self.schema))
         from jsonschema import Draft202012Validator
 
+        object.__setattr__(self, "fields", arrow_fields(self.schema))
+        object.__setattr__(self, "instruction", "Answer with one JSON object and nothing else. It must match "
+                           "this JSON Schema:\n" + json.dumps(self.schema, separators=(",", ":")))
         object.__setattr__(self, "_validator", Draft202012Validator(self.schema))
-
-    @property
-    def names(self) -> list[str]:
-        return [f.name for f in self.fields]
-
-    def instruction(self) -> str:
-        return ("Answer with one JSON object and nothing else. It must match this JSON Schema:\n"
-                + json.dumps(self.schema, separators=(",", ":")))
 
     def response_format(self) -> JSON | None:
         if self.mode == "json_schema":
@@ -272,7 +268,7 @@ class OutputSchema:
             value = json.loads(fenced.group(1) if fenced else text)
         except ValueError as exc:
             raise Unusable(f"is not valid JSON ({exc})") from None
-        if problem := next(_problems(self._validator, value), None):
+        if problem := _problem(self._validator, value):
             raise Unusable(f"does not match the schema: {problem}")
         return {f.name: _cell(value.get(f.name), f.type) for f in self.fields}
 

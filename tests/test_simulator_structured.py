@@ -50,9 +50,9 @@ def _body(mode: Mode | None = "json_schema", url: str = SQUARES, schema: dict[st
     system = "You annotate images."
     text = prompt
     if mode == "json_object":
-        system += "\n" + out.instruction()
+        system += "\n" + out.instruction
     elif mode == "prompt":
-        text += "\n" + out.instruction()
+        text += "\n" + out.instruction
     user = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]
     body: dict[str, Any] = {"model": "gpt-4o", "messages": [{"role": "system", "content": system},
                                                             {"role": "user", "content": user}], **extra}
