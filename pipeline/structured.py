@@ -35,6 +35,7 @@ _ARROW: dict[str, pa.DataType] = {"string": pa.string(), "integer": pa.int64(), 
 _LIST = re.compile(r"list\[(.+)\]", re.S)
 _ENUM = re.compile(r"enum\[(.*)\]", re.S)
 _FENCE = re.compile(r"\A\s*```(?:json)?\s*\n(.*?)\n\s*```\s*\Z", re.S)
+_MAX_DEPTH = 32  # nesting levels of one column's type
 SCHEMA_NAME = "annotation"  # json_schema.name on the wire
 
 
@@ -126,8 +127,12 @@ def json_schema(spec: Any) -> JSON:
 
 
 def _resolve(node: Any, root: JSON, path: str) -> JSON:
+    followed: set[str] = set()
     while isinstance(node, Mapping) and "$ref" in node:
         ref = node["$ref"]
+        if ref in followed:
+            raise SchemaError(path, f"{ref!r} refers to itself in a loop")
+        followed.add(ref)
         target: Any = root
         if not isinstance(ref, str) or not ref.startswith("#/"):
             raise SchemaError(path, f"only local references (#/$defs/...) are followed, not {ref!r}")
@@ -171,7 +176,9 @@ def _node(node: Any, root: JSON, path: str) -> JSON:
     return resolved
 
 
-def _arrow_type(node: Any, root: JSON, path: str) -> pa.DataType:
+def _arrow_type(node: Any, root: JSON, path: str, depth: int) -> pa.DataType:
+    if depth > _MAX_DEPTH:
+        raise SchemaError(path, f"nested over {_MAX_DEPTH} levels: a recursive schema has no fixed column type")
     node = _node(node, root, path)
     kind = _one_type(node, path)
     if kind in _ARROW:
@@ -179,11 +186,11 @@ def _arrow_type(node: Any, root: JSON, path: str) -> pa.DataType:
     if kind == "array":
         if "items" not in node:
             raise SchemaError(path, "a list needs items: the type of its elements")
-        return pa.list_(_arrow_type(node["items"], root, path + "[]"))
+        return pa.list_(_arrow_type(node["items"], root, path + "[]", depth + 1))
     if kind == "object":
         if not node.get("properties"):
             raise SchemaError(path, "an object needs properties: the fields of its column")
-        return pa.struct(_fields(node, root, path))
+        return pa.struct(_fields(node, root, path, depth + 1))
     raise SchemaError(path, f"type {kind!r} has no column type")
 
 
@@ -199,8 +206,9 @@ def categories(schema: JSON) -> list[tuple[str, ...]]:
     return list(walk(schema, ()))
 
 
-def _fields(node: JSON, root: JSON, path: str) -> list[pa.Field]:
-    return [pa.field(name, _arrow_type(sub, root, _join(path, name))) for name, sub in node["properties"].items()]
+def _fields(node: JSON, root: JSON, path: str, depth: int = 0) -> list[pa.Field]:
+    return [pa.field(name, _arrow_type(sub, root, _join(path, name), depth))
+            for name, sub in node["properties"].items()]
 
 
 def arrow_fields(schema: JSON) -> list[pa.Field]:

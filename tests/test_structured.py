@@ -62,11 +62,19 @@ def test_a_json_schema_is_taken_as_it_is_with_refs_and_nullable_fields() -> None
     ({"type": "object", "properties": {"a": {"type": "array"}}}, "a", "needs items"),
     ({"type": "object", "properties": {"a": {"type": "object"}}}, "a", "needs properties"),
     ({"type": "object", "properties": {"a": {"$ref": "other.json#/x"}}}, "a", "only local references"),
+    ({"type": "object", "$defs": {"tree": {"type": "object", "properties": {"kids": {
+        "type": "array", "items": {"$ref": "#/$defs/tree"}}}}},
+      "properties": {"root": {"$ref": "#/$defs/tree"}}}, "root.kids[].kids[]…", "a recursive schema"),
+    ({"type": "object", "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+      "properties": {"x": {"$ref": "#/$defs/a"}}}, "x", "refers to itself in a loop"),
 ])
 def test_a_schema_without_column_types_names_the_field(spec: dict[str, Any], path: str, words: str) -> None:
     with pytest.raises(SchemaError) as caught:
         json_schema(spec)
-    assert caught.value.path == path
+    if path.endswith("…"):  # named where the nesting gives up, somewhere down the recursion
+        assert caught.value.path.startswith(path[:-1])
+    else:
+        assert caught.value.path == path
     assert words in caught.value.message
 
 
