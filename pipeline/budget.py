@@ -8,7 +8,18 @@ says what it really cost, so what the provider bills never passes the cap.
 
 from __future__ import annotations
 
-__all__ = ["Budget"]
+import asyncio
+from typing import Protocol
+
+__all__ = ["Budget", "Purse"]
+
+
+class Purse(Protocol):
+    """The budget as a sender sees it: in this process, or the cluster's (pipeline.ray_engine)."""
+
+    async def hold(self, worst_usd: float) -> bool: ...
+
+    def release(self, worst_usd: float, actual_usd: float) -> None: ...
 
 
 class Budget:
@@ -18,6 +29,7 @@ class Budget:
         self.held_usd = 0.0  # worst cases of the requests in flight
         self.in_flight = 0  # counted apart: float sums never come back to exactly zero
         self.exhausted = False
+        self._settled = asyncio.Event()
 
     def reserve(self, worst_usd: float) -> bool:
         """Hold a request's worst case, or say False when it could pass the cap. While other
@@ -34,3 +46,18 @@ class Budget:
         self.held_usd -= worst_usd
         self.in_flight -= 1
         self.spent_usd += actual_usd
+
+    async def hold(self, worst_usd: float) -> bool:
+        """Reserve a request's worst case, waiting while requests in flight may still leave
+        room; False when the budget is spent and the request must not be sent."""
+        while not self.reserve(worst_usd):
+            if self.exhausted:
+                return False
+            await self._settled.wait()
+        return True
+
+    def release(self, worst_usd: float, actual_usd: float) -> None:
+        """Settle a request held by `hold`, and wake those waiting for room."""
+        self.settle(worst_usd, actual_usd)
+        self._settled.set()
+        self._settled = asyncio.Event()

@@ -52,6 +52,7 @@ AUTH_HEADERS: dict[AuthStyle, Callable[[str], dict[str, str]]] = {
 _RETRIED = frozenset({408, 409, 429})
 # Statuses that say the key, the account or the model is wrong: every row would fail alike.
 ACCOUNT_STATUSES = frozenset({401, 403, 404})
+SIMULATOR_KEY = "simulator"  # what the bundled simulator is sent when no key is set
 _COOL_DOWN_S = 1.0  # after a 429 that names no wait
 # The longest wait a Retry-After is obeyed for: a date from a skewed clock, or a number meant
 # for a human, would otherwise pause every sender for hours.
@@ -69,13 +70,14 @@ class Pacer(Protocol):
     def cool_down(self, seconds: float) -> None: ...
 
 
-def read_key(endpoint: EndpointConfig, fallback: str | None = None) -> str:
-    """The API key from the variable the config names; ConfigError when it is unset or empty."""
+def read_key(endpoint: EndpointConfig) -> str:
+    """The API key from the variable the config names; ConfigError when it is unset or empty,
+    unless the endpoint is the bundled simulator, which takes any key."""
     key = os.environ.get(endpoint.api_key_env, "").strip()
     if key:
         return key
-    if fallback is not None:
-        return fallback
+    if endpoint.simulator is not None:
+        return SIMULATOR_KEY
     raise ConfigError(f"endpoint.api_key_env: the variable {endpoint.api_key_env} is unset or empty")
 
 

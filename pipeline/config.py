@@ -35,6 +35,7 @@ __all__ = [
     "PromptConfig",
     "SimulatorSettings",
     "EndpointConfig",
+    "RayConfig",
     "RequestConfig",
     "LimitsConfig",
     "OutputConfig",
@@ -103,6 +104,15 @@ class EndpointConfig(_Model):
     headers: dict[str, str] = {}
     timeout_s: PositiveFloat = 120.0
     simulator: SimulatorSettings | None = None
+    # this endpoint's own limits; unset ones are the run's (limits:)
+    concurrency: PositiveInt | None = None
+    requests_per_minute: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+
+    def limits(self, run: LimitsConfig) -> LimitsConfig:
+        """The run's limits with this endpoint's own in their place."""
+        own = self.model_dump(include={"concurrency", "requests_per_minute", "tokens_per_minute"}, exclude_none=True)
+        return run.model_copy(update=own)
 
 
 class RequestConfig(_Model):
@@ -171,6 +181,18 @@ class OutputConfig(_Model):
                                             "done; off only to measure what durability costs")
 
 
+class RayConfig(_Model):
+    """How a run uses a Ray cluster (engine: ray)."""
+
+    address: str | None = Field(None, description="the cluster to join, as ray.init takes it; default: "
+                                                  "$RAY_ADDRESS, else a one-machine cluster started for the run")
+    http_actors: PositiveInt = Field(2, description="actors sending requests; the endpoints' concurrency is "
+                                                    "shared out among them")
+    prep_tasks: PositiveInt | None = Field(None, description="image preparation tasks at once; default: one "
+                                                             "per CPU of the cluster")
+    block_rows: PositiveInt = Field(32, description="rows per block handed between stages")
+
+
 class Price(_Model):
     """USD per 1M tokens."""
 
@@ -183,6 +205,10 @@ class RunConfig(_Model):
     input: InputConfig
     prompt: PromptConfig = PromptConfig()
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+    endpoints: tuple[EndpointConfig, ...] = Field(
+        (), description="several endpoints or keys, each under its own limits, instead of endpoint:")
+    engine: Literal["local", "ray"] = "local"
+    ray: RayConfig = RayConfig()
     request: RequestConfig
     limits: LimitsConfig = LimitsConfig()
     output: OutputConfig = OutputConfig()
@@ -194,6 +220,17 @@ class RunConfig(_Model):
     @classmethod
     def _as_json_schema(cls, value: Any) -> Any:
         return None if value is None else json_schema(value)
+
+    @model_validator(mode="after")
+    def _one_endpoint_key(self) -> RunConfig:
+        if self.endpoints and "endpoint" in self.model_fields_set:
+            raise ValueError("endpoint, endpoints: set one of them (endpoints: lists several)")
+        return self
+
+    @property
+    def targets(self) -> tuple[EndpointConfig, ...]:
+        """The endpoints requests go to."""
+        return self.endpoints or (self.endpoint,)
 
     @model_validator(mode="after")
     def _schema_settings(self) -> RunConfig:

@@ -1,7 +1,12 @@
 """How many requests may be in flight and when the next may start.
 
-Owns: the concurrency bound, requests-per-minute and tokens-per-minute pacing, and the
-shared cool-down after a 429. Never: HTTP, or what a request contains.
+Owns: the concurrency bound, requests-per-minute and tokens-per-minute pacing, the shared
+cool-down after a 429, and which endpoint has most room for the next request. Never: HTTP, or
+what a request contains.
+
+The senders see two small interfaces, `Limiter` (one endpoint) and `Limits` (every endpoint of
+a run), so the same sending code runs against the in-process buckets here or against the
+cluster-wide ones the Ray engine serves from a single actor (`pipeline.ray_engine`).
 
 The buckets are written here rather than taken from aiolimiter: a token reservation must be
 settled against the usage the response reports afterwards, and a 429 must pause every
@@ -12,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
 
 from .config import LimitsConfig
 
-__all__ = ["Bucket", "Limiter"]
+__all__ = ["Bucket", "Limiter", "Limits", "LocalLimiter", "LocalLimits", "roomiest"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]  # injectable, so tests run on a fake clock
@@ -67,11 +73,32 @@ class Bucket:
         self._level = min(self.capacity, self._level + reserved - actual)
 
 
-class Limiter:
-    """Concurrency, request and token pacing, and a cool-down shared by all senders.
+class Limiter(Protocol):
+    """One endpoint's limits, as a sender sees them."""
+
+    def slot(self) -> AbstractAsyncContextManager[None]: ...
+
+    async def pace(self, tokens: int) -> None: ...
+
+    def settle(self, reserved: int, actual: int) -> None: ...
+
+    def cool_down(self, seconds: float) -> None: ...
+
+
+class Limits(Protocol):
+    """Every endpoint's limiter, and which endpoint the next request should go to."""
+
+    def __getitem__(self, endpoint: int) -> Limiter: ...
+
+    async def pick(self, tokens: int) -> int: ...
+
+
+class LocalLimiter:
+    """Concurrency, request and token pacing, and a cool-down shared by all senders in this
+    process.
 
     Usage:
-        limiter = Limiter.from_config(cfg.limits)
+        limiter = LocalLimiter.from_config(cfg.limits)
         async with limiter.slot():             # one request in flight, retries included
             await limiter.pace(tokens)         # before each attempt
             ...
@@ -88,6 +115,7 @@ class Limiter:
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._slots = asyncio.Semaphore(concurrency)
+        self.free = concurrency  # slots not taken
         self._clock = clock
         self._sleep = sleep
         self._requests = self._bucket(requests_per_minute, clock, sleep)
@@ -102,13 +130,26 @@ class Limiter:
         return Bucket(per_s, max(1.0, per_s * BURST_S), clock, sleep)
 
     @classmethod
-    def from_config(cls, limits: LimitsConfig) -> Limiter:
+    def from_config(cls, limits: LimitsConfig) -> LocalLimiter:
         return cls(limits.concurrency, limits.requests_per_minute, limits.tokens_per_minute)
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         async with self._slots:
-            yield
+            self.free -= 1
+            try:
+                yield
+            finally:
+                self.free += 1
+
+    def wait_s(self, tokens: int) -> float:
+        """Seconds until a request of `tokens` could start, were a slot free."""
+        waits = [self._resume_at - self._clock()]
+        if self._requests:
+            waits.append(self._requests.wait_s(1))
+        if self._tokens:
+            waits.append(self._tokens.wait_s(tokens))
+        return max(0.0, *waits)
 
     async def pace(self, tokens: int) -> None:
         """Wait until a request of `tokens` may start, and reserve it."""
@@ -126,3 +167,26 @@ class Limiter:
     def cool_down(self, seconds: float) -> None:
         """No request starts for `seconds` from now (a later, longer cool-down wins)."""
         self._resume_at = max(self._resume_at, self._clock() + seconds)
+
+
+def roomiest(limiters: Sequence[LocalLimiter], tokens: int) -> int:
+    """The endpoint a request of `tokens` could start on soonest; of those, the one with most
+    free slots, then the first."""
+    return min(range(len(limiters)), key=lambda i: (limiters[i].wait_s(tokens), -limiters[i].free, i))
+
+
+class LocalLimits:
+    """The limiters of a run's endpoints, in this process."""
+
+    def __init__(self, limiters: Sequence[LocalLimiter]) -> None:
+        self.limiters = list(limiters)
+
+    @classmethod
+    def from_config(cls, endpoints: Sequence[LimitsConfig]) -> LocalLimits:
+        return cls([LocalLimiter.from_config(limits) for limits in endpoints])
+
+    def __getitem__(self, endpoint: int) -> LocalLimiter:
+        return self.limiters[endpoint]
+
+    async def pick(self, tokens: int) -> int:
+        return roomiest(self.limiters, tokens) if len(self.limiters) > 1 else 0

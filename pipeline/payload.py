@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from .config import PromptConfig, RequestConfig
-from .images import ImagePart
+from .images import ImagePart, to_parts
 from .manifest import ManifestRow
 from .structured import OutputSchema
 from .tokens import input_tokens
 
-__all__ = ["build", "estimate", "input_texts", "follow_up", "TokenEstimate", "UNSET_MAX_TOKENS"]
+__all__ = ["build", "estimate", "input_texts", "follow_up", "prepare", "Prepared", "TokenEstimate", "UNSET_MAX_TOKENS"]
 
 # Without max_tokens a provider may answer at length; limits reserve this many per choice.
 UNSET_MAX_TOKENS = 1024
@@ -81,3 +82,19 @@ def follow_up(body: dict[str, Any], tokens: TokenEstimate, messages: Sequence[di
     more = replace(tokens, input=tokens.input + input_tokens(model, texts, [], "auto"),
                    input_max=tokens.input_max + input_tokens(model, texts, [], "auto", worst=True))
     return {**body, "messages": [*body["messages"], *messages]}, more
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """One row's request, ready to send: the body and what it may cost in tokens."""
+
+    body: dict[str, Any]
+    tokens: TokenEstimate
+
+
+def prepare(row: ManifestRow, root: Path, request: RequestConfig, prompt: PromptConfig,
+            schema: OutputSchema | None = None) -> Prepared:
+    """Read, fit and encode the row's images and build its request; CPU-bound, so both engines
+    run it off the event loop. Raises RowInputError for an image that cannot be sent."""
+    parts = to_parts(row.images, root, prompt.max_side)
+    return Prepared(build(row, parts, request, prompt, schema), estimate(row, parts, request, prompt, schema))

@@ -92,8 +92,9 @@ def write_manifest(tmp_path: Path, rows: list[dict[str, Any]], name: str = "mani
     return path
 
 
-def write_config(tmp_path: Path, base_url: str, manifest: Path, **sections: dict[str, Any]) -> Path:
-    """A config file for a run against `base_url`; sections are merged over the defaults."""
+def write_config(tmp_path: Path, base_url: str, manifest: Path, **sections: Any) -> Path:
+    """A config file for a run against `base_url`; mappings are merged over the defaults, other
+    values (a list of endpoints) replace them, and None drops a section."""
     data: dict[str, Any] = {
         "input": {"manifest": str(manifest)},
         "endpoint": {"base_url": base_url, "api_key_env": KEY_ENV, "timeout_s": 5},
@@ -102,7 +103,10 @@ def write_config(tmp_path: Path, base_url: str, manifest: Path, **sections: dict
         "output": {"dir": str(tmp_path / "out")},
     }
     for name, values in sections.items():
-        data[name] = {**data.get(name, {}), **values}
+        if values is None:
+            data.pop(name, None)
+        else:
+            data[name] = {**data.get(name, {}), **values} if isinstance(values, dict) else values
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path

@@ -1,4 +1,4 @@
-"""Bucket and Limiter on a fake clock: their injected sleep advances the clock instead of waiting."""
+"""Bucket and LocalLimiter on a fake clock: their injected sleep advances the clock instead of waiting."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.limits import BURST_S, Bucket, Limiter
+from pipeline.limits import BURST_S, Bucket, LocalLimiter
 
 
 class FakeTime:
@@ -36,7 +36,7 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 def test_rpm_allows_a_burst_of_capacity_then_spaces_requests(fake: FakeTime) -> None:
-    limiter = Limiter(concurrency=1, requests_per_minute=6000, clock=fake, sleep=fake.sleep)
+    limiter = LocalLimiter(concurrency=1, requests_per_minute=6000, clock=fake, sleep=fake.sleep)
     capacity = 6000 / 60 * BURST_S  # 10 requests
 
     async def main() -> list[float]:
@@ -113,7 +113,7 @@ def test_settle_never_fills_beyond_capacity(fake: FakeTime) -> None:
 
 def test_limiter_settle_moves_the_next_token_wait(fake: FakeTime) -> None:
     # 6000 tokens/min = 100/s, capacity 10 tokens
-    limiter = Limiter(concurrency=1, tokens_per_minute=6000, clock=fake, sleep=fake.sleep)
+    limiter = LocalLimiter(concurrency=1, tokens_per_minute=6000, clock=fake, sleep=fake.sleep)
 
     async def main() -> list[float]:
         marks = []
@@ -130,7 +130,7 @@ def test_limiter_settle_moves_the_next_token_wait(fake: FakeTime) -> None:
 
 
 def test_cool_down_holds_the_next_pace(fake: FakeTime) -> None:
-    limiter = Limiter(concurrency=1, clock=fake, sleep=fake.sleep)
+    limiter = LocalLimiter(concurrency=1, clock=fake, sleep=fake.sleep)
 
     async def main() -> None:
         limiter.cool_down(2.0)
@@ -142,7 +142,7 @@ def test_cool_down_holds_the_next_pace(fake: FakeTime) -> None:
 
 
 def test_shorter_later_cool_down_does_not_shorten_it(fake: FakeTime) -> None:
-    limiter = Limiter(concurrency=1, requests_per_minute=60_000, clock=fake, sleep=fake.sleep)
+    limiter = LocalLimiter(concurrency=1, requests_per_minute=60_000, clock=fake, sleep=fake.sleep)
 
     async def main() -> None:
         limiter.cool_down(2.0)  # until t = 2.0
@@ -156,7 +156,7 @@ def test_shorter_later_cool_down_does_not_shorten_it(fake: FakeTime) -> None:
 
 
 def test_longer_later_cool_down_extends_it(fake: FakeTime) -> None:
-    limiter = Limiter(concurrency=1, clock=fake, sleep=fake.sleep)
+    limiter = LocalLimiter(concurrency=1, clock=fake, sleep=fake.sleep)
 
     async def main() -> None:
         limiter.cool_down(1.0)
@@ -169,7 +169,7 @@ def test_longer_later_cool_down_extends_it(fake: FakeTime) -> None:
 
 
 def test_pace_without_limits_does_not_wait(fake: FakeTime) -> None:
-    limiter = Limiter(concurrency=4, clock=fake, sleep=fake.sleep)
+    limiter = LocalLimiter(concurrency=4, clock=fake, sleep=fake.sleep)
 
     async def main() -> None:
         for _ in range(1000):
@@ -180,7 +180,7 @@ def test_pace_without_limits_does_not_wait(fake: FakeTime) -> None:
 
 
 def test_concurrency_bounds_slot_holders() -> None:
-    limiter = Limiter(concurrency=3)
+    limiter = LocalLimiter(concurrency=3)
     holding: set[int] = set()
     most = 0
     entered = {i: asyncio.Event() for i in range(6)}

@@ -10,7 +10,7 @@ from unittest.mock import AsyncMock, call
 import httpx
 import pytest
 
-from pipeline.client import _retry_after, read_key, retry_policy
+from pipeline.client import SIMULATOR_KEY, _retry_after, read_key, retry_policy
 from pipeline.config import EndpointConfig
 from pipeline.errors import ConfigError, Rejected, Retryable
 
@@ -128,12 +128,12 @@ def test_read_key_unset_or_blank_names_the_variable(monkeypatch: pytest.MonkeyPa
         read_key(EndpointConfig(api_key_env="MY_PROVIDER_KEY"))
 
 
-def test_read_key_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_simulator_needs_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MY_PROVIDER_KEY", raising=False)
-    endpoint = EndpointConfig(api_key_env="MY_PROVIDER_KEY")
-    assert read_key(endpoint, fallback="sim-key") == "sim-key"
+    endpoint = EndpointConfig(api_key_env="MY_PROVIDER_KEY", simulator={})
+    assert read_key(endpoint) == SIMULATOR_KEY
     monkeypatch.setenv("MY_PROVIDER_KEY", "real-key")
-    assert read_key(endpoint, fallback="sim-key") == "real-key"  # a set variable wins over the fallback
+    assert read_key(endpoint) == "real-key"  # a set variable wins over the placeholder
 
 
 def test_a_huge_retry_after_is_capped() -> None:
