@@ -50,9 +50,17 @@ class Bucket:
 
     def _refill(self) -> float:
         now = self._clock()
-        self._level = min(self.capacity, self._level + (now - self._stamp) * self.per_s)
-        self._stamp = now
+        if now > self._stamp:  # nothing accrues before a pause ends
+            self._level = min(self.capacity, self._level + (now - self._stamp) * self.per_s)
+            self._stamp = now
         return self._level
+
+    def pause(self, until: float) -> None:
+        """Nothing may be taken before `until`, and the allowance starts from empty then, so
+        the takers that waited out a pause leave at the bucket's rate, not as one burst."""
+        self._refill()
+        self._level = min(self._level, 0.0)
+        self._stamp = max(self._stamp, until)
 
     def wait_s(self, amount: float) -> float:
         """Seconds until `amount` could be taken (0 when it can be taken now)."""
@@ -165,8 +173,12 @@ class LocalLimiter:
             self._tokens.settle(reserved, actual)
 
     def cool_down(self, seconds: float) -> None:
-        """No request starts for `seconds` from now (a later, longer cool-down wins)."""
+        """No request starts for `seconds` from now (a later, longer cool-down wins), not even
+        one already waiting its turn in a bucket."""
         self._resume_at = max(self._resume_at, self._clock() + seconds)
+        for bucket in (self._requests, self._tokens):
+            if bucket:
+                bucket.pause(self._resume_at)
 
 
 def roomiest(limiters: Sequence[LocalLimiter], tokens: int) -> int:

@@ -141,6 +141,33 @@ def test_cool_down_holds_the_next_pace(fake: FakeTime) -> None:
     assert sum(fake.sleeps) == pytest.approx(2.0)
 
 
+def test_cool_down_stops_a_request_already_waiting_in_the_bucket(fake: FakeTime) -> None:
+    armed: list[bool] = []
+
+    async def sleep(seconds: float) -> None:
+        if armed == [True]:
+            armed.append(True)
+            limiter.cool_down(2.0)  # another sender's 429, while this one waits its turn
+        await fake.sleep(seconds)
+
+    limiter = LocalLimiter(concurrency=1, requests_per_minute=6000, clock=fake, sleep=sleep)  # 100/s
+
+    async def main() -> list[float]:
+        for _ in range(10):  # the burst allowance
+            await limiter.pace(0)
+        armed.append(True)
+        starts = []
+        for _ in range(5):
+            await limiter.pace(0)
+            starts.append(fake.now)
+        return starts
+
+    starts = run(main())
+    assert starts[0] >= 2.0  # not at 0.01, inside the cool-down
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert gaps == pytest.approx([0.01] * 4, abs=1e-6)  # then at the rate, not as a burst
+
+
 def test_shorter_later_cool_down_does_not_shorten_it(fake: FakeTime) -> None:
     limiter = LocalLimiter(concurrency=1, requests_per_minute=60_000, clock=fake, sleep=fake.sleep)
 
@@ -150,9 +177,9 @@ def test_shorter_later_cool_down_does_not_shorten_it(fake: FakeTime) -> None:
         limiter.cool_down(0.5)  # until t = 1.0: must not win
         await limiter.pace(1)
 
-    run(main())
-    assert fake.now == pytest.approx(2.0)
-    assert sum(fake.sleeps) == pytest.approx(1.5)
+    run(main())  # then one request's spacing (1 ms), since the allowance starts empty after a pause
+    assert fake.now == pytest.approx(2.001)
+    assert sum(fake.sleeps) == pytest.approx(1.501)
 
 
 def test_longer_later_cool_down_extends_it(fake: FakeTime) -> None:
