@@ -54,7 +54,9 @@ __all__ = ["run"]
 log = logging.getLogger(__name__)
 
 WAVE_ROWS = 20_000  # rows handed to Ray Data at a time: bounds what the driver and the object store hold
-_HTTP_ACTOR_CPUS = 0.25  # an HTTP actor mostly waits on the network
+# An HTTP actor mostly waits on the network, and reserves no CPU: a fraction on each node would
+# leave no node a whole CPU for a preparation task on small nodes, and the run would stall.
+_HTTP_ACTOR_CPUS = 0
 
 
 class Coordinator:
@@ -250,11 +252,15 @@ def _drive(driver: Driver, endpoints: list[EndpointConfig], limit: int | None, c
     cfg = driver.cfg
     root = driver.manifest.root
     for wave in _waves(driver, limit, cfg.ray.block_rows):
+        seen: set[str] = set()  # a block Ray ran twice (after losing a node) comes back twice
         for batch in _pipeline(cfg, wave, root, endpoints, coordinator).iter_batches(
                 batch_size=None, batch_format="pyarrow", prefetch_batches=4):
             if quit.is_set():
                 return
-            driver.record([pickle.loads(blob) for blob in batch.column("outcome").to_pylist()])
+            outcomes = [outcome for outcome in map(pickle.loads, batch.column("outcome").to_pylist())
+                        if outcome[0]["id"] not in seen]
+            seen.update(row["id"] for row, _ in outcomes)
+            driver.record(outcomes)
             if driver.stopped():
                 return
         _, exhausted = ray.get(coordinator.spending.remote())

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,7 @@ import pytest
 from pipeline import cli, simulator
 
 from .conftest import KEY, KEY_ENV, NAMED, named, write_config, write_manifest
+from .test_interrupt import wait_for
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -63,3 +68,105 @@ def test_both_engines_write_the_same_rows(cluster: Cluster, sim: simulator.Simul
     assert a.height == 61 and a["id"].n_unique() == 61
     assert a.equals(b)
     assert b.filter(pl.col("status") == "error")["error"].to_list() == [a.filter(pl.col("status") == "error")["error"][0]]
+
+
+def _rate(starts: list[float]) -> float:
+    starts = sorted(starts)
+    return (len(starts) - 1) / (starts[-1] - starts[0])
+
+
+def test_every_actor_keeps_within_one_global_request_limit(cluster: Cluster, faulty_sim: Callable[..., Any],
+                                                           tmp_path: Path, images: Callable[..., list[str]]) -> None:
+    rpm = 1200  # 20 a second, enforced by the simulator with real 429s
+    sim = faulty_sim(requests_per_minute=rpm)
+    manifest = write_manifest(tmp_path, named(images(240)))
+    config = write_config(tmp_path, sim.url, manifest, prompt=NAMED, engine="ray",
+                          ray={"http_actors": 4, "block_rows": 8},
+                          limits={"requests_per_minute": rpm, "concurrency": 16})
+    assert _run(config) == 0
+    log = sim.requests()
+    assert [entry.status for entry in log].count(429) == 0
+    assert len(log) == 240
+    assert _rate([entry.time for entry in log]) >= 0.95 * rpm / 60
+
+
+def test_a_retry_after_pauses_every_actor(cluster: Cluster, sim: simulator.Simulator, tmp_path: Path,
+                                          images: Callable[..., list[str]]) -> None:
+    sim.plan("img0030", [429], retry_after_s=2)
+    manifest = write_manifest(tmp_path, named(images(300)))
+    config = write_config(tmp_path, sim.url, manifest, prompt=NAMED, engine="ray",
+                          ray={"http_actors": 4, "block_rows": 8}, limits={"concurrency": 16})
+    assert _run(config) == 0
+    log = sim.requests()
+    refused = next(entry for entry in log if entry.status == 429)
+    # requests that had passed the limiter when the 429 came may still arrive just after it
+    during = [entry for entry in log if refused.answered_at + 0.25 < entry.time < refused.answered_at + 1.95]
+    after = [entry for entry in log if entry.time >= refused.answered_at + 1.95]
+    assert during == []
+    assert len(after) > 50  # the other actors had work, and waited
+    assert len(log) == 301
+
+
+def _all_once(directory: Path, rows: int) -> pl.DataFrame:
+    out = _read(directory)
+    assert out.height == rows and out["id"].n_unique() == rows
+    return out
+
+
+def test_losing_a_worker_node_mid_run_leaves_every_id_once(cluster: Cluster, faulty_sim: Callable[..., Any],
+                                                         tmp_path: Path, images: Callable[..., list[str]]) -> None:
+    sim = faulty_sim(latency_s=0.05)
+    manifest = write_manifest(tmp_path, named(images(600)))
+    config = write_config(tmp_path, sim.url, manifest, prompt=NAMED, engine="ray",
+                          ray={"http_actors": 4, "block_rows": 8}, limits={"concurrency": 8})
+    doomed = cluster.add_node(num_cpus=1)  # a fourth node, so the session keeps its three
+    cluster.wait_for_nodes()
+    codes: list[int] = []
+    run = threading.Thread(target=lambda: codes.append(_run(config)))
+    run.start()
+    wait_for(lambda: len(sim.requests()) >= 150)
+    cluster.remove_node(doomed, allow_graceful=False)
+    run.join(timeout=300)
+    assert codes == [0]
+    _all_once(tmp_path / "out", 600)
+    assert len(sim.requests()) >= 600  # what was in flight on the lost node may be asked again
+
+
+@pytest.mark.parametrize("rerun_engine", ["local", "ray"])
+def test_a_killed_driver_then_a_rerun_finishes_with_every_id_once(
+        cluster: Cluster, faulty_sim: Callable[..., Any], tmp_path: Path, images: Callable[..., list[str]],
+        rerun_engine: str) -> None:
+    sim = faulty_sim(latency_s=0.02)
+    manifest = write_manifest(tmp_path, named(images(500)))
+    config = write_config(tmp_path, sim.url, manifest, prompt=NAMED, engine="ray",
+                          ray={"http_actors": 2, "block_rows": 8, "address": cluster.address},
+                          limits={"concurrency": 8})
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config), "-q"], env=os.environ.copy(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: sum(entry.status == 200 for entry in sim.requests()) >= 100 or driver.poll() is not None)
+    assert driver.poll() is None, "the run ended before the kill"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert _run(config, "--set", f"engine={rerun_engine}") == 0
+    _all_once(tmp_path / "out", 500)
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_two_endpoints_each_stay_under_their_own_limit(request: pytest.FixtureRequest, faulty_sim: Callable[..., Any],
+                                                      tmp_path: Path, images: Callable[..., list[str]],
+                                                      engine: str) -> None:
+    if engine == "ray":
+        request.getfixturevalue("cluster")
+    slow, fast = faulty_sim(requests_per_minute=600), faulty_sim(requests_per_minute=1800)  # 10/s and 30/s
+    manifest = write_manifest(tmp_path, named(images(240)))
+    endpoints = [{"base_url": sim.url, "api_key_env": KEY_ENV, "requests_per_minute": rpm}
+                 for sim, rpm in ((slow, 600), (fast, 1800))]
+    config = write_config(tmp_path, slow.url, manifest, prompt=NAMED, endpoint=None, endpoints=endpoints,
+                          engine=engine, ray={"http_actors": 4, "block_rows": 8}, limits={"concurrency": 8})
+    assert _run(config) == 0
+    _all_once(tmp_path / "out", 240)
+    for sim in (slow, fast):
+        assert [entry.status for entry in sim.requests()].count(429) == 0
+    shares = len(slow.requests()), len(fast.requests())
+    assert sum(shares) == 240
+    assert 2 <= shares[1] / shares[0] <= 4.5  # rows went where there was room: about 1 to 3
