@@ -167,6 +167,7 @@ class _Http:
         self._shares = shares
         self._coordinator = coordinator
         self._sender: Sender | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _start(self) -> Sender:
         """Clients are made in the actor's event loop, as aiohttp wants; keys come from this
@@ -179,7 +180,21 @@ class _Http:
         purse = _RemotePurse(self._coordinator) if cfg.limits.max_cost_usd is not None else Budget(None)
         return Sender(cfg.request, clients, limits, purse, PriceTable(cfg.pricing), _schema(cfg), lambda: False)
 
+    def __del__(self) -> None:
+        """Ray Data drops the actor's function before the actor exits: close the connections
+        in the loop that opened them."""
+        if self._sender is not None and self._loop is not None and self._loop.is_running():
+            closing = asyncio.run_coroutine_threadsafe(self._close(self._sender), self._loop)
+            with contextlib.suppress(Exception):
+                closing.result(timeout=5)
+
+    @staticmethod
+    async def _close(sender: Sender) -> None:
+        for client in sender.clients:
+            await client.aclose()
+
     async def __call__(self, batch: pa.Table) -> pa.Table:
+        self._loop = asyncio.get_running_loop()
         sender = self._sender = self._sender or self._start()
         outcomes: list[bytes] = []
 

@@ -1,7 +1,7 @@
 """What a run produced, read back from its output directory with Polars.
 
-Owns: the summary of an output directory: rows by status, tokens and cost in total and by
-model, cost per 1,000 images, latency percentiles, throughput, the commonest errors, and value
+Owns: the summary of an output directory: rows by status, requests sent (retries included),
+tokens and cost in total and by model, cost per 1,000 images, latency percentiles, throughput, the commonest errors, and value
 counts of the output schema's enum and boolean fields.
 Never: writing to it.
 """
@@ -28,6 +28,7 @@ def summarize(directory: Path) -> dict[str, Any]:
     totals = rows.select(
         rows=pl.len(),
         images=pl.col("images").sum(),
+        attempts=pl.col("attempts").sum(),
         cost_usd=pl.col("cost_usd").sum(),
         unpriced=(pl.col("model").is_not_null() & pl.col("cost_usd").is_null()).sum(),
         seconds=(pl.col("finished_at").max() - pl.col("finished_at").min()).dt.total_milliseconds() / 1000,
@@ -47,6 +48,7 @@ def summarize(directory: Path) -> dict[str, Any]:
         "rows": totals["rows"],
         "images": images,
         "by_status": dict(by_status.iter_rows()),
+        "attempts": totals["attempts"] or 0,
         "tokens": {name: totals[name] or 0 for name in _TOKENS},
         "cost_usd": totals["cost_usd"],
         "unpriced_rows": totals["unpriced"],
@@ -79,6 +81,7 @@ def render(report: dict[str, Any]) -> str:
     t = report["tokens"]
     lines = [
         f"{report['dir']}: {report['rows']} rows ({status}), {report['images']} images",
+        f"  requests: {report['attempts']} attempts, retries included",
         f"  tokens: {t['prompt']} prompt ({t['cached']} cached) + {t['completion']} completion "
         f"({t['reasoning']} reasoning) = {t['total']}",
         f"  cost: ${report['cost_usd']:.4f}"

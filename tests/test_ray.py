@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from pipeline import cli, simulator
 
 from .conftest import KEY, KEY_ENV, NAMED, named, write_config, write_manifest
+from .test_budget import billed
 from .test_interrupt import wait_for
 
 ray = pytest.importorskip("ray")
@@ -170,3 +172,18 @@ def test_two_endpoints_each_stay_under_their_own_limit(request: pytest.FixtureRe
     shares = len(slow.requests()), len(fast.requests())
     assert sum(shares) == 240
     assert 2 <= shares[1] / shares[0] <= 4.5  # rows went where there was room: about 1 to 3
+
+
+def test_the_budget_holds_over_the_whole_cluster(cluster: Cluster, sim: simulator.Simulator, tmp_path: Path,
+                                                 images: Callable[..., list[str]],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = write_manifest(tmp_path, [{"image": p} for p in images(40, size=(700, 500))])
+    config = write_config(tmp_path, sim.url, manifest, engine="ray", ray={"http_actors": 4, "block_rows": 4},
+                          limits={"concurrency": 8})
+    capsys.readouterr()
+    assert cli.main(["estimate", str(config), "--json"]) == 0
+    budget = json.loads(capsys.readouterr().out)["cost_usd"]["expected"] / 2
+    assert _run(config, "--set", f"limits.max_cost_usd={budget}") == 3
+    spent = _read(tmp_path / "out")["cost_usd"].sum()
+    assert billed(sim) <= budget and spent == pytest.approx(billed(sim))
+    assert spent > budget / 2

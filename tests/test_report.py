@@ -19,6 +19,7 @@ def test_report_json_totals_equal_the_sums_over_the_rows(
     sim: Simulator, tmp_path: Path, images: Callable[..., list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     sim.plan("img0002", [400])
+    sim.plan("img0003", [500])  # answered on the second attempt
     paths = images(8)
     rows = [{"image": [row["image"]], "name": row["name"]} for row in named(paths[:6])]
     rows.append({"image": paths[6:], "name": "pair"})
@@ -34,6 +35,7 @@ def test_report_json_totals_equal_the_sums_over_the_rows(
     ok = out.filter(pl.col("status") == "ok")
     assert report["rows"] == out.height == 7 and report["images"] == 8
     assert report["by_status"] == {"error": 1, "ok": 6}
+    assert report["attempts"] == out["attempts"].sum() == len(sim.requests()) == 8
     assert report["tokens"] == {"prompt": ok["prompt_tokens"].sum(), "completion": ok["completion_tokens"].sum(),
                                 "reasoning": 0, "cached": 0, "total": ok["total_tokens"].sum()}
     assert report["cost_usd"] == pytest.approx(ok["cost_usd"].sum())
@@ -45,4 +47,5 @@ def test_report_json_totals_equal_the_sums_over_the_rows(
     assert report["rows_per_s"] > 0
 
     assert cli.main(["report", str(tmp_path / "out")]) == 0
-    assert "7 rows (1 error, 6 ok), 8 images" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "7 rows (1 error, 6 ok), 8 images" in text and "requests: 8 attempts" in text

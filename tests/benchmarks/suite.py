@@ -2,8 +2,8 @@
 simulator on 127.0.0.1, side by side with what users would otherwise run; one table, printed
 and written to benchmarks/RESULTS.md.
 
-P1-P4 are here; P5 (resume), P6 (image preparation) and P7 (estimate at scale) come from
-resume_1m.py, image_stage.py and estimate_1m.py. The simulator runs in a thread of this
+P1-P4 are here; P5 (resume), P6 (image preparation), P7 (estimate at scale) and P8 (image
+preparation on Ray) come from resume_1m.py, image_stage.py, estimate_1m.py and ray_prep.py. The simulator runs in a thread of this
 process, so its log times every request: rates are counted from its first request to its
 last answer, alike for every client. Each client is a subprocess spawned through the
 launcher in common.py, which reports its CPU and peak RSS alone.
@@ -34,6 +34,7 @@ from PIL import Image
 
 import estimate_1m
 import image_stage
+import ray_prep
 import resume_1m
 from common import ANNOTATE, KEY_ENV, Figure, Finished, child_env, machine, results_table, run_to_exit
 from pipeline import simulator
@@ -334,7 +335,8 @@ def main() -> int:
         measures = [lambda: overhead(work, sizes, checks), lambda: fidelity(work, sizes, checks),
                     lambda: latency_bound(work, sizes, checks), lambda: memory(work, sizes, checks),
                     lambda: resume_1m.figures(work / "resume"), lambda: image_stage.figures(work / "images"),
-                    lambda: estimate_1m.figures(work / "estimate")]
+                    lambda: estimate_1m.figures(work / "estimate"),
+                    lambda: ray_prep.to_figures(ray_prep.measure(work / "ray"))]
         for i, measure in enumerate(measures, 1):
             try:
                 done = measure()
