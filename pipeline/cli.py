@@ -66,7 +66,8 @@ def _in_loop(job: Coroutine[Any, Any, T]) -> T:
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config, overrides=args.set, output_dir=args.output)
+    engine = [f"engine={args.engine}"] if args.engine else []
+    cfg = config.load(args.config, overrides=[*args.set, *engine], output_dir=args.output)
     summary = _in_loop(runner.run(cfg, limit=args.limit, progress=not args.quiet,
                                   retry_failed=args.retry_failed, force=args.force))
     print(_summary_text(summary))
@@ -169,6 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path)
     run.add_argument("-o", "--output", type=Path, help="output directory (overrides output.dir)")
     run.add_argument("--limit", type=int, help="answer at most N more rows")
+    run.add_argument("--engine", choices=["local", "ray"],
+                     help="run in this process (local) or on a Ray cluster (ray); overrides engine:")
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a config key; the value is read as YAML (repeatable)")
     run.add_argument("--retry-failed", action="store_true",

@@ -221,9 +221,10 @@ def _connect(cfg: RunConfig) -> None:
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a run sends nothing anywhere but its endpoints
         ray.init(address=cfg.ray.address, include_dashboard=False, logging_level=logging.WARNING)
-    context = ray.data.DataContext.get_current()
+    context = ray.data.DataContext.get_current()  # imports ray.data, which sets up its loggers
     context.enable_progress_bars = False  # the run draws its own
     context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # a line per dataset, and a word on progress bars
 
 
 def _waves(driver: Driver, limit: int | None, block_rows: int) -> Iterator[list[pa.Table]]:
@@ -244,7 +245,7 @@ def _waves(driver: Driver, limit: int | None, block_rows: int) -> Iterator[list[
 
 def _pipeline(cfg: RunConfig, wave: list[pa.Table], root: Path, endpoints: list[EndpointConfig],
               coordinator: Any) -> Any:
-    actors = cfg.ray.http_actors
+    actors = min(cfg.ray.http_actors, len(wave))  # an actor with no block to work on is never used
     shares = [_shares(target.limits(cfg.limits).concurrency, actors) for target in cfg.targets]
     in_flight = math.ceil(sum(shares) / cfg.ray.block_rows) + 1  # blocks an actor works on at once
     prep_args: dict[str, Any] = {"concurrency": cfg.ray.prep_tasks} if cfg.ray.prep_tasks else {}
@@ -287,7 +288,7 @@ async def run(driver: Driver, endpoints: list[EndpointConfig], prices: PriceTabl
               schema: OutputSchema | None, limit: int | None) -> None:
     """The Ray engine (see the module's docstring); same arguments as the local engine."""
     cfg = driver.cfg
-    await asyncio.to_thread(_connect, cfg)
+    _connect(cfg)  # in the main thread, where Ray can set its signal handlers
     here = ray.get_runtime_context().get_node_id()
     coordinator = _CoordinatorActor.options(  # a node that leaves takes its actors with it: stay by the driver
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False), num_cpus=0,

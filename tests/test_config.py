@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def good(sim: Simulator, tmp_path: Path, images: Callable[..., list[str]]) -> Pa
         (["--set", "request.structured=xml", "--set", "output_schema={a: int}"], "request.structured"),
         (["--set", "output_schema={a: int}", "--set", "request.extra={response_format: {type: text}}"],
          "request.extra.response_format: output_schema builds it"),
+        (["--set", "engine=spark"], "engine: Input should be 'local' or 'ray'"),
+        (["--set", "endpoints=[{base_url: 'http://127.0.0.1:9/v1'}]"], "endpoint, endpoints: set one of them"),
+        (["--set", "endpoints=[{requests_per_minute: 0}]"], "endpoints.0.requests_per_minute"),
+        (["--set", "ray.http_actors=0"], "ray.http_actors"),
     ],
 )
 def test_bad_config_exits_2_with_one_line_and_sends_nothing(
@@ -59,6 +64,17 @@ def test_bad_config_exits_2_with_one_line_and_sends_nothing(
     assert cli.main(["run", str(good), "-q", *args]) == 2
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+    assert sim.log == []
+
+
+def test_engine_ray_without_ray_installed_exits_2_naming_the_extra(
+    good: Path, sim: Simulator, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an install without the ray extra has
+    monkeypatch.delitem(sys.modules, "pipeline.ray_engine", raising=False)
+    assert cli.main(["run", str(good), "-q", "--engine", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert "engine: ray needs Ray" in err and "pip install 'annotate-pipeline[ray]'" in err and err.count("\n") == 1
     assert sim.log == []
 
 

@@ -63,8 +63,8 @@ def test_both_engines_write_the_same_rows(cluster: Cluster, sim: simulator.Simul
     local = write_config(tmp_path, sim.url, manifest, prompt=NAMED, output={"dir": str(tmp_path / "local")})
     assert _run(local) == 1  # the missing image is an error row
     on_ray = write_config(tmp_path, sim.url, manifest, prompt=NAMED, output={"dir": str(tmp_path / "ray")},
-                          engine="ray", ray={"http_actors": 2, "block_rows": 8})
-    assert _run(on_ray) == 1
+                          ray={"http_actors": 2, "block_rows": 8})
+    assert _run(on_ray, "--engine", "ray") == 1
     columns = ["id", "status", "answer", "error", *TOKEN_COLUMNS]
     a, b = _read(tmp_path / "local").select(columns), _read(tmp_path / "ray").select(columns)
     assert a.height == 61 and a["id"].n_unique() == 61
@@ -149,7 +149,7 @@ def test_a_killed_driver_then_a_rerun_finishes_with_every_id_once(
     assert driver.poll() is None, "the run ended before the kill"
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    assert _run(config, "--set", f"engine={rerun_engine}") == 0
+    assert _run(config, "--engine", rerun_engine) == 0
     _all_once(tmp_path / "out", 500)
 
 
