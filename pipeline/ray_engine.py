@@ -92,12 +92,15 @@ _CoordinatorActor: Any = ray.remote(Coordinator)
 
 
 class _RemoteLimiter:
-    """One endpoint's limits on the coordinator; this actor's share of its concurrency here."""
+    """One endpoint's limits on the coordinator; this actor's share of its concurrency here.
+    Each request start is one call to the coordinator, and one more to settle its tokens when
+    the endpoint has a tokens-per-minute limit."""
 
-    def __init__(self, coordinator: Any, endpoint: int, slots: int) -> None:
+    def __init__(self, coordinator: Any, endpoint: int, slots: int, counts_tokens: bool) -> None:
         self._coordinator = coordinator
         self._endpoint = endpoint
         self._slots = asyncio.Semaphore(slots)
+        self._counts_tokens = counts_tokens
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -108,7 +111,8 @@ class _RemoteLimiter:
         await self._coordinator.pace.remote(self._endpoint, tokens)
 
     def settle(self, reserved: int, actual: int) -> None:
-        self._coordinator.settle.remote(self._endpoint, reserved, actual)
+        if self._counts_tokens:
+            self._coordinator.settle.remote(self._endpoint, reserved, actual)
 
     def cool_down(self, seconds: float) -> None:
         self._coordinator.cool_down.remote(self._endpoint, seconds)
@@ -173,8 +177,9 @@ class _Http:
         """Clients are made in the actor's event loop, as aiohttp wants; keys come from this
         node's environment."""
         cfg = self._cfg
-        limits = _RemoteLimits(self._coordinator, [_RemoteLimiter(self._coordinator, i, share)
-                                                   for i, share in enumerate(self._shares)])
+        limiters = [_RemoteLimiter(self._coordinator, i, share, target.limits(cfg.limits).tokens_per_minute is not None)
+                    for i, (share, target) in enumerate(zip(self._shares, cfg.targets))]
+        limits = _RemoteLimits(self._coordinator, limiters)
         clients = [Client(endpoint, read_key(endpoint), limits[i], concurrency=self._shares[i],
                           max_attempts=cfg.limits.max_attempts) for i, endpoint in enumerate(self._endpoints)]
         purse = _RemotePurse(self._coordinator) if cfg.limits.max_cost_usd is not None else Budget(None)
