@@ -58,6 +58,10 @@ class RowInputError(AnnotateError):
     pass
 
 
+class Halted(AnnotateError):
+    """The run is stopping: a request was not sent, and its row stays to do."""
+
+
 class RequestFailed(AnnotateError):
     def __init__(self, message: str, *, status: int | None = None, attempts: int = 1) -> None:
         super().__init__(message)

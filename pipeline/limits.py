@@ -63,9 +63,11 @@ class Bucket:
         self._stamp = max(self._stamp, until)
 
     def wait_s(self, amount: float) -> float:
-        """Seconds until `amount` could be taken (0 when it can be taken now)."""
+        """Seconds until `amount` could be taken (0 when it can be taken now); a pause counts
+        whole, even when a settle gave allowance back meanwhile."""
         short = min(amount, self.capacity) - self._refill()
-        return short / self.per_s if short > 1e-9 else 0.0  # a float's last bit is not worth a wait
+        paused = max(0.0, self._stamp - self._clock())
+        return paused + (short / self.per_s if short > 1e-9 else 0.0)  # a float's last bit is not worth a wait
 
     async def take(self, amount: float) -> None:
         async with self._turn:
@@ -181,10 +183,10 @@ class LocalLimiter:
                 bucket.pause(self._resume_at)
 
 
-def roomiest(limiters: Sequence[LocalLimiter], tokens: int) -> int:
-    """The endpoint a request of `tokens` could start on soonest; of those, the one with most
-    free slots, then the first."""
-    return min(range(len(limiters)), key=lambda i: (limiters[i].wait_s(tokens), -limiters[i].free, i))
+def roomiest(waits: Sequence[float], free: Sequence[int]) -> int:
+    """The endpoint a request could start on soonest (`waits`: seconds until each one's buckets
+    allow it); of those, the one with most free slots, then the first."""
+    return min(range(len(waits)), key=lambda i: (waits[i], -free[i], i))
 
 
 class LocalLimits:
@@ -200,5 +202,10 @@ class LocalLimits:
     def __getitem__(self, endpoint: int) -> LocalLimiter:
         return self.limiters[endpoint]
 
+    def waits(self, tokens: int) -> list[float]:
+        return [limiter.wait_s(tokens) for limiter in self.limiters]
+
     async def pick(self, tokens: int) -> int:
-        return roomiest(self.limiters, tokens) if len(self.limiters) > 1 else 0
+        if len(self.limiters) == 1:
+            return 0
+        return roomiest(self.waits(tokens), [limiter.free for limiter in self.limiters])

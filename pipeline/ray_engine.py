@@ -28,7 +28,9 @@ import logging
 import math
 import os
 import pickle
+import socket
 import threading
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,11 +43,11 @@ from . import payload, results
 from .budget import Budget
 from .client import Client, read_key
 from .config import EndpointConfig, LimitsConfig, RunConfig
-from .errors import RowInputError
-from .limits import LocalLimits
+from .errors import ConfigError, Halted, RowInputError
+from .limits import LocalLimits, roomiest
 from .manifest import ManifestRow
 from .pricing import PriceTable
-from .runner import Driver, stopping_on_signals
+from .runner import NO_KEY, Driver, stopping_on_signals
 from .sender import Outcome, Sender
 from .structured import OutputSchema, labels
 
@@ -60,17 +62,26 @@ _HTTP_ACTOR_CPUS = 0
 
 
 class Coordinator:
-    """The run's limiters and budget, for the whole cluster (an async actor: one event loop)."""
+    """The run's limiters and budget, for the whole cluster (an async actor: one event loop).
+
+    Budget holds are kept by the actor that took them: an HTTP actor that Ray starts again
+    (its node was lost) first has its old holds counted as spent at their worst, since those
+    requests may have been paid; otherwise they would hold the budget forever."""
 
     def __init__(self, limits: list[LimitsConfig], limit_usd: float | None, spent_usd: float) -> None:
         self.limits = LocalLimits.from_config(limits)
         self.budget = Budget(limit_usd, spent_usd)
+        self.holds: dict[str, Counter[float]] = defaultdict(Counter)
+        self.stopping = False
 
-    async def pick(self, tokens: int) -> int:
-        return await self.limits.pick(tokens)
+    async def waits(self, tokens: int) -> list[float]:
+        return self.limits.waits(tokens)
 
-    async def pace(self, endpoint: int, tokens: int) -> None:
-        await self.limits[endpoint].pace(tokens)
+    async def pace(self, endpoint: int, tokens: int) -> bool:
+        """Wait for a request's turn; False when the run is stopping and it must not be sent."""
+        if not self.stopping:
+            await self.limits[endpoint].pace(tokens)
+        return not self.stopping
 
     async def settle(self, endpoint: int, reserved: int, actual: int) -> None:
         self.limits[endpoint].settle(reserved, actual)
@@ -78,11 +89,24 @@ class Coordinator:
     async def cool_down(self, endpoint: int, seconds: float) -> None:
         self.limits[endpoint].cool_down(seconds)
 
-    async def hold(self, worst_usd: float) -> bool:
-        return await self.budget.hold(worst_usd)
+    async def hold(self, owner: str, worst_usd: float) -> bool:
+        if self.stopping or not await self.budget.hold(worst_usd):
+            return False
+        self.holds[owner][worst_usd] += 1
+        return True
 
-    async def release(self, worst_usd: float, actual_usd: float) -> None:
+    async def release(self, owner: str, worst_usd: float, actual_usd: float) -> None:
+        self.holds[owner][worst_usd] -= 1
         self.budget.release(worst_usd, actual_usd)
+
+    async def forget(self, owner: str) -> None:
+        for worst_usd, count in self.holds.pop(owner, Counter()).items():
+            for _ in range(count):
+                self.budget.release(worst_usd, worst_usd)
+
+    async def stop(self) -> None:
+        """No request starts from now on, on any actor."""
+        self.stopping = True
 
     async def spending(self) -> tuple[float, bool]:
         return self.budget.spent_usd, self.budget.exhausted
@@ -101,14 +125,20 @@ class _RemoteLimiter:
         self._endpoint = endpoint
         self._slots = asyncio.Semaphore(slots)
         self._counts_tokens = counts_tokens
+        self.free = slots
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         async with self._slots:
-            yield
+            self.free -= 1
+            try:
+                yield
+            finally:
+                self.free += 1
 
     async def pace(self, tokens: int) -> None:
-        await self._coordinator.pace.remote(self._endpoint, tokens)
+        if not await self._coordinator.pace.remote(self._endpoint, tokens):
+            raise Halted("the run is stopping")
 
     def settle(self, reserved: int, actual: int) -> None:
         if self._counts_tokens:
@@ -127,18 +157,26 @@ class _RemoteLimits:
         return self._limiters[endpoint]
 
     async def pick(self, tokens: int) -> int:
-        return 0 if len(self._limiters) == 1 else int(await self._coordinator.pick.remote(tokens))
+        """The endpoint whose cluster-wide buckets allow a request soonest; of those, the one
+        with most free slots in this actor."""
+        if len(self._limiters) == 1:
+            return 0
+        waits = await self._coordinator.waits.remote(tokens)
+        return roomiest(waits, [limiter.free for limiter in self._limiters])
 
 
 class _RemotePurse:
-    def __init__(self, coordinator: Any) -> None:
+    """The budget on the coordinator, held in the name of this actor."""
+
+    def __init__(self, coordinator: Any, owner: str) -> None:
         self._coordinator = coordinator
+        self._owner = owner
 
     async def hold(self, worst_usd: float) -> bool:
-        return bool(await self._coordinator.hold.remote(worst_usd))
+        return bool(await self._coordinator.hold.remote(self._owner, worst_usd))
 
     def release(self, worst_usd: float, actual_usd: float) -> None:
-        self._coordinator.release.remote(worst_usd, actual_usd)
+        self._coordinator.release.remote(self._owner, worst_usd, actual_usd)
 
 
 def _schema(cfg: RunConfig) -> OutputSchema | None:
@@ -172,17 +210,19 @@ class _Http:
         self._coordinator = coordinator
         self._sender: Sender | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._owner = ray.get_runtime_context().get_actor_id() or ""
+        coordinator.forget.remote(self._owner)  # holds of this actor's earlier life, if Ray restarted it
 
     def _start(self) -> Sender:
         """Clients are made in the actor's event loop, as aiohttp wants; keys come from this
-        node's environment."""
+        node's environment (ConfigError when one is unset here)."""
         cfg = self._cfg
         limiters = [_RemoteLimiter(self._coordinator, i, share, target.limits(cfg.limits).tokens_per_minute is not None)
                     for i, (share, target) in enumerate(zip(self._shares, cfg.targets))]
         limits = _RemoteLimits(self._coordinator, limiters)
         clients = [Client(endpoint, read_key(endpoint), limits[i], concurrency=self._shares[i],
                           max_attempts=cfg.limits.max_attempts) for i, endpoint in enumerate(self._endpoints)]
-        purse = _RemotePurse(self._coordinator) if cfg.limits.max_cost_usd is not None else Budget(None)
+        purse = _RemotePurse(self._coordinator, self._owner) if cfg.limits.max_cost_usd is not None else Budget(None)
         return Sender(cfg.request, clients, limits, purse, PriceTable(cfg.pricing), _schema(cfg), lambda: False)
 
     def __del__(self) -> None:
@@ -200,7 +240,14 @@ class _Http:
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         self._loop = asyncio.get_running_loop()
-        sender = self._sender = self._sender or self._start()
+        try:
+            sender = self._sender = self._sender or self._start()
+        except ConfigError as exc:  # an error row each, and the driver stops: never an exception here
+            where = socket.gethostname()
+            return pa.table({"outcome": pa.array(
+                [pickle.dumps((results.failed(pickle.loads(row), f"request: {exc} on node {where}", attempts=0,
+                                              retryable=True), NO_KEY))
+                 for row in batch.column("row").to_pylist()], pa.binary())})
         outcomes: list[bytes] = []
 
         async def deliver(outcome: Outcome) -> None:
@@ -216,10 +263,6 @@ class _Http:
         columns = (batch.column(name).to_pylist() for name in ("row", "prepared", "outcome"))
         await asyncio.gather(*itertools.starmap(one, zip(*columns)))
         return pa.table({"outcome": pa.array(outcomes, pa.binary())})
-
-
-def _shares(concurrency: int, actors: int) -> int:
-    return max(1, math.ceil(concurrency / actors))
 
 
 def _connect(cfg: RunConfig) -> None:
@@ -250,8 +293,10 @@ def _waves(driver: Driver, limit: int | None, block_rows: int) -> Iterator[list[
 
 def _pipeline(cfg: RunConfig, wave: list[pa.Table], root: Path, endpoints: list[EndpointConfig],
               coordinator: Any) -> Any:
-    actors = min(cfg.ray.http_actors, len(wave))  # an actor with no block to work on is never used
-    shares = [_shares(target.limits(cfg.limits).concurrency, actors) for target in cfg.targets]
+    concurrency = [target.limits(cfg.limits).concurrency for target in cfg.targets]
+    # no more actors than blocks to work on, nor than an endpoint has slots to share out
+    actors = min(cfg.ray.http_actors, len(wave), *concurrency)
+    shares = [slots // actors for slots in concurrency]  # rounded down: never more in flight than allowed
     in_flight = math.ceil(sum(shares) / cfg.ray.block_rows) + 1  # blocks an actor works on at once
     prep_args: dict[str, Any] = {"concurrency": cfg.ray.prep_tasks} if cfg.ray.prep_tasks else {}
     return (
@@ -269,23 +314,25 @@ def _pipeline(cfg: RunConfig, wave: list[pa.Table], root: Path, endpoints: list[
 
 def _drive(driver: Driver, endpoints: list[EndpointConfig], limit: int | None, coordinator: Any,
            quit: threading.Event) -> None:
-    """The driver's loop, in a thread: waves in, outcomes journalled as they stream back."""
+    """The driver's loop, in a thread: waves in, outcomes journalled as they stream back. Once
+    the run is stopping no actor starts a request, and what was in flight is still journalled,
+    until the wave ends or `quit` is set."""
     cfg = driver.cfg
     root = driver.manifest.root
     for wave in _waves(driver, limit, cfg.ray.block_rows):
         seen: set[str] = set()  # a block Ray ran twice (after losing a node) comes back twice
         for batch in _pipeline(cfg, wave, root, endpoints, coordinator).iter_batches(
                 batch_size=None, batch_format="pyarrow", prefetch_batches=4):
-            if quit.is_set():
-                return
             outcomes = [outcome for outcome in map(pickle.loads, batch.column("outcome").to_pylist())
                         if outcome[0]["id"] not in seen]
             seen.update(row["id"] for row, _ in outcomes)
             driver.record(outcomes)
-            if driver.stopped():
+            if quit.is_set():
                 return
+            if driver.stopped():
+                ray.get(coordinator.stop.remote())
         _, exhausted = ray.get(coordinator.spending.remote())
-        if exhausted:
+        if exhausted or driver.stopped():
             return
 
 

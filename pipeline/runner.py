@@ -34,7 +34,7 @@ from .sender import Outcome, Sender
 from .store import Store
 from .structured import OutputSchema, labels
 
-__all__ = ["Driver", "Summary", "run", "new_event_loop", "stopping_on_signals"]
+__all__ = ["Driver", "NO_KEY", "Summary", "run", "new_event_loop", "stopping_on_signals"]
 
 new_event_loop: Callable[[], asyncio.AbstractEventLoop]
 try:  # uvloop takes about a tenth less CPU per request than asyncio's own loop
@@ -51,6 +51,7 @@ GRACE_S = 30.0  # after a first signal, in-flight requests get this long to fini
 # This many outcomes in a row with the same account-level status (401, 403, 404) stop the
 # run: a wrong key or model name would otherwise fail every row of the manifest one by one.
 ACCOUNT_STOP_AFTER = 3
+NO_KEY = "no_key"  # the kind of failure of a row sent from a node where the key variable is unset
 _Durable = tuple[dict[str, Any], int | str | None, "asyncio.Future[None]"]  # an Outcome, and what tells it is on disk
 
 
@@ -111,8 +112,8 @@ def _endpoints(targets: Sequence[EndpointConfig]) -> Iterator[list[EndpointConfi
 @contextlib.contextmanager
 def stopping_on_signals(driver: Driver) -> Iterator[None]:
     """A first SIGINT or SIGTERM lets requests in flight finish for up to GRACE_S and starts no
-    new ones; a second cancels the running task at once (the journal holds every outcome
-    received, so nothing is lost). Main thread only."""
+    new ones; a second cancels the running task at once (the journal holds every outcome the
+    engine handed over). Main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -189,13 +190,13 @@ class Driver:
     def _watch_alike(self, kind: int | str | None, row: dict[str, Any]) -> None:
         """Stop after ACCOUNT_STOP_AFTER failures in a row of one kind that every row would meet:
         an account-level status, or an endpoint that refuses the response_format."""
-        alike = kind in ACCOUNT_STATUSES or kind == "response_format"
+        alike = kind in ACCOUNT_STATUSES or kind in ("response_format", NO_KEY)
         last, streak = self._alike
         streak = streak + 1 if alike and kind == last else int(alike)
         self._alike = (kind, streak)
         if streak >= ACCOUNT_STOP_AFTER and not self.stop_reason:
             keys = ", ".join(f"${target.api_key_env}" for target in self.cfg.targets)
-            advice = "" if kind == "response_format" else f"; check the key in {keys}, the account and request.model"
+            advice = "" if kind in ("response_format", NO_KEY) else f"; check the key in {keys}, the account and request.model"
             self.stop_reason = f"{streak} requests in a row failed alike ({row['error']}){advice}"
 
     def _postfix(self) -> dict[str, Any]:

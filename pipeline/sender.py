@@ -18,7 +18,7 @@ from .budget import Purse
 from .client import ACCOUNT_STATUSES, Client
 from .completion import Reply
 from .config import RequestConfig
-from .errors import Rejected, RequestFailed
+from .errors import Halted, Rejected, RequestFailed
 from .limits import Limits
 from .manifest import ManifestRow
 from .pricing import PriceTable
@@ -109,6 +109,9 @@ class Sender:
         except RequestFailed:
             self.purse.release(worst, 0.0)  # errors are not billed
             raise
+        except Halted:  # the limiter says the run is stopping
+            self.purse.release(worst, 0.0)
+            return None
         if reply.usage:
             self.limits[endpoint].settle(reserved, reply.usage.prompt_tokens + tokens.output_max)
         cost = self._cost(reply)

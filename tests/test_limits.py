@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.limits import BURST_S, Bucket, LocalLimiter
+from pipeline.limits import BURST_S, Bucket, LocalLimiter, roomiest
 
 
 class FakeTime:
@@ -239,3 +239,22 @@ def test_concurrency_bounds_slot_holders() -> None:
     run(main())
     assert most == 3
     assert holding == set()
+
+
+def test_a_settle_during_a_pause_does_not_end_it(fake: FakeTime) -> None:
+    bucket = Bucket(per_s=100, capacity=10, clock=fake, sleep=fake.sleep)
+
+    async def main() -> None:
+        bucket.pause(until=2.0)
+        bucket.settle(reserved=50, actual=0)  # an answer that used less than it reserved
+        assert bucket.wait_s(1) >= 2.0
+        await bucket.take(1)
+
+    run(main())
+    assert fake.now >= 2.0
+
+
+def test_roomiest_is_the_soonest_then_the_freest_then_the_first() -> None:
+    assert roomiest([0.5, 0.0, 0.0], [9, 1, 3]) == 2
+    assert roomiest([0.0, 0.0], [2, 2]) == 0
+    assert roomiest([1.0, 3.0], [0, 8]) == 0
