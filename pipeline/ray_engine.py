@@ -41,12 +41,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import payload, results
 from .budget import Budget
-from .client import Client, read_key
 from .config import EndpointConfig, LimitsConfig, RunConfig
 from .errors import ConfigError, Halted, RowInputError
 from .limits import LocalLimits, roomiest
 from .manifest import ManifestRow
-from .pricing import PriceTable
 from .runner import NO_KEY, Driver, stopping_on_signals
 from .sender import Outcome, Sender
 from .structured import OutputSchema, labels
@@ -214,29 +212,22 @@ class _Http:
         coordinator.forget.remote(self._owner)  # holds of this actor's earlier life, if Ray restarted it
 
     def _start(self) -> Sender:
-        """Clients are made in the actor's event loop, as aiohttp wants; keys come from this
-        node's environment (ConfigError when one is unset here)."""
+        """Made in the actor's event loop; keys come from this node's environment (ConfigError
+        when one is unset here)."""
         cfg = self._cfg
         limiters = [_RemoteLimiter(self._coordinator, i, share, target.limits(cfg.limits).tokens_per_minute is not None)
                     for i, (share, target) in enumerate(zip(self._shares, cfg.targets))]
-        limits = _RemoteLimits(self._coordinator, limiters)
-        clients = [Client(endpoint, read_key(endpoint), limits[i], concurrency=self._shares[i],
-                          max_attempts=cfg.limits.max_attempts) for i, endpoint in enumerate(self._endpoints)]
         purse = _RemotePurse(self._coordinator, self._owner) if cfg.limits.max_cost_usd is not None else Budget(None)
-        return Sender(cfg.request, clients, limits, purse, PriceTable(cfg.pricing), _schema(cfg), lambda: False)
+        return Sender(cfg, self._endpoints, self._shares, _RemoteLimits(self._coordinator, limiters), purse,
+                      _schema(cfg), lambda: False)
 
     def __del__(self) -> None:
         """Ray Data drops the actor's function before the actor exits: close the connections
         in the loop that opened them."""
         if self._sender is not None and self._loop is not None and self._loop.is_running():
-            closing = asyncio.run_coroutine_threadsafe(self._close(self._sender), self._loop)
+            closing = asyncio.run_coroutine_threadsafe(self._sender.aclose(), self._loop)
             with contextlib.suppress(Exception):
                 closing.result(timeout=5)
-
-    @staticmethod
-    async def _close(sender: Sender) -> None:
-        for client in sender.clients:
-            await client.aclose()
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         self._loop = asyncio.get_running_loop()
@@ -336,8 +327,8 @@ def _drive(driver: Driver, endpoints: list[EndpointConfig], limit: int | None, c
             return
 
 
-async def run(driver: Driver, endpoints: list[EndpointConfig], prices: PriceTable,
-              schema: OutputSchema | None, limit: int | None) -> None:
+async def run(driver: Driver, endpoints: list[EndpointConfig], schema: OutputSchema | None,
+              limit: int | None) -> None:
     """The Ray engine (see the module's docstring); same arguments as the local engine."""
     cfg = driver.cfg
     _connect(cfg)  # in the main thread, where Ray can set its signal handlers

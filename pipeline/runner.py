@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import threading
 import time
-import functools
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import payload, results
 from .budget import Budget
-from .client import ACCOUNT_STATUSES, Client, read_key
+from .client import ACCOUNT_STATUSES, read_key
 from .config import EndpointConfig, RunConfig, fingerprint, fingerprint_changes
 from .errors import ConfigError, Interrupted, ManifestError, RowInputError, RunStopped, StoreError
 from .limits import LocalLimits
@@ -336,7 +336,7 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
         with tqdm(total=todo, initial=done_before, unit="row", disable=not progress, dynamic_ncols=True) as bar:
             driver = Driver(cfg, manifest, store, bar, summary)
             try:
-                await engine(driver, endpoints, prices, schema, limit)
+                await engine(driver, endpoints, schema, limit)
             except asyncio.CancelledError:
                 driver.stopping = True
             finally:
@@ -354,7 +354,7 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
     return summary
 
 
-Engine = Callable[[Driver, list[EndpointConfig], PriceTable, OutputSchema | None, int | None], Awaitable[None]]
+Engine = Callable[[Driver, list[EndpointConfig], OutputSchema | None, int | None], Awaitable[None]]
 
 
 def _engine(cfg: RunConfig) -> Engine:
@@ -367,17 +367,14 @@ def _engine(cfg: RunConfig) -> Engine:
     return ray_engine.run
 
 
-async def _run_locally(driver: Driver, endpoints: list[EndpointConfig], prices: PriceTable,
-                       schema: OutputSchema | None, limit: int | None) -> None:
+async def _run_locally(driver: Driver, endpoints: list[EndpointConfig], schema: OutputSchema | None,
+                       limit: int | None) -> None:
     cfg = driver.cfg
     own = [target.limits(cfg.limits) for target in cfg.targets]
     limits = LocalLimits.from_config(own)
-    clients = [Client(endpoint, read_key(endpoint), limiter, concurrency=lim.concurrency,
-                      max_attempts=cfg.limits.max_attempts)
-               for endpoint, limiter, lim in zip(endpoints, limits.limiters, own)]
-    sender = Sender(cfg.request, clients, limits, driver.budget, prices, schema, driver.stopped)
+    slots = [lim.concurrency for lim in own]
+    sender = Sender(cfg, endpoints, slots, limits, driver.budget, schema, driver.stopped)
     try:
-        await _Local(driver, sender, schema).pump(sum(lim.concurrency for lim in own), limit)
+        await _Local(driver, sender, schema).pump(sum(slots), limit)
     finally:
-        for client in clients:
-            await client.aclose()
+        await sender.aclose()

@@ -15,9 +15,9 @@ from typing import Any
 
 from . import payload, results
 from .budget import Purse
-from .client import ACCOUNT_STATUSES, Client
+from .client import ACCOUNT_STATUSES, Client, read_key
 from .completion import Reply
-from .config import RequestConfig
+from .config import EndpointConfig, RunConfig
 from .errors import Halted, Rejected, RequestFailed
 from .limits import Limits
 from .manifest import ManifestRow
@@ -64,15 +64,24 @@ def _first_fit(schema: OutputSchema, reply: Reply) -> tuple[int, dict[str, Any] 
 
 
 class Sender:
-    def __init__(self, request: RequestConfig, clients: Sequence[Client], limits: Limits, purse: Purse,
-                 prices: PriceTable, schema: OutputSchema | None, stopped: Callable[[], bool]) -> None:
-        self.request = request
-        self.clients = clients
+    """Made inside the event loop it sends from: its clients open their connection pools there.
+    `slots` is each endpoint's concurrency in this process, `stopped` says True once no new
+    request may start (a signal, or a stop)."""
+
+    def __init__(self, cfg: RunConfig, endpoints: Sequence[EndpointConfig], slots: Sequence[int], limits: Limits,
+                 purse: Purse, schema: OutputSchema | None, stopped: Callable[[], bool]) -> None:
+        self.request = cfg.request
+        self.clients = [Client(endpoint, read_key(endpoint), limits[i], concurrency=slots[i],
+                               max_attempts=cfg.limits.max_attempts) for i, endpoint in enumerate(endpoints)]
         self.limits = limits
         self.purse = purse
-        self.prices = prices
+        self.prices = PriceTable(cfg.pricing)
         self.schema = schema
-        self.stopped = stopped  # True once no new request may start (a signal, or a stop)
+        self.stopped = stopped
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
 
     async def annotate(self, row: ManifestRow, prepared: payload.Prepared,
                        deliver: Callable[[Outcome], Awaitable[None]]) -> None:
