@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from pipeline import cli, simulator
 
 from .conftest import KEY, KEY_ENV, NAMED, named, write_config, write_manifest
 from .test_budget import billed
-from .test_interrupt import wait_for
+from .test_interrupt import answered, start, wait_for
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -143,9 +141,8 @@ def test_a_killed_driver_then_a_rerun_finishes_with_every_id_once(
     config = write_config(tmp_path, sim.url, manifest, prompt=NAMED, engine="ray",
                           ray={"http_actors": 2, "block_rows": 8, "address": cluster.address},
                           limits={"concurrency": 8})
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config), "-q"], env=os.environ.copy(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: sum(entry.status == 200 for entry in sim.requests()) >= 100 or driver.poll() is not None)
+    driver = start(config)
+    wait_for(lambda: answered(sim) >= 100 or driver.poll() is not None)
     assert driver.poll() is None, "the run ended before the kill"
     driver.send_signal(signal.SIGKILL)
     driver.wait()
@@ -153,7 +150,7 @@ def test_a_killed_driver_then_a_rerun_finishes_with_every_id_once(
     _all_once(tmp_path / "out", 500)
     # answered but not journalled when the driver died, at most: the actors' blocks in flight
     # (2 actors x 2 blocks x 8 rows) and the blocks the driver had fetched (4 x 8)
-    assert sum(entry.status == 200 for entry in sim.requests()) <= 500 + 2 * 2 * 8 + 4 * 8
+    assert answered(sim) <= 500 + 2 * 2 * 8 + 4 * 8
 
 
 @pytest.mark.parametrize("engine", ["local", "ray"])
@@ -225,3 +222,22 @@ def test_a_node_without_the_key_stops_the_run_with_error_rows_not_a_crash(
     assert sim.requests() == []
     out = _read(tmp_path / "out")
     assert set(out["status"]) == {"error"} and out.height >= 3
+
+
+def test_a_signal_stops_every_actor_keeps_what_was_in_flight_and_a_rerun_asks_nothing_twice(
+        cluster: Cluster, faulty_sim: Callable[..., Any], tmp_path: Path, images: Callable[..., list[str]]) -> None:
+    sim = faulty_sim(latency_s=0.2)
+    manifest = write_manifest(tmp_path, named(images(300)))
+    config = write_config(tmp_path, sim.url, manifest, prompt=NAMED, engine="ray",
+                          ray={"http_actors": 2, "block_rows": 4, "address": cluster.address},
+                          limits={"concurrency": 8})
+    driver = start(config)
+    wait_for(lambda: answered(sim) >= 40 or driver.poll() is not None)
+    driver.send_signal(signal.SIGINT)
+    _, err = driver.communicate(timeout=120)
+    assert driver.returncode == 130, err
+    first = _read(tmp_path / "out")
+    assert first.height == answered(sim) < 300  # what was in flight was journalled; nothing new started
+    assert _run(config) == 0
+    _all_once(tmp_path / "out", 300)
+    assert answered(sim) == 300  # nothing answered before the signal was asked again
