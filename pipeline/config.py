@@ -185,9 +185,10 @@ class RayConfig(_Model):
     """How a run uses a Ray cluster (engine: ray)."""
 
     address: str | None = Field(None, description="the cluster to join, as ray.init takes it; default: "
-                                                  "$RAY_ADDRESS, else a one-machine cluster started for the run")
-    http_actors: PositiveInt = Field(2, description="actors sending requests; the endpoints' concurrency is "
-                                                    "shared out among them")
+                                                  "$RAY_ADDRESS, else the cluster `ray start` began on this "
+                                                  "machine, else a one-machine Ray started for the run")
+    http_actors: PositiveInt = Field(2, description="actors sending requests; each endpoint's concurrency is "
+                                                    "shared out among them, rounded down")
     prep_tasks: PositiveInt | None = Field(None, description="image preparation tasks at once; default: one "
                                                              "per CPU of the cluster")
     block_rows: PositiveInt = Field(32, description="rows per block handed between stages")
