@@ -267,7 +267,8 @@ def _connect(cfg: RunConfig) -> None:
 
 
 def _waves(driver: Driver, limit: int | None, block_rows: int) -> Iterator[list[pa.Table]]:
-    """The rows still to do, as blocks of pickled ManifestRows, WAVE_ROWS at a time."""
+    """The rows still to do, as blocks of pickled ManifestRows, in waves of WAVE_ROWS or a
+    manifest batch more."""
     wave: list[pa.Table] = []
     size = 0
     for batch in driver.todo(limit):

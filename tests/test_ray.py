@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import polars as pl
 import pytest
 
 from pipeline import cli, simulator
+from pipeline.config import LimitsConfig
 
 from .conftest import KEY, KEY_ENV, NAMED, named, write_config, write_manifest
 from .test_budget import billed
@@ -21,6 +23,8 @@ from .test_interrupt import answered, start, wait_for
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
+
+from pipeline import ray_engine  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -241,3 +245,18 @@ def test_a_signal_stops_every_actor_keeps_what_was_in_flight_and_a_rerun_asks_no
     assert _run(config) == 0
     _all_once(tmp_path / "out", 300)
     assert answered(sim) == 300  # nothing answered before the signal was asked again
+
+
+def test_the_budget_held_by_an_actor_ray_restarted_counts_as_spent_and_frees_the_waiters() -> None:
+    coordinator = ray_engine.Coordinator([LimitsConfig()], limit_usd=1.0, spent_usd=0.0)
+
+    async def main() -> None:
+        assert await coordinator.hold("actor-a", 0.6)
+        waiting = asyncio.create_task(coordinator.hold("actor-b", 0.6))  # 0.6 + 0.6 would pass 1.0
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await coordinator.forget("actor-a")  # actor-a started again: its request may have been paid
+        assert await asyncio.wait_for(waiting, timeout=5) is False  # the budget is spent: stop
+        assert coordinator.budget.spent_usd == pytest.approx(0.6)
+
+    asyncio.run(main())
