@@ -63,11 +63,26 @@ _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, UnicodeError)
 
 
 class Pacer(Protocol):
-    """What the client needs of a limiter: wait for a turn, and pause everyone after a 429."""
+    """What the client needs of a limiter: wait for a turn, pause everyone after a 429, and
+    hear the limits the provider states."""
 
     async def pace(self, tokens: int) -> None: ...
 
     def cool_down(self, seconds: float) -> None: ...
+
+    def lower(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None: ...
+
+
+def _stated_limits(headers: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """The per-minute limits in x-ratelimit-limit-requests and -tokens, where given and sane."""
+    def limit(name: str) -> int | None:
+        try:
+            value = int(headers.get(name, ""))
+        except ValueError:
+            return None
+        return value if value > 0 else None
+
+    return limit("x-ratelimit-limit-requests"), limit("x-ratelimit-limit-tokens")
 
 
 def read_key(endpoint: EndpointConfig) -> str:
@@ -190,6 +205,9 @@ class Client:
                 status, headers = resp.status, resp.headers
         except _TRANSPORT_ERRORS as exc:  # timeouts, refused and dropped connections, bad encodings
             raise Retryable(f"{type(exc).__name__} talking to {self._base_url}") from exc
+        requests, tokens = _stated_limits(headers)
+        if requests or tokens:
+            self._pacer.lower(requests, tokens)
         if status >= 400:
             raise self._failure(status, headers, content)
         try:

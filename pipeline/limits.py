@@ -77,6 +77,13 @@ class Bucket:
             # so the average rate still holds
             self._level -= amount
 
+    def slow_to(self, per_s: float) -> None:
+        """Refill at `per_s` from now on, holding at most BURST_S of it."""
+        self._refill()
+        self.per_s = per_s
+        self.capacity = max(1.0, per_s * BURST_S)
+        self._level = min(self._level, self.capacity)
+
     def settle(self, reserved: float, actual: float) -> None:
         """Give back what was over-reserved, or charge what was under-reserved."""
         self._refill()
@@ -93,6 +100,8 @@ class Limiter(Protocol):
     def settle(self, reserved: int, actual: int) -> None: ...
 
     def cool_down(self, seconds: float) -> None: ...
+
+    def lower(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None: ...
 
 
 class Limits(Protocol):
@@ -173,6 +182,21 @@ class LocalLimiter:
     def settle(self, reserved: int, actual: int) -> None:
         if self._tokens:
             self._tokens.settle(reserved, actual)
+
+    def lower(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
+        """Take the provider's stated limits (its x-ratelimit-limit-* headers) where they are
+        lower than ours, or where we had none: a header can only ever lower a limit."""
+        self._requests = self._lowered(self._requests, requests_per_minute)
+        self._tokens = self._lowered(self._tokens, tokens_per_minute)
+
+    def _lowered(self, bucket: Bucket | None, per_minute: int | None) -> Bucket | None:
+        if per_minute is None:
+            return bucket
+        if bucket is None:
+            return self._bucket(per_minute, self._clock, self._sleep)
+        if per_minute / 60 < bucket.per_s:
+            bucket.slow_to(per_minute / 60)
+        return bucket
 
     def cool_down(self, seconds: float) -> None:
         """No request starts for `seconds` from now (a later, longer cool-down wins), not even

@@ -87,6 +87,9 @@ class Coordinator:
     async def cool_down(self, endpoint: int, seconds: float) -> None:
         self.limits[endpoint].cool_down(seconds)
 
+    async def lower(self, endpoint: int, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
+        self.limits[endpoint].lower(requests_per_minute, tokens_per_minute)
+
     async def hold(self, owner: str, worst_usd: float) -> bool:
         if self.stopping or not await self.budget.hold(worst_usd):
             return False
@@ -123,6 +126,7 @@ class _RemoteLimiter:
         self._endpoint = endpoint
         self._slots = asyncio.Semaphore(slots)
         self._counts_tokens = counts_tokens
+        self._stated: tuple[int | None, int | None] = (None, None)
         self.free = slots
 
     @contextlib.asynccontextmanager
@@ -144,6 +148,13 @@ class _RemoteLimiter:
 
     def cool_down(self, seconds: float) -> None:
         self._coordinator.cool_down.remote(self._endpoint, seconds)
+
+    def lower(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
+        """Passed on to the coordinator when they change, not with every answer."""
+        if (requests_per_minute, tokens_per_minute) != self._stated:
+            self._stated = (requests_per_minute, tokens_per_minute)
+            self._counts_tokens = self._counts_tokens or tokens_per_minute is not None
+            self._coordinator.lower.remote(self._endpoint, requests_per_minute, tokens_per_minute)
 
 
 class _RemoteLimits:

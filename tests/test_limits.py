@@ -258,3 +258,39 @@ def test_roomiest_is_the_soonest_then_the_freest_then_the_first() -> None:
     assert roomiest([0.5, 0.0, 0.0], [9, 1, 3]) == 2
     assert roomiest([0.0, 0.0], [2, 2]) == 0
     assert roomiest([1.0, 3.0], [0, 8]) == 0
+
+
+def test_stated_limits_only_ever_lower_ours(fake: FakeTime) -> None:
+    limiter = LocalLimiter(concurrency=1, requests_per_minute=6000, clock=fake, sleep=fake.sleep)  # 100/s
+
+    async def starts(n: int) -> list[float]:
+        marks = []
+        for _ in range(n):
+            await limiter.pace(0)
+            marks.append(fake.now)
+        return marks
+
+    async def main() -> tuple[list[float], list[float]]:
+        await starts(10)  # the burst allowance
+        limiter.lower(600, None)  # the provider says 10/s
+        slowed = await starts(5)
+        limiter.lower(60_000, None)  # a higher stated limit changes nothing
+        return slowed, await starts(5)
+
+    slowed, still = run(main())
+    assert [b - a for a, b in zip(slowed, slowed[1:])] == pytest.approx([0.1] * 4)
+    assert [b - a for a, b in zip(still, still[1:])] == pytest.approx([0.1] * 4)
+
+
+def test_a_stated_limit_applies_where_we_had_none(fake: FakeTime) -> None:
+    limiter = LocalLimiter(concurrency=1, clock=fake, sleep=fake.sleep)
+
+    async def main() -> list[float]:
+        limiter.lower(None, 60_000)  # 1,000 tokens a second, 100 of them at once
+        marks = []
+        for _ in range(3):
+            await limiter.pace(100)
+            marks.append(fake.now)
+        return marks
+
+    assert run(main()) == pytest.approx([0.0, 0.1, 0.2])

@@ -260,3 +260,20 @@ def test_the_budget_held_by_an_actor_ray_restarted_counts_as_spent_and_frees_the
         assert coordinator.budget.spent_usd == pytest.approx(0.6)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_the_limit_the_provider_states_lowers_ours(request: pytest.FixtureRequest, faulty_sim: Callable[..., Any],
+                                                   tmp_path: Path, images: Callable[..., list[str]],
+                                                   engine: str) -> None:
+    if engine == "ray":
+        request.getfixturevalue("cluster")
+    sim = faulty_sim(requests_per_minute=600)  # 10/s, stated in every answer's x-ratelimit-limit-requests
+    manifest = write_manifest(tmp_path, named(images(80)))
+    config = write_config(tmp_path, sim.url, manifest, prompt=NAMED, engine=engine,
+                          ray={"http_actors": 4, "block_rows": 4},
+                          limits={"requests_per_minute": 2400, "concurrency": 8})  # a config that says 40/s
+    assert _run(config) == 0
+    log = sim.requests()
+    assert sum(entry.status == 429 for entry in log) <= 2
+    assert _rate([entry.time for entry in log]) <= 10.5
