@@ -277,3 +277,18 @@ def test_the_limit_the_provider_states_lowers_ours(request: pytest.FixtureReques
     log = sim.requests()
     assert sum(entry.status == 429 for entry in log) <= 2
     assert _rate([entry.time for entry in log]) <= 10.5
+
+
+def test_both_engines_write_the_same_labels(cluster: Cluster, tmp_path: Path) -> None:
+    """The labelling demo, with its invalid and schema-breaking answers asked again, on each engine
+    against its own bundled simulator (whose faults follow each request's content, not its order)."""
+    demo = Path(__file__).parent.parent / "configs"
+    runs = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / engine
+        assert cli.main(["run", str(demo / "demo-labels.yaml"), "-q", "-o", str(out), "--engine", engine,
+                         "--set", f"input.manifest={demo / 'demo' / 'manifest.csv'}"]) == 0
+        runs[engine] = _read(out).select("id", "status", "colour", "shapes", "photo", "answer", "attempts",
+                                         *TOKEN_COLUMNS)
+    assert runs["local"].height == 24
+    assert runs["local"].equals(runs["ray"])
