@@ -30,8 +30,9 @@ import os
 import pickle
 import socket
 import threading
+import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,33 +54,44 @@ __all__ = ["run"]
 
 log = logging.getLogger(__name__)
 
+QUIT_WAIT_S = 10.0  # after a stop that cannot wait, how long the driver's thread may take to let go
 WAVE_ROWS = 20_000  # rows handed to Ray Data at a time: bounds what the driver and the object store hold
 # An HTTP actor mostly waits on the network, and reserves no CPU: a fraction on each node would
 # leave no node a whole CPU for a preparation task on small nodes, and the run would stall.
 _HTTP_ACTOR_CPUS = 0
 
 
+Owner = tuple[str, str]  # an HTTP actor's id, and which life of it (Ray restarts actors under the same id)
+
+
 class Coordinator:
     """The run's limiters and budget, for the whole cluster (an async actor: one event loop).
 
-    Budget holds are kept by the actor that took them: an HTTP actor that Ray starts again
-    (its node was lost) first has its old holds counted as spent at their worst, since those
-    requests may have been paid; otherwise they would hold the budget forever."""
+    Budget holds are booked to the actor's life that took them. When Ray starts an actor again
+    (its node was lost), the holds of its earlier life count as spent at their worst, since
+    those requests may have been paid, and a hold that life still had waiting is refused when
+    it comes through; otherwise they would hold the budget, and near the cap the run, forever.
+    `end_wave` does the same for every life once a wave's actors are gone."""
 
     def __init__(self, limits: list[LimitsConfig], limit_usd: float | None, spent_usd: float) -> None:
         self.limits = LocalLimits.from_config(limits)
         self.budget = Budget(limit_usd, spent_usd)
-        self.holds: dict[str, Counter[float]] = defaultdict(Counter)
-        self.stopping = False
+        self.lives: dict[str, str] = {}  # actor id -> its current life
+        self.holds: dict[Owner, Counter[float]] = defaultdict(Counter)
+        self.stopping = asyncio.Event()
 
     async def waits(self, tokens: int) -> list[float]:
         return self.limits.waits(tokens)
 
     async def pace(self, endpoint: int, tokens: int) -> bool:
-        """Wait for a request's turn; False when the run is stopping and it must not be sent."""
-        if not self.stopping:
-            await self.limits[endpoint].pace(tokens)
-        return not self.stopping
+        """Wait for a request's turn; False when the run is stopping (also while it waited) and
+        the request must not be sent."""
+        turn = asyncio.ensure_future(self.limits[endpoint].pace(tokens))
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait([turn, stop], return_when=asyncio.FIRST_COMPLETED)
+        for waiting in (turn, stop):
+            waiting.cancel()
+        return not self.stopping.is_set()
 
     async def settle(self, endpoint: int, reserved: int, actual: int) -> None:
         self.limits[endpoint].settle(reserved, actual)
@@ -90,24 +102,48 @@ class Coordinator:
     async def lower(self, endpoint: int, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
         self.limits[endpoint].lower(requests_per_minute, tokens_per_minute)
 
-    async def hold(self, owner: str, worst_usd: float) -> bool:
-        if self.stopping or not await self.budget.hold(worst_usd):
+    async def begin(self, owner: Owner) -> None:
+        """An HTTP actor starts a life: what an earlier one of it held counts as spent."""
+        actor, life = owner
+        if (earlier := self.lives.get(actor)) is not None:
+            self._spend_holds((actor, earlier))
+        self.lives[actor] = life
+
+    async def hold(self, owner: Owner, worst_usd: float) -> bool:
+        if self.stopping.is_set() or not await self.budget.hold(worst_usd):
+            return False
+        if self.lives.get(owner[0]) != owner[1]:  # a life that ended while this waited: nothing is sent
+            self.budget.release(worst_usd, 0.0)
             return False
         self.holds[owner][worst_usd] += 1
         return True
 
-    async def release(self, owner: str, worst_usd: float, actual_usd: float) -> None:
-        self.holds[owner][worst_usd] -= 1
+    async def release(self, owner: Owner, worst_usd: float, actual_usd: float) -> None:
+        held = self.holds[owner]
+        held[worst_usd] -= 1
+        if held[worst_usd] <= 0:
+            del held[worst_usd]
+        if not held:
+            del self.holds[owner]
         self.budget.release(worst_usd, actual_usd)
 
-    async def forget(self, owner: str) -> None:
+    async def end_wave(self) -> None:
+        """Every actor of a wave is gone: any hold still booked was a lost request's."""
+        for owner in list(self.holds):
+            self._spend_holds(owner)
+        self.lives.clear()
+
+    def _spend_holds(self, owner: Owner) -> None:
         for worst_usd, count in self.holds.pop(owner, Counter()).items():
             for _ in range(count):
                 self.budget.release(worst_usd, worst_usd)
 
     async def stop(self) -> None:
-        """No request starts from now on, on any actor."""
-        self.stopping = True
+        """No request starts from now on, on any actor, not even one waiting its turn."""
+        self.stopping.set()
+
+    async def is_stopping(self) -> bool:
+        return self.stopping.is_set()
 
     async def spending(self) -> tuple[float, bool]:
         return self.budget.spent_usd, self.budget.exhausted
@@ -177,7 +213,7 @@ class _RemoteLimits:
 class _RemotePurse:
     """The budget on the coordinator, held in the name of this actor."""
 
-    def __init__(self, coordinator: Any, owner: str) -> None:
+    def __init__(self, coordinator: Any, owner: Owner) -> None:
         self._coordinator = coordinator
         self._owner = owner
 
@@ -192,12 +228,14 @@ def _schema(cfg: RunConfig) -> OutputSchema | None:
     return labels(cfg.output_schema, cfg.request.structured)
 
 
-def _prepare(cfg: RunConfig, root: Path, batch: pa.Table) -> pa.Table:
-    """Ray Data task: each row's request, or its error outcome when an image cannot be sent."""
+def _prepare(cfg: RunConfig, root: Path, coordinator: Any, batch: pa.Table) -> pa.Table:
+    """Ray Data task: each row's request, or its error outcome when an image cannot be sent;
+    neither once the run is stopping (the rows stay to do)."""
     schema = _schema(cfg)
     prepared: list[bytes | None] = []
     outcomes: list[bytes | None] = []
-    for blob in batch.column("row").to_pylist():
+    stopping = ray.get(coordinator.is_stopping.remote())
+    for blob in batch.column("row").to_pylist() if not stopping else []:
         row: ManifestRow = pickle.loads(blob)
         try:
             prepared.append(pickle.dumps(payload.prepare(row, root, cfg.request, cfg.prompt, schema)))
@@ -205,6 +243,8 @@ def _prepare(cfg: RunConfig, root: Path, batch: pa.Table) -> pa.Table:
         except RowInputError as exc:
             prepared.append(None)
             outcomes.append(pickle.dumps((results.failed(row, f"image: {exc}", attempts=0, retryable=False), None)))
+    if stopping:
+        prepared = outcomes = [None] * batch.num_rows
     return batch.append_column("prepared", pa.array(prepared, pa.binary())).append_column(
         "outcome", pa.array(outcomes, pa.binary()))
 
@@ -219,8 +259,9 @@ class _Http:
         self._coordinator = coordinator
         self._sender: Sender | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._owner = ray.get_runtime_context().get_actor_id() or ""
-        coordinator.forget.remote(self._owner)  # holds of this actor's earlier life, if Ray restarted it
+        self._owner = (ray.get_runtime_context().get_actor_id() or "", uuid.uuid4().hex)
+        ray.get(coordinator.begin.remote(self._owner))  # before any hold of this life
+        self._missing_key: ConfigError | None = None
 
     def _start(self) -> Sender:
         """Made in the actor's event loop; keys come from this node's environment (ConfigError
@@ -242,24 +283,26 @@ class _Http:
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         self._loop = asyncio.get_running_loop()
-        try:
-            sender = self._sender = self._sender or self._start()
-        except ConfigError as exc:  # an error row each, and the driver stops: never an exception here
-            where = socket.gethostname()
-            return pa.table({"outcome": pa.array(
-                [pickle.dumps((results.failed(pickle.loads(row), f"request: {exc} on node {where}", attempts=0,
-                                              retryable=True), NO_KEY))
-                 for row in batch.column("row").to_pylist()], pa.binary())})
+        if self._sender is None and self._missing_key is None:
+            try:
+                self._sender = self._start()
+            except ConfigError as exc:  # error rows, and the driver stops: never an exception here
+                self._missing_key = exc
+        sender = self._sender
         outcomes: list[bytes] = []
 
         async def deliver(outcome: Outcome) -> None:
             outcomes.append(pickle.dumps(outcome))
 
         async def one(row: bytes, prepared: bytes | None, outcome: bytes | None) -> None:
-            if outcome is not None:
+            if outcome is not None:  # an image that could not be prepared
                 outcomes.append(outcome)
+            elif prepared is None:  # not prepared: the run was stopping
+                return
+            elif sender is None:
+                message = f"request: {self._missing_key} on node {socket.gethostname()}"
+                await deliver((results.failed(pickle.loads(row), message, attempts=0, retryable=True), NO_KEY))
             else:
-                assert prepared is not None
                 await sender.annotate(pickle.loads(row), pickle.loads(prepared), deliver)
 
         columns = (batch.column(name).to_pylist() for name in ("row", "prepared", "outcome"))
@@ -304,8 +347,8 @@ def _pipeline(cfg: RunConfig, wave: list[pa.Table], root: Path, endpoints: list[
     prep_args: dict[str, Any] = {"concurrency": cfg.ray.prep_tasks} if cfg.ray.prep_tasks else {}
     return (
         ray.data.from_arrow(wave)
-        .map_batches(functools.partial(_prepare, cfg, root), batch_format="pyarrow", batch_size=None, num_cpus=1,
-                     **prep_args)
+        .map_batches(functools.partial(_prepare, cfg, root, coordinator), batch_format="pyarrow", batch_size=None,
+                     num_cpus=1, **prep_args)
         .map_batches(_Http, batch_format="pyarrow", batch_size=None, num_cpus=_HTTP_ACTOR_CPUS,
                      fn_constructor_kwargs={"cfg": cfg, "endpoints": endpoints, "shares": shares,
                                             "coordinator": coordinator},
@@ -318,8 +361,8 @@ def _pipeline(cfg: RunConfig, wave: list[pa.Table], root: Path, endpoints: list[
 def _drive(driver: Driver, endpoints: list[EndpointConfig], limit: int | None, coordinator: Any,
            quit: threading.Event) -> None:
     """The driver's loop, in a thread: waves in, outcomes journalled as they stream back. Once
-    the run is stopping no actor starts a request, and what was in flight is still journalled,
-    until the wave ends or `quit` is set."""
+    the run is stopping no actor starts a request and no image is prepared, and what was in
+    flight is still journalled, until the wave ends or `quit` is set."""
     cfg = driver.cfg
     root = driver.manifest.root
     for wave in _waves(driver, limit, cfg.ray.block_rows):
@@ -332,11 +375,17 @@ def _drive(driver: Driver, endpoints: list[EndpointConfig], limit: int | None, c
             driver.record(outcomes)
             if quit.is_set():
                 return
-            if driver.stopped():
-                ray.get(coordinator.stop.remote())
+        ray.get(coordinator.end_wave.remote())
         _, exhausted = ray.get(coordinator.spending.remote())
         if exhausted or driver.stopped():
             return
+
+
+async def _stop_when_stopped(driver: Driver, coordinator: Any) -> None:
+    """Tell every actor as soon as the run is stopping (a signal, or failures alike)."""
+    while not driver.stopped():
+        await asyncio.sleep(0.1)
+    await asyncio.wrap_future(coordinator.stop.remote().future())
 
 
 async def run(driver: Driver, endpoints: list[EndpointConfig], schema: OutputSchema | None,
@@ -350,14 +399,44 @@ async def run(driver: Driver, endpoints: list[EndpointConfig], schema: OutputSch
         max_concurrency=10_000,
     ).remote([target.limits(cfg.limits) for target in cfg.targets], driver.budget.limit_usd, driver.budget.spent_usd)
     quit = threading.Event()
-    work = asyncio.ensure_future(asyncio.to_thread(_drive, driver, endpoints, limit, coordinator, quit))
+    work = _in_daemon_thread(_drive, driver, endpoints, limit, coordinator, quit)
+    watch = asyncio.create_task(_stop_when_stopped(driver, coordinator))
     try:
         with stopping_on_signals(driver):
             await asyncio.shield(work)
     except asyncio.CancelledError:
-        quit.set()  # the thread stops at its next batch; the store is closed only after
-        await work
+        quit.set()  # the thread stops at its next batch; what it records after the store closes is dropped
+        ray.get(coordinator.stop.remote())
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(work), QUIT_WAIT_S)
         raise
     finally:
+        watch.cancel()
         driver.budget.spent_usd, driver.budget.exhausted = ray.get(coordinator.spending.remote())
         ray.kill(coordinator)
+
+
+def _in_daemon_thread(job: Callable[..., None], *args: Any) -> asyncio.Future[None]:
+    """`job` in a daemon thread: one stuck waiting on Ray cannot keep the process from exiting
+    (asyncio.to_thread's pool threads are waited for at exit)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def target() -> None:
+        try:
+            job(*args)
+        except BaseException as error:  # handed to the awaiting coroutine, raised there
+            loop.call_soon_threadsafe(settle, error)
+        else:
+            loop.call_soon_threadsafe(settle, None)
+
+    threading.Thread(target=target, name="annotate-ray-driver", daemon=True).start()
+    return done

@@ -121,6 +121,7 @@ def stopping_on_signals(driver: Driver) -> Iterator[None]:
     main = asyncio.current_task()
     assert main is not None
     seen = []
+    timers: list[asyncio.TimerHandle] = []
 
     def handle() -> None:
         seen.append(1)
@@ -129,7 +130,7 @@ def stopping_on_signals(driver: Driver) -> Iterator[None]:
             return
         driver.stopping = True
         log.warning("stopping: waiting up to %.0f s for requests in flight (signal again to stop now)", GRACE_S)
-        loop.call_later(GRACE_S, main.cancel)
+        timers.append(loop.call_later(GRACE_S, main.cancel))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, handle)
@@ -138,6 +139,8 @@ def stopping_on_signals(driver: Driver) -> Iterator[None]:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        for timer in timers:
+            timer.cancel()
 
 
 class Driver:
@@ -157,6 +160,8 @@ class Driver:
         self.stopping = False  # a signal came: no new requests
         self.manifest_error: ManifestError | None = None
         self._alike: tuple[int | str | None, int] = (None, 0)
+        self._writing = threading.Lock()  # an engine may still record from a thread while the run closes
+        self._closed = False
 
     def stopped(self) -> bool:
         """True once no new request may start."""
@@ -173,7 +178,19 @@ class Driver:
 
     def record(self, outcomes: Sequence[Outcome]) -> None:
         """Journal outcomes in one transaction and count them; blocking, so engines call it off
-        their event loop. A part is cut every PART_ROWS rows or PART_SECONDS."""
+        their event loop. A part is cut every PART_ROWS rows or PART_SECONDS. Outcomes that come
+        after `close` are dropped: their rows stay to do."""
+        with self._writing:
+            if not self._closed:
+                self._record(outcomes)
+
+    def close(self) -> None:
+        """The last part; a kill before this leaves it in the journal for next time."""
+        with self._writing:
+            self._closed = True
+            self.store.close()
+
+    def _record(self, outcomes: Sequence[Outcome]) -> None:
         if outcomes:
             self.store.record([row for row, _ in outcomes])
         for row, kind in outcomes:
@@ -340,7 +357,7 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
             except asyncio.CancelledError:
                 driver.stopping = True
             finally:
-                store.close()  # the last part; a kill before this leaves it in the journal for next time
+                driver.close()
     summary.elapsed_s = time.monotonic() - started
     summary.budget_usd, summary.spent_usd = cfg.limits.max_cost_usd, driver.budget.spent_usd
     summary.stopped_at_budget = driver.budget.exhausted

@@ -71,7 +71,8 @@ class Sender:
     def __init__(self, cfg: RunConfig, endpoints: Sequence[EndpointConfig], slots: Sequence[int], limits: Limits,
                  purse: Purse, schema: OutputSchema | None, stopped: Callable[[], bool]) -> None:
         self.request = cfg.request
-        self.clients = [Client(endpoint, read_key(endpoint), limits[i], concurrency=slots[i],
+        keys = [read_key(endpoint) for endpoint in endpoints]  # every key before any connection pool opens
+        self.clients = [Client(endpoint, keys[i], limits[i], concurrency=slots[i],
                                max_attempts=cfg.limits.max_attempts) for i, endpoint in enumerate(endpoints)]
         self.limits = limits
         self.purse = purse

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -237,11 +238,13 @@ def test_a_signal_stops_every_actor_keeps_what_was_in_flight_and_a_rerun_asks_no
                           limits={"concurrency": 8})
     driver = start(config)
     wait_for(lambda: answered(sim) >= 40 or driver.poll() is not None)
+    signalled = time.monotonic()  # the simulator runs in this process: the same clock as its log
     driver.send_signal(signal.SIGINT)
     _, err = driver.communicate(timeout=120)
     assert driver.returncode == 130, err
+    assert max(entry.time for entry in sim.requests()) < signalled + 1.0  # every actor stopped at once
     first = _read(tmp_path / "out")
-    assert first.height == answered(sim) < 300  # what was in flight was journalled; nothing new started
+    assert first.height == answered(sim) < 300  # what was in flight was journalled
     assert _run(config) == 0
     _all_once(tmp_path / "out", 300)
     assert answered(sim) == 300  # nothing answered before the signal was asked again
@@ -249,15 +252,37 @@ def test_a_signal_stops_every_actor_keeps_what_was_in_flight_and_a_rerun_asks_no
 
 def test_the_budget_held_by_an_actor_ray_restarted_counts_as_spent_and_frees_the_waiters() -> None:
     coordinator = ray_engine.Coordinator([LimitsConfig()], limit_usd=1.0, spent_usd=0.0)
+    a1, a2, b1 = ("actor-a", "life-1"), ("actor-a", "life-2"), ("actor-b", "life-1")
 
     async def main() -> None:
-        assert await coordinator.hold("actor-a", 0.6)
-        waiting = asyncio.create_task(coordinator.hold("actor-b", 0.6))  # 0.6 + 0.6 would pass 1.0
+        await coordinator.begin(a1)
+        await coordinator.begin(b1)
+        assert await coordinator.hold(a1, 0.3) and await coordinator.hold(b1, 0.5)
+        late = asyncio.create_task(coordinator.hold(a1, 0.3))  # 0.8 held + 0.3 would pass 1.0: waits
         await asyncio.sleep(0.05)
-        assert not waiting.done()
-        await coordinator.forget("actor-a")  # actor-a started again: its request may have been paid
-        assert await asyncio.wait_for(waiting, timeout=5) is False  # the budget is spent: stop
-        assert coordinator.budget.spent_usd == pytest.approx(0.6)
+        assert not late.done()
+        await coordinator.begin(a2)  # Ray started actor-a again: its first life's 0.3 may have been paid
+        await coordinator.release(b1, 0.5, 0.1)  # room now: 0.4 spent
+        assert await asyncio.wait_for(late, timeout=5) is False  # that life is over: nothing is sent
+        assert coordinator.budget.spent_usd == pytest.approx(0.4)
+        assert coordinator.budget.in_flight == 0 and coordinator.budget.held_usd == pytest.approx(0.0)
+        assert coordinator.holds == {}
+
+    asyncio.run(main())
+
+
+def test_the_budget_held_by_an_actor_that_never_came_back_is_spent_at_the_wave_end() -> None:
+    coordinator = ray_engine.Coordinator([LimitsConfig()], limit_usd=1.0, spent_usd=0.0)
+    lost = ("actor-a", "life-1")
+
+    async def main() -> None:
+        await coordinator.begin(lost)
+        assert await coordinator.hold(lost, 0.7)
+        waiting = asyncio.create_task(coordinator.hold(("actor-b", "life-1"), 0.5))
+        await asyncio.sleep(0.05)
+        await coordinator.end_wave()
+        assert await asyncio.wait_for(waiting, timeout=5) is False  # 0.7 spent + 0.5 would pass 1.0
+        assert coordinator.budget.exhausted
 
     asyncio.run(main())
 
