@@ -23,7 +23,7 @@ from typing import Protocol
 
 from .config import LimitsConfig
 
-__all__ = ["Bucket", "Limiter", "Limits", "LocalLimiter", "LocalLimits", "roomiest"]
+__all__ = ["Bucket", "Limiter", "Limits", "LocalLimiter", "LocalLimits", "Slots", "roomiest"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]  # injectable, so tests run on a fake clock
@@ -90,6 +90,23 @@ class Bucket:
         self._level = min(self.capacity, self._level + reserved - actual)
 
 
+class Slots:
+    """A concurrency bound that can say how many of its slots are free."""
+
+    def __init__(self, count: int) -> None:
+        self._semaphore = asyncio.Semaphore(count)
+        self.free = count
+
+    @asynccontextmanager
+    async def taken(self) -> AsyncIterator[None]:
+        async with self._semaphore:
+            self.free -= 1
+            try:
+                yield
+            finally:
+                self.free += 1
+
+
 class Limiter(Protocol):
     """One endpoint's limits, as a sender sees them."""
 
@@ -133,8 +150,7 @@ class LocalLimiter:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
-        self._slots = asyncio.Semaphore(concurrency)
-        self.free = concurrency  # slots not taken
+        self.slots = Slots(concurrency)
         self._clock = clock
         self._sleep = sleep
         self._requests = self._bucket(requests_per_minute, clock, sleep)
@@ -152,14 +168,8 @@ class LocalLimiter:
     def from_config(cls, limits: LimitsConfig) -> LocalLimiter:
         return cls(limits.concurrency, limits.requests_per_minute, limits.tokens_per_minute)
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        async with self._slots:
-            self.free -= 1
-            try:
-                yield
-            finally:
-                self.free += 1
+    def slot(self) -> AbstractAsyncContextManager[None]:
+        return self.slots.taken()
 
     def wait_s(self, tokens: int) -> float:
         """Seconds until a request of `tokens` could start, were a slot free."""
@@ -232,4 +242,4 @@ class LocalLimits:
     async def pick(self, tokens: int) -> int:
         if len(self.limiters) == 1:
             return 0
-        return roomiest(self.waits(tokens), [limiter.free for limiter in self.limiters])
+        return roomiest(self.waits(tokens), [limiter.slots.free for limiter in self.limiters])

@@ -32,7 +32,8 @@ import socket
 import threading
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from . import payload, results
 from .budget import Budget
 from .config import EndpointConfig, LimitsConfig, RunConfig
 from .errors import ConfigError, Halted, RowInputError
-from .limits import LocalLimits, roomiest
+from .limits import LocalLimits, Slots, roomiest
 from .manifest import ManifestRow
 from .runner import NO_KEY, Driver, stopping_on_signals
 from .sender import Outcome, Sender
@@ -160,19 +161,12 @@ class _RemoteLimiter:
     def __init__(self, coordinator: Any, endpoint: int, slots: int, counts_tokens: bool) -> None:
         self._coordinator = coordinator
         self._endpoint = endpoint
-        self._slots = asyncio.Semaphore(slots)
+        self.slots = Slots(slots)
         self._counts_tokens = counts_tokens
         self._stated: tuple[int | None, int | None] = (None, None)
-        self.free = slots
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        async with self._slots:
-            self.free -= 1
-            try:
-                yield
-            finally:
-                self.free += 1
+    def slot(self) -> AbstractAsyncContextManager[None]:
+        return self.slots.taken()
 
     async def pace(self, tokens: int) -> None:
         if not await self._coordinator.pace.remote(self._endpoint, tokens):
@@ -207,7 +201,7 @@ class _RemoteLimits:
         if len(self._limiters) == 1:
             return 0
         waits = await self._coordinator.waits.remote(tokens)
-        return roomiest(waits, [limiter.free for limiter in self._limiters])
+        return roomiest(waits, [limiter.slots.free for limiter in self._limiters])
 
 
 class _RemotePurse:
