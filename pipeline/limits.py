@@ -47,6 +47,7 @@ class Bucket:
         self._level = capacity
         self._stamp = clock()
         self._turn = asyncio.Lock()  # one waiter at a time, first come first served
+        self._queued = 0.0  # what the takers waiting for their turn will take
 
     def _refill(self) -> float:
         now = self._clock()
@@ -63,19 +64,28 @@ class Bucket:
         self._stamp = max(self._stamp, until)
 
     def wait_s(self, amount: float) -> float:
-        """Seconds until `amount` could be taken (0 when it can be taken now); a pause counts
-        whole, even when a settle gave allowance back meanwhile."""
-        short = min(amount, self.capacity) - self._refill()
+        """Seconds until a newcomer could take `amount`, behind the takers already waiting (0
+        when it could take it now)."""
+        return self._wait(amount, ahead=self._queued)
+
+    def _wait(self, amount: float, ahead: float = 0.0) -> float:
+        """Seconds until `amount` could be taken after `ahead`; a pause counts whole, even when
+        a settle gave allowance back meanwhile."""
+        short = ahead + min(amount, self.capacity) - self._refill()
         paused = max(0.0, self._stamp - self._clock())
         return paused + (short / self.per_s if short > 1e-9 else 0.0)  # a float's last bit is not worth a wait
 
     async def take(self, amount: float) -> None:
-        async with self._turn:
-            while (wait := self.wait_s(amount)) > 0:
-                await self._sleep(wait)
-            # a request larger than the bucket waits for a full one and leaves a debt behind,
-            # so the average rate still holds
-            self._level -= amount
+        self._queued += amount
+        try:
+            async with self._turn:
+                while (wait := self._wait(amount)) > 0:  # at the front: its own amount only
+                    await self._sleep(wait)
+                # a request larger than the bucket waits for a full one and leaves a debt behind,
+                # so the average rate still holds
+                self._level -= amount
+        finally:
+            self._queued -= amount
 
     def slow_to(self, per_s: float) -> None:
         """Refill at `per_s` from now on, holding at most BURST_S of it."""

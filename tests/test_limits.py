@@ -294,3 +294,25 @@ def test_a_stated_limit_applies_where_we_had_none(fake: FakeTime) -> None:
         return marks
 
     assert run(main()) == pytest.approx([0.0, 0.1, 0.2])
+
+
+def test_a_newcomer_waits_behind_those_already_in_line(fake: FakeTime) -> None:
+    gate = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:  # the clock moves, and the sleeper stays asleep until the gate opens
+        fake.now += seconds
+        await gate.wait()
+
+    bucket = Bucket(per_s=10, capacity=1, clock=fake, sleep=sleep)
+
+    async def main() -> float:
+        await bucket.take(1)  # empty now
+        waiting = [asyncio.create_task(bucket.take(1)) for _ in range(3)]
+        for _ in range(3):
+            await asyncio.sleep(0)  # the first sleeps at t = 0.1 with its turn; two are in line behind it
+        ahead = bucket.wait_s(1)
+        gate.set()
+        await asyncio.gather(*waiting)
+        return ahead
+
+    assert run(main()) == pytest.approx(0.3)  # the three take at 0.1, 0.2 and 0.3; a newcomer at 0.4
