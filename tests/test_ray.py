@@ -133,8 +133,7 @@ def test_losing_a_worker_node_mid_run_leaves_every_id_once(cluster: Cluster, fau
     cluster.remove_node(doomed, allow_graceful=False)
     run.join(timeout=300)
     assert codes == [0]
-    _all_once(tmp_path / "out", 600)
-    assert len(sim.requests()) > 600  # the lost node's actor had requests in flight: asked again
+    _all_once(tmp_path / "out", 600)  # whatever the lost node held (blocks, an actor, requests in flight)
 
 
 @pytest.mark.parametrize("rerun_engine", ["local", "ray"])
@@ -174,9 +173,12 @@ def test_two_endpoints_each_stay_under_their_own_limit(request: pytest.FixtureRe
     _all_once(tmp_path / "out", 240)
     for sim in (slow, fast):
         assert [entry.status for entry in sim.requests()].count(429) == 0
+    assert _rate([entry.time for entry in slow.requests()]) <= 10.5
+    assert _rate([entry.time for entry in fast.requests()]) <= 31.5
     shares = len(slow.requests()), len(fast.requests())
-    assert sum(shares) == 240
-    assert 2 <= shares[1] / shares[0] <= 4.5  # rows went where there was room: about 1 to 3
+    assert sum(shares) == 240 and min(shares) >= 40
+    if engine == "local":  # fast enough to keep both at their limits: rows go about 1 to 3
+        assert 2 <= shares[1] / shares[0] <= 4.5
 
 
 def test_the_budget_holds_over_the_whole_cluster(cluster: Cluster, sim: simulator.Simulator, tmp_path: Path,
