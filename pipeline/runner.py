@@ -226,10 +226,9 @@ class _Local:
     """The local engine: one asyncio loop reads rows, prepares images in threads, sends requests
     and journals their outcomes in group commits."""
 
-    def __init__(self, driver: Driver, sender: Sender, schema: OutputSchema | None) -> None:
+    def __init__(self, driver: Driver, sender: Sender) -> None:
         self.driver = driver
         self.sender = sender
-        self.schema = schema
 
     async def produce(self, queue: asyncio.Queue[ManifestRow | None], workers: int, limit: int | None) -> None:
         batches = self.driver.todo(limit)
@@ -249,7 +248,7 @@ class _Local:
                 continue
             try:
                 prepared = await asyncio.to_thread(payload.prepare, row, self.driver.manifest.root, cfg.request,
-                                                   cfg.prompt, self.schema)
+                                                   cfg.prompt, self.sender.schema)
             except RowInputError as exc:
                 await deliver((results.failed(row, f"image: {exc}", attempts=0, retryable=False), None))
                 continue
@@ -392,6 +391,6 @@ async def _run_locally(driver: Driver, endpoints: list[EndpointConfig], schema: 
     slots = [lim.concurrency for lim in own]
     sender = Sender(cfg, endpoints, slots, limits, driver.budget, schema, driver.stopped)
     try:
-        await _Local(driver, sender, schema).pump(sum(slots), limit)
+        await _Local(driver, sender).pump(sum(slots), limit)
     finally:
         await sender.aclose()

@@ -35,22 +35,24 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout=5))
 
 
+async def starts(limiter: LocalLimiter, fake: FakeTime, n: int, tokens: int = 0) -> list[float]:
+    """When each of n requests in a row was let go, on the fake clock."""
+    marks = []
+    for _ in range(n):
+        await limiter.pace(tokens)
+        marks.append(fake.now)
+    return marks
+
+
 def test_rpm_allows_a_burst_of_capacity_then_spaces_requests(fake: FakeTime) -> None:
     limiter = LocalLimiter(concurrency=1, requests_per_minute=6000, clock=fake, sleep=fake.sleep)
     capacity = 6000 / 60 * BURST_S  # 10 requests
 
-    async def main() -> list[float]:
-        starts = []
-        for _ in range(30):
-            await limiter.pace(0)
-            starts.append(fake.now)
-        return starts
-
-    starts = run(main())
+    marks = run(starts(limiter, fake, 30))
     assert capacity == 10
-    assert starts[:10] == [0.0] * 10  # the burst: nobody waited
-    assert starts[10] == pytest.approx(0.01)
-    gaps = [b - a for a, b in zip(starts[10:], starts[11:])]
+    assert marks[:10] == [0.0] * 10  # the burst: nobody waited
+    assert marks[10] == pytest.approx(0.01)
+    gaps = [b - a for a, b in zip(marks[10:], marks[11:])]
     assert gaps == pytest.approx([0.01] * 19, abs=1e-9)
 
 
@@ -153,18 +155,13 @@ def test_cool_down_stops_a_request_already_waiting_in_the_bucket(fake: FakeTime)
     limiter = LocalLimiter(concurrency=1, requests_per_minute=6000, clock=fake, sleep=sleep)  # 100/s
 
     async def main() -> list[float]:
-        for _ in range(10):  # the burst allowance
-            await limiter.pace(0)
+        await starts(limiter, fake, 10)  # the burst allowance
         armed.append(True)
-        starts = []
-        for _ in range(5):
-            await limiter.pace(0)
-            starts.append(fake.now)
-        return starts
+        return await starts(limiter, fake, 5)
 
-    starts = run(main())
-    assert starts[0] >= 2.0  # not at 0.01, inside the cool-down
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    marks = run(main())
+    assert marks[0] >= 2.0  # not at 0.01, inside the cool-down
+    gaps = [b - a for a, b in zip(marks, marks[1:])]
     assert gaps == pytest.approx([0.01] * 4, abs=1e-6)  # then at the rate, not as a burst
 
 
@@ -263,19 +260,12 @@ def test_roomiest_is_the_soonest_then_the_freest_then_the_first() -> None:
 def test_stated_limits_only_ever_lower_ours(fake: FakeTime) -> None:
     limiter = LocalLimiter(concurrency=1, requests_per_minute=6000, clock=fake, sleep=fake.sleep)  # 100/s
 
-    async def starts(n: int) -> list[float]:
-        marks = []
-        for _ in range(n):
-            await limiter.pace(0)
-            marks.append(fake.now)
-        return marks
-
     async def main() -> tuple[list[float], list[float]]:
-        await starts(10)  # the burst allowance
+        await starts(limiter, fake, 10)  # the burst allowance
         limiter.lower(600, None)  # the provider says 10/s
-        slowed = await starts(5)
+        slowed = await starts(limiter, fake, 5)
         limiter.lower(60_000, None)  # a higher stated limit changes nothing
-        return slowed, await starts(5)
+        return slowed, await starts(limiter, fake, 5)
 
     slowed, still = run(main())
     assert [b - a for a, b in zip(slowed, slowed[1:])] == pytest.approx([0.1] * 4)
@@ -285,15 +275,8 @@ def test_stated_limits_only_ever_lower_ours(fake: FakeTime) -> None:
 def test_a_stated_limit_applies_where_we_had_none(fake: FakeTime) -> None:
     limiter = LocalLimiter(concurrency=1, clock=fake, sleep=fake.sleep)
 
-    async def main() -> list[float]:
-        limiter.lower(None, 60_000)  # 1,000 tokens a second, 100 of them at once
-        marks = []
-        for _ in range(3):
-            await limiter.pace(100)
-            marks.append(fake.now)
-        return marks
-
-    assert run(main()) == pytest.approx([0.0, 0.1, 0.2])
+    limiter.lower(None, 60_000)  # 1,000 tokens a second, 100 of them at once
+    assert run(starts(limiter, fake, 3, tokens=100)) == pytest.approx([0.0, 0.1, 0.2])
 
 
 def test_a_newcomer_waits_behind_those_already_in_line(fake: FakeTime) -> None:
