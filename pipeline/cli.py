@@ -51,6 +51,7 @@ def _summary_text(s: runner.Summary) -> str:
         f"  resumed: {s.resumed} answered by earlier runs",
         f"  still failing: {failing}",
         *(f"    {n} on {kind}" for kind, n in sorted(s.errors.items())),
+        *([f"  pace: {s.held}; it was kept below the configured limit (last seen)"] if s.held else []),
         f"  tokens now: {s.prompt_tokens} prompt + {s.completion_tokens} completion; cost of this run: {cost}",
         *([f"  budget: ${s.spent_usd:.4f} spent of ${s.budget_usd:g} (earlier runs included)"
            + ("; stopped there: raise limits.max_cost_usd and run again to go on" if s.stopped_at_budget else "")]

@@ -53,7 +53,6 @@ _RETRIED = frozenset({408, 409, 429})
 # Statuses that say the key, the account or the model is wrong: every row would fail alike.
 ACCOUNT_STATUSES = frozenset({401, 403, 404})
 SIMULATOR_KEY = "simulator"  # what the bundled simulator is sent when no key is set
-_COOL_DOWN_S = 1.0  # after a 429 that names no wait
 # The longest wait a Retry-After is obeyed for: a date from a skewed clock, or a number meant
 # for a human, would otherwise pause every sender for hours.
 MAX_RETRY_AFTER_S = 600.0
@@ -63,12 +62,12 @@ _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, UnicodeError)
 
 
 class Pacer(Protocol):
-    """What the client needs of a limiter: wait for a turn, pause everyone after a 429, and
-    hear the limits the provider states."""
+    """What the client needs of a limiter: wait for a turn (and say under which cut of the pace
+    it was given), hear each 429 and the limits the provider states."""
 
-    async def pace(self, tokens: int) -> None: ...
+    async def pace(self, tokens: int) -> int: ...
 
-    def cool_down(self, seconds: float) -> None: ...
+    def refused(self, retry_after_s: float | None, epoch: int) -> None: ...
 
     def lower(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None: ...
 
@@ -180,25 +179,25 @@ class Client:
             async for attempt in self._policy.copy():  # tenacity keeps per-call state on the instance
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    await self._pacer.pace(reserve_tokens)
+                    epoch = await self._pacer.pace(reserve_tokens)
                     started = time.perf_counter()
-                    reply = await self._send_once(body)
+                    reply = await self._send_once(body, epoch)
         except RequestFailed as exc:
             exc.attempts = attempts
             raise
         return reply.timed((time.perf_counter() - started) * 1000, attempts)
 
-    async def _send_once(self, body: dict[str, Any]) -> Reply:
+    async def _send_once(self, body: dict[str, Any], epoch: int) -> Reply:
         try:
             async with asyncio.timeout(self._deadline_s):  # a stream that trickles forever ends too
-                return await self._attempt(body)
+                return await self._attempt(body, epoch)
         except TimeoutError as exc:
             raise Retryable(f"no whole answer within {self._deadline_s:.0f} s from {self._base_url}") from exc
         except RequestFailed as exc:  # before the retry log or the row sees it: gateways echo keys
             exc.args = (str(exc).replace(self._key, "***"),)
             raise
 
-    async def _attempt(self, body: dict[str, Any]) -> Reply:
+    async def _attempt(self, body: dict[str, Any], epoch: int) -> Reply:
         try:
             async with self._http.post(self._completions, json=body, proxy=self._proxy) as resp:
                 content = await resp.read()
@@ -209,17 +208,17 @@ class Client:
         if requests or tokens:
             self._pacer.lower(requests, tokens)
         if status >= 400:
-            raise self._failure(status, headers, content)
+            raise self._failure(status, headers, content, epoch)
         try:
             return _read_stream(headers, content) if body.get("stream") else parse_body(content)
         except (SSEError, ValueError, TypeError, AttributeError) as exc:
             raise Retryable(f"200 with a body that is not a chat completion ({exc})", status=200) from exc
 
-    def _failure(self, status: int, headers: Mapping[str, str], content: bytes) -> RequestFailed:
+    def _failure(self, status: int, headers: Mapping[str, str], content: bytes, epoch: int) -> RequestFailed:
         message = f"{status} {_provider_words(content)}".strip()
         if status == 429:
             wait = _retry_after(headers)
-            self._pacer.cool_down(wait if wait is not None else _COOL_DOWN_S)
+            self._pacer.refused(wait, epoch)
             return Retryable(message, status=status, retry_after_s=wait)
         if status in _RETRIED or status >= 500:
             return Retryable(message, status=status, retry_after_s=_retry_after(headers))

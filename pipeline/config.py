@@ -88,6 +88,17 @@ class SimulatorSettings(_Model):
     rate_schema_break: Rate = Field(0.0, ge=0, le=1, description="share of structured answers that break the schema")
     refuse_response_format: Literal["none", "json_schema", "all"] = Field(
         "none", description="answer 400 to response_format json_schema, or to any response_format, as some gateways do")
+    limit_mode: Literal["window", "fixed_minute", "bucket"] = Field(
+        "window", description="how the limits are enforced: at most limit x window_s / 60 in any sliding window "
+                              "(OpenAI, Azure), counts reset at each whole window (fixed_minute: gateways, LiteLLM's "
+                              "proxy), or a bucket holding one second of allowance")
+    window_s: PositiveFloat | None = Field(
+        None, description="the window's length: default 1 s for window (Azure: 1 or 10), 60 s for fixed_minute")
+    count_refused: bool = Field(True, description="a refused request counts against the window too, as OpenAI's "
+                                                  "does (window and fixed_minute)")
+    neighbour_rpm: NonNegativeInt = Field(0, description="requests a minute another client of the key uses")
+    neighbour_tpm: NonNegativeInt = Field(0, description="tokens a minute another client of the key uses")
+    state_limits: bool = Field(True, description="send x-ratelimit-* headers, and Retry-After with a rate-limit 429")
     retry_after_s: NonNegativeFloat = Field(1.0, description="Retry-After sent with a faulted 429")
     hang_s: PositiveFloat = Field(30.0, description="how long a hung request stays silent")
     seed: int = 0

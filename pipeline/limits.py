@@ -1,103 +1,176 @@
 """How many requests may be in flight and when the next may start.
 
-Owns: the concurrency bound, requests-per-minute and tokens-per-minute pacing, the shared
-cool-down after a 429, and which endpoint has most room for the next request. Never: HTTP, or
-what a request contains.
+Owns: the concurrency bound, requests-per-minute and tokens-per-minute pacing, what a 429
+changes (the pace found when the provider allows less than configured, and the pause it
+asks for), and which endpoint has most room for the next request. Never: HTTP, or what a
+request contains.
 
 The senders see two small interfaces, `Limiter` (one endpoint) and `Limits` (every endpoint of
-a run), so the same sending code runs against the in-process buckets here or against the
-cluster-wide ones the Ray engine serves from a single actor (`pipeline.ray_engine`).
+a run), so the same sending code runs against the in-process pacing here or against the
+cluster-wide one the Ray engine serves from a single actor (`pipeline.ray_engine`).
 
-The buckets are written here rather than taken from aiolimiter: a token reservation must be
-settled against the usage the response reports afterwards, and a 429 must pause every
-sender, and aiolimiter's leaky bucket has no public way to do either.
+Providers enforce a per-minute limit over short windows (OpenAI over shorter periods such as a
+second, Azure over 1 or 10 s, gateways per fixed minute), so pacing here allows no burst: a
+request starts only once its own share of the rate has accrued since the one before, and no
+window of any length ever holds more than the rate allows. Written here rather than taken from
+aiolimiter: its leaky bucket allows a burst of a whole capacity, and has no public way to
+settle a reservation against the usage reported afterwards or to slow to a rate found from 429s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 from .config import LimitsConfig
 
-__all__ = ["Bucket", "Limiter", "Limits", "LocalLimiter", "LocalLimits", "Slots", "roomiest"]
+__all__ = ["Held", "Limiter", "Limits", "LocalLimiter", "LocalLimits", "Pace", "Slots", "roomiest"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]  # injectable, so tests run on a fake clock
-# Providers enforce a per-minute limit over short windows, so a bucket holds at most this
-# many seconds of allowance: requests start evenly, never as a burst of a whole minute.
-BURST_S = 0.1
+
+# A configured or stated limit is paced at this share of itself, and no window of WINDOW_S
+# (the shortest providers enforce: OpenAI, Azure) holds more than WINDOW_SHARE of it: room
+# for requests that reach the provider closer together than they left (20 and 5 ms a second).
+HEADROOM = 0.98
+WINDOW_S = 1.0
+WINDOW_SHARE = 0.995 / HEADROOM
+# How far a sender woken late may fall behind the schedule and still catch up: late wake-ups
+# cost little, while a longer stall (a busy machine, a GC pause) is not made up in a burst.
+# Evenly spaced requests keep 17 ms of a second's room for jitter so; tokens, whose window is
+# kept, catch up further after a large request held for room.
+CATCH_UP_S = 0.003
+CATCH_UP_WINDOWED_S = 0.02
+# After a 429 while others are answered, the pace drops to this share of what was sent over
+# the last WINDOW_S, and regrows by GROWTH_PER_S a second (compounded) from MEASURE_S after,
+# up to the configured limit: it settles just under what the provider allows, and finds room
+# again when another user of the key stops.
+CUT = 0.9
+GROWTH_PER_S = 0.02
+MEASURE_S = 2.0
+# When the provider refuses again with nothing answered since, it is closed for now (a fixed
+# minute used up): everyone waits what it asks, or, when it names no wait, COOL_DOWN_S,
+# doubled each time it refuses again, up to MAX_PAUSE_S.
+COOL_DOWN_S = 1.0
+MAX_PAUSE_S = 60.0
 
 
-class Bucket:
-    """A token bucket refilled continuously at `per_s`, holding at most `capacity`.
+class Pace:
+    """Requests (or tokens) started at `per_s` at most, with no burst: a taker starts once its
+    own amount has accrued since the allowance was last spent, and once the last WINDOW_S
+    of starts leave room for it.
 
-    The level may go below zero when a settled request cost more than was reserved;
-    later takers then wait until the debt is refilled."""
+    The first rule spreads starts evenly; the second keeps a large request from landing in a
+    window that already holds a second's allowance, which the first alone allows when a window
+    opens just before a large request (it would hold per_s + that request).
+    `_spent_to` is the moment up to which the allowance is spent; it may lie in the future
+    (takers are lined up) but never more than its catch-up in the past when a taker reaches the
+    front."""
 
-    def __init__(self, per_s: float, capacity: float, clock: Clock = time.monotonic,
-                 sleep: Sleep = asyncio.sleep) -> None:
-        self.per_s = per_s
-        self.capacity = capacity
+    def __init__(self, per_s: float, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
+                 windowed: bool = True) -> None:
+        self.per_s = per_s  # math.inf: no limit, only counting
+        self._windowed = windowed
         self._clock = clock
         self._sleep = sleep
-        self._level = capacity
-        self._stamp = clock()
-        self._turn = asyncio.Lock()  # one waiter at a time, first come first served
+        self._spent_to = -math.inf  # the schedule starts with the first taker
+        self._catch_up = CATCH_UP_WINDOWED_S if windowed else CATCH_UP_S
+        self._not_before = -math.inf  # the end of a pause: a settle cannot move a start before it
+        self._turn = asyncio.Lock()  # one taker at a time, first come first served
         self._queued = 0.0  # what the takers waiting for their turn will take
+        self._window: deque[tuple[float, float]] = deque()  # (when, amount) over the last WINDOW_S
+        self._in_window = 0.0
 
-    def _refill(self) -> float:
+    def _after(self, amount: float) -> float:
+        return amount / self.per_s if self.per_s < math.inf else 0.0
+
+    def _start(self) -> float:
+        """From when the next taker's share accrues: a stall is not made up, a pause is kept."""
         now = self._clock()
-        if now > self._stamp:  # nothing accrues before a pause ends
-            self._level = min(self.capacity, self._level + (now - self._stamp) * self.per_s)
-            self._stamp = now
-        return self._level
-
-    def pause(self, until: float) -> None:
-        """Nothing may be taken before `until`, and the allowance starts from empty then, so
-        the takers that waited out a pause leave at the bucket's rate, not as one burst."""
-        self._refill()
-        self._level = min(self._level, 0.0)
-        self._stamp = max(self._stamp, until)
+        return max(self._spent_to, now - self._catch_up if self._spent_to > -math.inf else now, self._not_before)
 
     def wait_s(self, amount: float) -> float:
-        """Seconds until a newcomer could take `amount`, behind the takers already waiting (0
-        when it could take it now)."""
-        return self._wait(amount, ahead=self._queued)
-
-    def _wait(self, amount: float, ahead: float = 0.0) -> float:
-        """Seconds until `amount` could be taken after `ahead`; a pause counts whole, even when
-        a settle gave allowance back meanwhile."""
-        short = ahead + min(amount, self.capacity) - self._refill()
-        paused = max(0.0, self._stamp - self._clock())
-        return paused + (short / self.per_s if short > 1e-9 else 0.0)  # a float's last bit is not worth a wait
+        """Seconds until a newcomer could take `amount`, behind the takers already waiting."""
+        return max(0.0, self._start() + self._after(self._queued + amount) - self._clock())
 
     async def take(self, amount: float) -> None:
         self._queued += amount
         try:
             async with self._turn:
-                while (wait := self._wait(amount)) > 0:  # at the front: its own amount only
+                self._spent_to = self._start()
+                # a pause, a new rate or a settle may move the moment while this taker waits
+                while (wait := self._wait(amount)) > 1e-9:
                     await self._sleep(wait)
-                # a request larger than the bucket waits for a full one and leaves a debt behind,
-                # so the average rate still holds
-                self._level -= amount
+                self._spent_to = max(self._spent_to, self._not_before) + self._after(amount)
+                self._count(self._clock(), amount)
         finally:
             self._queued -= amount
 
-    def slow_to(self, per_s: float) -> None:
-        """Refill at `per_s` from now on, holding at most BURST_S of it."""
-        self._refill()
-        self.per_s = per_s
-        self.capacity = max(1.0, per_s * BURST_S)
-        self._level = min(self._level, self.capacity)
+    def _wait(self, amount: float) -> float:
+        now = self._clock()
+        due = max(self._spent_to, self._not_before) + self._after(amount)
+        return max(due - now, self._room_in(amount, now) if self._windowed else 0.0)
+
+    def _room_in(self, amount: float, now: float) -> float:
+        """Seconds until the last WINDOW_S of starts leave room for `amount` (a taker larger than
+        the whole window waits for an empty one)."""
+        self._expire(now)
+        need = self._in_window + min(amount, self.per_s * WINDOW_S * WINDOW_SHARE) - self.per_s * WINDOW_S * WINDOW_SHARE
+        wait = 0.0
+        for when, taken in self._window:
+            if need <= 1e-9:
+                break
+            need -= taken
+            wait = when + WINDOW_S - now
+        return wait
+
+    def _expire(self, now: float) -> None:
+        while self._window and self._window[0][0] <= now - WINDOW_S:
+            self._in_window -= self._window.popleft()[1]
+
+    def _count(self, now: float, amount: float) -> None:
+        self._expire(now)
+        self._window.append((now, amount))
+        self._in_window += amount
+
+    def sent_per_s(self) -> float:
+        """What was taken a second over the last WINDOW_S: less than was sent a second when the
+        run is younger than that, which errs on the side the provider wants."""
+        self._expire(self._clock())
+        return self._in_window / WINDOW_S
+
+    def pause(self, until: float) -> None:
+        """Nothing may be taken before `until`, and the allowance starts from nothing then, so
+        the takers that waited out a pause leave at the rate, not as one burst."""
+        self._not_before = max(self._not_before, until)
 
     def settle(self, reserved: float, actual: float) -> None:
-        """Give back what was over-reserved, or charge what was under-reserved."""
-        self._refill()
-        self._level = min(self.capacity, self._level + reserved - actual)
+        """Charge what was under-reserved; give back what was over-reserved while takers are
+        lined up (a give-back for a moment past is not made up, as a stall is not)."""
+        self._spent_to += self._after(actual - reserved)
+        if actual > reserved:
+            self._count(self._clock(), actual - reserved)
+
+
+@dataclass(frozen=True)
+class Held:
+    """A limiter pacing below its configured limit: at what rate, and why."""
+
+    per_minute: float
+    configured: float | None  # per minute; None when none was configured
+    kind: str  # "requests" or "tokens"
+    refusals: int  # 429s so far
+
+    def __str__(self) -> str:
+        unit = "RPM" if self.kind == "requests" else "TPM"
+        of = f" of {self.configured:,.0f}" if self.configured else ""
+        return f"held at {self.per_minute:,.0f} {unit}{of}: the provider answered 429 ({self.refusals} so far)"
 
 
 class Slots:
@@ -122,11 +195,11 @@ class Limiter(Protocol):
 
     def slot(self) -> AbstractAsyncContextManager[None]: ...
 
-    async def pace(self, tokens: int) -> None: ...
+    async def pace(self, tokens: int) -> int: ...
 
-    def settle(self, reserved: int, actual: int) -> None: ...
+    def answered(self, reserved: int, counted: int) -> None: ...
 
-    def cool_down(self, seconds: float) -> None: ...
+    def refused(self, retry_after_s: float | None, epoch: int) -> None: ...
 
     def lower(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None: ...
 
@@ -140,16 +213,22 @@ class Limits(Protocol):
 
 
 class LocalLimiter:
-    """Concurrency, request and token pacing, and a cool-down shared by all senders in this
-    process.
+    """Concurrency, request and token pacing, and what 429s teach, shared by all senders in
+    this process.
 
     Usage:
         limiter = LocalLimiter.from_config(cfg.limits)
-        async with limiter.slot():             # one request in flight, retries included
-            await limiter.pace(tokens)         # before each attempt
+        async with limiter.slot():                 # one request in flight, retries included
+            epoch = await limiter.pace(tokens)     # before each attempt
             ...
-            limiter.settle(tokens, usage.total_tokens)
-        limiter.cool_down(retry_after_s)       # after a 429: every sender waits
+            limiter.answered(tokens, counted)      # after an answer
+            limiter.refused(retry_after_s, epoch)  # after a 429
+
+    A 429 to a request paced since the last cut (`epoch` names the cut it was paced under),
+    while others are answered, shows the provider allows less than the pace: the pace is cut.
+    A 429 with nothing answered since the last one shows the provider closed for a while: every
+    sender pauses for the wait it asks. A 429 to a request paced before the last cut or pause
+    says nothing new: only that request waits (the client's retry obeys its Retry-After).
     """
 
     def __init__(
@@ -163,74 +242,125 @@ class LocalLimiter:
         self.slots = Slots(concurrency)
         self._clock = clock
         self._sleep = sleep
-        self._requests = self._bucket(requests_per_minute, clock, sleep)
-        self._tokens = self._bucket(tokens_per_minute, clock, sleep)
+        self._configured = {"requests": requests_per_minute, "tokens": tokens_per_minute}
+        # requests are always counted (a 429 may show a limit where none was configured)
+        self._paces: dict[str, Pace] = {"requests": self._pace("requests", requests_per_minute)}
+        if tokens_per_minute is not None:
+            self._paces["tokens"] = self._pace("tokens", tokens_per_minute)
+        self._ceilings = {kind: pace.per_s for kind, pace in self._paces.items()}
         self._resume_at = 0.0
+        self._epoch = 0
+        self._cut_at = -math.inf
+        self._closed = 0  # 429s since the last answer
+        self._grown_at = clock()
+        self.refusals = 0
 
-    @staticmethod
-    def _bucket(per_minute: int | None, clock: Clock, sleep: Sleep) -> Bucket | None:
-        if per_minute is None:
-            return None
-        per_s = per_minute / 60
-        return Bucket(per_s, max(1.0, per_s * BURST_S), clock, sleep)
+    def _pace(self, kind: str, per_minute: int | None) -> Pace:
+        """Requests of one each need no window kept: evenly spaced, a window of w seconds holds
+        at most per_s * (w + CATCH_UP_S) of them, rounded up, which is within the limit."""
+        per_s = math.inf if per_minute is None else per_minute / 60 * HEADROOM
+        return Pace(per_s, self._clock, self._sleep, windowed=kind == "tokens")
 
     @classmethod
-    def from_config(cls, limits: LimitsConfig) -> LocalLimiter:
-        return cls(limits.concurrency, limits.requests_per_minute, limits.tokens_per_minute)
+    def from_config(cls, limits: LimitsConfig, clock: Clock = time.monotonic) -> LocalLimiter:
+        return cls(limits.concurrency, limits.requests_per_minute, limits.tokens_per_minute, clock)
 
     def slot(self) -> AbstractAsyncContextManager[None]:
         return self.slots.taken()
 
+    def _amounts(self, tokens: int) -> dict[str, float]:
+        return {"requests": 1, "tokens": tokens}
+
     def wait_s(self, tokens: int) -> float:
         """Seconds until a request of `tokens` could start, were a slot free."""
-        waits = [self._resume_at - self._clock()]
-        if self._requests:
-            waits.append(self._requests.wait_s(1))
-        if self._tokens:
-            waits.append(self._tokens.wait_s(tokens))
+        amounts = self._amounts(tokens)
+        waits = [self._resume_at - self._clock(), *(p.wait_s(amounts[k]) for k, p in self._paces.items())]
         return max(0.0, *waits)
 
-    async def pace(self, tokens: int) -> None:
-        """Wait until a request of `tokens` may start, and reserve it."""
+    async def pace(self, tokens: int) -> int:
+        """Wait until a request of `tokens` may start, and count it; the cut it starts under."""
         while (pause := self._resume_at - self._clock()) > 0:
             await self._sleep(pause)
-        if self._requests:
-            await self._requests.take(1)
-        if self._tokens:
-            await self._tokens.take(tokens)
+        self._grow()
+        epoch = self._epoch
+        amounts = self._amounts(tokens)
+        for kind, pace in list(self._paces.items()):
+            await pace.take(amounts[kind])
+        return epoch
 
-    def settle(self, reserved: int, actual: int) -> None:
-        if self._tokens:
-            self._tokens.settle(reserved, actual)
+    def answered(self, reserved: int, counted: int) -> None:
+        """A request was answered: the provider lets requests through at this pace, and counted
+        `counted` tokens where `reserved` were paced."""
+        self._closed = 0
+        if tokens := self._paces.get("tokens"):
+            tokens.settle(reserved, counted)
 
     def lower(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
         """Take the provider's stated limits (its x-ratelimit-limit-* headers) where they are
         lower than ours, or where we had none: a header can only ever lower a limit."""
-        self._requests = self._lowered(self._requests, requests_per_minute)
-        self._tokens = self._lowered(self._tokens, tokens_per_minute)
+        for kind, per_minute in (("requests", requests_per_minute), ("tokens", tokens_per_minute)):
+            if per_minute is None:
+                continue
+            per_s = per_minute / 60 * HEADROOM
+            if kind not in self._paces:
+                self._paces[kind] = self._pace(kind, per_minute)
+                self._ceilings[kind] = per_s
+            elif per_s < self._ceilings[kind]:
+                self._ceilings[kind] = per_s
+                self._paces[kind].per_s = min(self._paces[kind].per_s, per_s)
 
-    def _lowered(self, bucket: Bucket | None, per_minute: int | None) -> Bucket | None:
-        if per_minute is None:
-            return bucket
-        if bucket is None:
-            return self._bucket(per_minute, self._clock, self._sleep)
-        if per_minute / 60 < bucket.per_s:
-            bucket.slow_to(per_minute / 60)
-        return bucket
+    def refused(self, retry_after_s: float | None, epoch: int) -> None:
+        """A 429 to a request paced under `epoch`, naming `retry_after_s` or no wait."""
+        self.refusals += 1
+        if epoch != self._epoch:
+            return  # paced before the last cut or pause: already answered by it
+        if self._closed:  # nothing answered since the last 429: the provider is closed for now
+            asked = COOL_DOWN_S * 2 ** (self._closed - 1) if retry_after_s is None else retry_after_s
+            self._pause(self._clock() + min(asked, MAX_PAUSE_S))
+            self._epoch += 1
+        else:  # others got through: the pace is above what the provider allows
+            self._cut()
+        self._closed += 1
 
-    def cool_down(self, seconds: float) -> None:
-        """No request starts for `seconds` from now (a later, longer cool-down wins), not even
-        one already waiting its turn in a bucket."""
-        self._resume_at = max(self._resume_at, self._clock() + seconds)
-        for bucket in (self._requests, self._tokens):
-            if bucket:
-                bucket.pause(self._resume_at)
+    def _cut(self) -> None:
+        for pace in self._paces.values():
+            pace.per_s = max(CUT * min(pace.per_s, pace.sent_per_s()), 1 / 60)  # never below one a minute
+        self._epoch += 1
+        self._cut_at = self._grown_at = self._clock()
+
+    def _grow(self) -> None:
+        """Regrow the pace towards the ceilings, from MEASURE_S after the last cut."""
+        now = self._clock()
+        since = now - max(self._grown_at, self._cut_at + MEASURE_S)
+        if since <= 0:
+            return
+        self._grown_at = now
+        for kind, pace in self._paces.items():
+            if pace.per_s < self._ceilings[kind]:
+                pace.per_s = min(self._ceilings[kind], pace.per_s * math.exp(GROWTH_PER_S * since))
+
+    def _pause(self, until: float) -> None:
+        """No request starts before `until` (a later pause wins), not even one already waiting
+        its turn."""
+        self._resume_at = max(self._resume_at, until)
+        for pace in self._paces.values():
+            pace.pause(self._resume_at)
+
+    def held(self) -> Held | None:
+        """The pace kept below the configured limit after 429s, if it is."""
+        for kind, pace in self._paces.items():
+            configured = self._configured.get(kind)
+            ceiling = self._ceilings[kind]
+            if pace.per_s < ceiling * 0.999:
+                return Held(pace.per_s * 60, configured if configured else None, kind, self.refusals)
+        return None
 
 
 def roomiest(waits: Sequence[float], free: Sequence[int]) -> int:
-    """The endpoint a request could start on soonest (`waits`: seconds until each one's buckets
-    allow it); of those, the one with most free slots, then the first."""
-    return min(range(len(waits)), key=lambda i: (waits[i], -free[i], i))
+    """The endpoint a request could start on soonest: one with a free slot (a request waiting
+    for a slot is not yet in its pace's line), then the soonest by `waits` (seconds until each
+    one's pacing allows it), then the one with most free slots, then the first."""
+    return min(range(len(waits)), key=lambda i: (free[i] == 0, waits[i], -free[i], i))
 
 
 class LocalLimits:
@@ -240,8 +370,8 @@ class LocalLimits:
         self.limiters = list(limiters)
 
     @classmethod
-    def from_config(cls, endpoints: Sequence[LimitsConfig]) -> LocalLimits:
-        return cls([LocalLimiter.from_config(limits) for limits in endpoints])
+    def from_config(cls, endpoints: Sequence[LimitsConfig], clock: Clock = time.monotonic) -> LocalLimits:
+        return cls([LocalLimiter.from_config(limits, clock) for limits in endpoints])
 
     def __getitem__(self, endpoint: int) -> LocalLimiter:
         return self.limiters[endpoint]

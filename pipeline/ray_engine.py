@@ -30,6 +30,7 @@ import os
 import pickle
 import socket
 import threading
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -55,6 +56,9 @@ __all__ = ["run"]
 
 log = logging.getLogger(__name__)
 
+# How far ahead of its moment a start is granted: longer than a reply from the coordinator takes
+# to reach an actor, so requests leave as evenly as they were paced.
+LEAD_S = 0.05
 QUIT_WAIT_S = 10.0  # after a stop that cannot wait, how long the driver's thread may take to let go
 WAVE_ROWS = 20_000  # rows handed to Ray Data at a time: bounds what the driver and the object store hold
 # An HTTP actor mostly waits on the network, and reserves no CPU: a fraction on each node would
@@ -75,30 +79,43 @@ class Coordinator:
     `end_wave` does the same for every life once a wave's actors are gone."""
 
     def __init__(self, limits: list[LimitsConfig], limit_usd: float | None, spent_usd: float) -> None:
-        self.limits = LocalLimits.from_config(limits)
+        # paced LEAD_S ahead of the wall clock: a start is granted that much early, with the
+        # moment to send, so the actor sends on time however long the reply took to reach it
+        self.limits = LocalLimits.from_config(limits, self.clock)
         self.budget = Budget(limit_usd, spent_usd)
         self.lives: dict[str, str] = {}  # actor id -> its current life
         self.holds: dict[Owner, Counter[float]] = defaultdict(Counter)
         self.stopping = asyncio.Event()
 
+    @staticmethod
+    def clock() -> float:
+        return time.time() + LEAD_S
+
     async def waits(self, tokens: int) -> list[float]:
         return self.limits.waits(tokens)
 
-    async def pace(self, endpoint: int, tokens: int) -> bool:
-        """Wait for a request's turn; False when the run is stopping (also while it waited) and
-        the request must not be sent."""
+    async def pace(self, endpoint: int, tokens: int) -> tuple[int, float] | None:
+        """Wait for a request's turn; the cut of the pace it was given under and when to send
+        it (wall clock); None when the run is stopping (also while it waited) and the request
+        must not be sent."""
         turn = asyncio.ensure_future(self.limits[endpoint].pace(tokens))
         stop = asyncio.ensure_future(self.stopping.wait())
         await asyncio.wait([turn, stop], return_when=asyncio.FIRST_COMPLETED)
         for waiting in (turn, stop):
             waiting.cancel()
-        return not self.stopping.is_set()
+        if self.stopping.is_set() or not turn.done() or turn.cancelled():
+            return None
+        return turn.result(), self.clock()
 
-    async def settle(self, endpoint: int, reserved: int, actual: int) -> None:
-        self.limits[endpoint].settle(reserved, actual)
+    async def answered(self, endpoint: int, reserved: int, counted: int) -> None:
+        self.limits[endpoint].answered(reserved, counted)
 
-    async def cool_down(self, endpoint: int, seconds: float) -> None:
-        self.limits[endpoint].cool_down(seconds)
+    async def refused(self, endpoint: int, retry_after_s: float | None, epoch: int) -> None:
+        self.limits[endpoint].refused(retry_after_s, epoch)
+
+    async def held(self) -> list[str]:
+        """What each endpoint's pace is held at below its limit, where it is."""
+        return [str(held) for limiter in self.limits.limiters if (held := limiter.held())]
 
     async def lower(self, endpoint: int, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
         self.limits[endpoint].lower(requests_per_minute, tokens_per_minute)
@@ -155,35 +172,36 @@ _CoordinatorActor: Any = ray.remote(Coordinator)
 
 class _RemoteLimiter:
     """One endpoint's limits on the coordinator; this actor's share of its concurrency here.
-    Each request start is one call to the coordinator, and one more to settle its tokens when
-    the endpoint has a tokens-per-minute limit."""
+    Each request start is one call to the coordinator, and each answer one more (not waited
+    for): the pace learns from answers and 429s alike."""
 
-    def __init__(self, coordinator: Any, endpoint: int, slots: int, counts_tokens: bool) -> None:
+    def __init__(self, coordinator: Any, endpoint: int, slots: int) -> None:
         self._coordinator = coordinator
         self._endpoint = endpoint
         self.slots = Slots(slots)
-        self._counts_tokens = counts_tokens
         self._stated: tuple[int | None, int | None] = (None, None)
 
     def slot(self) -> AbstractAsyncContextManager[None]:
         return self.slots.taken()
 
-    async def pace(self, tokens: int) -> None:
-        if not await self._coordinator.pace.remote(self._endpoint, tokens):
+    async def pace(self, tokens: int) -> int:
+        turn: tuple[int, float] | None = await self._coordinator.pace.remote(self._endpoint, tokens)
+        if turn is None:
             raise Halted("the run is stopping")
+        epoch, send_at = turn
+        await asyncio.sleep(max(0.0, send_at - time.time()))
+        return epoch
 
-    def settle(self, reserved: int, actual: int) -> None:
-        if self._counts_tokens:
-            self._coordinator.settle.remote(self._endpoint, reserved, actual)
+    def answered(self, reserved: int, counted: int) -> None:
+        self._coordinator.answered.remote(self._endpoint, reserved, counted)
 
-    def cool_down(self, seconds: float) -> None:
-        self._coordinator.cool_down.remote(self._endpoint, seconds)
+    def refused(self, retry_after_s: float | None, epoch: int) -> None:
+        self._coordinator.refused.remote(self._endpoint, retry_after_s, epoch)
 
     def lower(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
         """Passed on to the coordinator when they change, not with every answer."""
         if (requests_per_minute, tokens_per_minute) != self._stated:
             self._stated = (requests_per_minute, tokens_per_minute)
-            self._counts_tokens = self._counts_tokens or tokens_per_minute is not None
             self._coordinator.lower.remote(self._endpoint, requests_per_minute, tokens_per_minute)
 
 
@@ -263,8 +281,7 @@ class _Http:
         """Made in the actor's event loop; keys come from this node's environment (ConfigError
         when one is unset here)."""
         cfg = self._cfg
-        limiters = [_RemoteLimiter(self._coordinator, i, share, target.limits(cfg.limits).tokens_per_minute is not None)
-                    for i, (share, target) in enumerate(zip(self._shares, cfg.targets))]
+        limiters = [_RemoteLimiter(self._coordinator, i, share) for i, share in enumerate(self._shares)]
         purse = _RemotePurse(self._coordinator, self._owner) if cfg.limits.max_cost_usd is not None else Budget(None)
         return Sender(cfg, self._endpoints, self._shares, _RemoteLimits(self._coordinator, limiters), purse,
                       _schema(cfg), lambda: False)

@@ -73,6 +73,7 @@ class Summary:
     budget_usd: float | None = None  # limits.max_cost_usd
     spent_usd: float = 0.0  # by the directory, earlier runs included
     stopped_at_budget: bool = False
+    held: str = ""  # the last time the pace was held below a configured limit: at what rate, and why
 
     def count(self, row: dict[str, Any], retried: bool) -> None:
         self.retried += retried
@@ -156,6 +157,7 @@ class Driver:
         self.budget = Budget(cfg.limits.max_cost_usd, store.spent_usd)
         self.unpublished = 0  # rows journalled since the last part
         self.cut_at = time.monotonic()
+        self.held: Callable[[], str] = str  # what holds the pace below the limits, if anything (set by an engine)
         self.stop_reason: str | None = None
         self.stopping = False  # a signal came: no new requests
         self.manifest_error: ManifestError | None = None
@@ -219,7 +221,10 @@ class Driver:
     def _postfix(self) -> dict[str, Any]:
         s, limit = self.summary, self.budget.limit_usd
         cost = f"${s.cost_usd:.4f}" + (f" (dir ${self.budget.spent_usd:.4f} of ${limit:g})" if limit else "")
-        return {"errors": s.failed, "tokens": s.prompt_tokens + s.completion_tokens, **({"cost": cost} if s.priced else {})}
+        if held := self.held():
+            s.held = held
+        return {"errors": s.failed, "tokens": s.prompt_tokens + s.completion_tokens, **({"cost": cost} if s.priced else {}),
+                **({"pace": held} if held else {})}
 
 
 class _Local:
@@ -388,6 +393,7 @@ async def _run_locally(driver: Driver, endpoints: list[EndpointConfig], schema: 
     cfg = driver.cfg
     own = [target.limits(cfg.limits) for target in cfg.targets]
     limits = LocalLimits.from_config(own)
+    driver.held = lambda: "; ".join(str(held) for limiter in limits.limiters if (held := limiter.held()))
     slots = [lim.concurrency for lim in own]
     sender = Sender(cfg, endpoints, slots, limits, driver.budget, schema, driver.stopped)
     try:

@@ -122,8 +122,9 @@ class Sender:
         except Halted:  # the limiter says the run is stopping
             self.purse.release(worst, 0.0)
             return None
-        if reply.usage:
-            self.limits[endpoint].settle(reserved, reply.usage.prompt_tokens + tokens.output_max)
+        # what a tokens-per-minute limit counted: the prompt as the provider read it, and max_tokens
+        counted = reply.usage.prompt_tokens + tokens.output_max if reply.usage else reserved
+        self.limits[endpoint].answered(reserved, counted)
         cost = self._cost(reply)
         charged = worst if cost is None else cost  # no usage: assume the worst
         self.purse.release(worst, charged)

@@ -1,7 +1,7 @@
 """The bundled OpenAI-compatible chat-completions server, for dry runs, demos, tests and benchmarks.
 
 Owns: a real HTTP server on loopback (starlette + uvicorn, in a thread or in the foreground);
-auth checks; request and token rate limits as token buckets; seeded faults (429, 5xx, hangs,
+auth checks; request and token rate limits enforced as providers do (`provider_limits`); seeded faults (429, 5xx, hangs,
 malformed bodies, dropped connections) and faults scripted per marker; seeded flaws of
 structured answers (invalid JSON, broken schema) per choice; refusing `response_format` as
 gateways without structured output do; a log of what it received; CLI flags for its settings.
@@ -35,8 +35,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from . import simulated
+from . import provider_limits, simulated
 from .config import SimulatorSettings
+from .provider_limits import Meter, go_duration, seconds
 from .simulated import JSON
 
 __all__ = ["LogEntry", "Simulator", "running", "serve"]
@@ -104,49 +105,6 @@ def _error(status: int, message: str | None = None, *, param: str | None = None,
     return _json(status, simulated.error_body(status, message, param=param, code=code), headers)
 
 
-def _seconds(value: float) -> str:
-    """Retry-After: fractional seconds, rounded up to the millisecond so a client never comes back early."""
-    return f"{math.ceil(value * 1000) / 1000:.3f}".rstrip("0").rstrip(".")
-
-
-def _go_duration(value: float) -> str:
-    if value < 1:
-        return f"{math.ceil(value * 1000)}ms"
-    minutes, secs = divmod(value, 60)
-    text = _seconds(secs) + "s"
-    if minutes >= 60:
-        return f"{int(minutes) // 60}h{int(minutes) % 60}m{text}"
-    return f"{int(minutes)}m{text}" if minutes else text
-
-
-# --- rate limits --------------------------------------------------------------------------
-
-
-@dataclass
-class _Bucket:
-    """A per-minute limit paced per second: holds one second's worth, refills at limit/60 a second."""
-
-    limit: int
-    level: float = -1.0
-    stamp: float = 0.0
-
-    def base(self) -> float:
-        return max(1.0, self.limit / 60)
-
-    def wait_s(self, cost: int, now: float) -> float:
-        if self.level < 0:
-            self.level, self.stamp = self.base(), now
-        rate = self.limit / 60
-        self.level = min(max(self.base(), cost), self.level + (now - self.stamp) * rate)
-        self.stamp = now
-        return max(0.0, (cost - self.level) / rate)
-
-    def headers(self, kind: str) -> dict[str, str]:
-        return {f"x-ratelimit-limit-{kind}": str(self.limit),
-                f"x-ratelimit-remaining-{kind}": str(max(0, math.floor(self.level))),
-                f"x-ratelimit-reset-{kind}": _go_duration(max(0.0, self.base() - self.level) / (self.limit / 60))}
-
-
 def _not_a_drop(record: logging.LogRecord) -> bool:
     """A dropped connection is a fault on purpose, not an error worth a log line."""
     return record.msg != _DROP_MESSAGE
@@ -167,7 +125,7 @@ class Simulator:
         self._lock = threading.Lock()
         self._plans: list[tuple[str, deque[Action], float | None]] = []
         self._seen: Counter[str] = Counter()
-        self._buckets: dict[str, _Bucket] = {}
+        self._meters: dict[str, tuple[tuple[Any, ...], Meter]] = {}
         self._images = simulated.ImageCache()
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -183,7 +141,7 @@ class Simulator:
             self.log.clear()
             self._plans.clear()
             self._seen.clear()
-            self._buckets.clear()
+            self._meters.clear()
 
     def requests(self) -> list[LogEntry]:
         with self._lock:
@@ -229,18 +187,16 @@ class Simulator:
             if await self._hang():
                 return _error(503, "The simulator is shutting down.")
         elif isinstance(action, int) and action != 200:
-            return _error(action, headers={} if retry_after is None else {"retry-after": _seconds(retry_after)})
+            return _error(action, headers={} if retry_after is None else {"retry-after": seconds(retry_after)})
         flaws = self._flaws(parsed, k)
         answers = simulated.answer_texts(parsed, flaws)
         usage = simulated.count_usage(parsed, answers)
         charged = parsed.prompt_tokens + (
             parsed.max_tokens * parsed.n if parsed.max_tokens else usage["completion_tokens"])
-        wait, limits = self._limit(charged)
+        wait, limits = self._limit(charged, arrived=entry.time)
         if wait > 0:
             entry.fault = "rate_limit"
-            return _error(429, f"Rate limit reached (simulated). Please try again in {_seconds(wait)}s.",
-                          headers={"retry-after": _seconds(wait), "retry-after-ms": str(math.ceil(wait * 1000)),
-                                   **limits})
+            return self._refused(wait, limits)
         if self.settings.latency_s:
             await asyncio.sleep(self.settings.latency_s)
         raw, response_id = self._completion(parsed, answers, usage, limits)
@@ -305,24 +261,49 @@ class Simulator:
             return False
         return True
 
-    def _limit(self, cost: int) -> tuple[float, dict[str, str]]:
-        """Seconds to wait before this request fits both buckets (0: taken now), and the headers."""
-        limits = {"requests": (self.settings.requests_per_minute, 1), "tokens": (self.settings.tokens_per_minute, cost)}
-        now, wait, headers = time.monotonic(), 0.0, {}
+    def _limit(self, cost: int, arrived: float) -> tuple[float, dict[str, str]]:
+        """Seconds to wait before this request fits every limit (0: counted now), and the headers.
+        A refused request counts too where the settings say so, as OpenAI counts it."""
+        # counted when it arrived (monotonic), as a provider's gateway counts, not after the body
+        # was read and its images decoded; on the wall clock, so fixed windows are whole minutes
+        now, headers = time.time() - (time.monotonic() - arrived), dict[str, str]()
         with self._lock:
-            active = []
-            for kind, (limit, charge) in limits.items():
-                if limit is None:
-                    continue
-                if kind not in self._buckets or self._buckets[kind].limit != limit:
-                    self._buckets[kind] = _Bucket(limit)
-                active.append((kind, self._buckets[kind], charge))
-                wait = max(wait, self._buckets[kind].wait_s(charge, now))
-            for kind, bucket, charge in active:
-                if wait == 0:
-                    bucket.level -= charge
-                headers.update(bucket.headers(kind))
-        return wait, headers
+            active = [(kind, meter, charge) for kind, charge in (("requests", 1), ("tokens", cost))
+                      if (meter := self._meter(kind)) is not None]
+            wait = max((meter.wait_s(charge, now) for _, meter, charge in active), default=0.0)
+            counted = wait == 0 or (self.settings.count_refused and self.settings.limit_mode != "bucket")
+            for kind, meter, charge in active:
+                if counted:
+                    meter.take(charge, now)
+                headers |= {f"x-ratelimit-limit-{kind}": str(meter.limit),
+                            f"x-ratelimit-remaining-{kind}": str(math.floor(meter.remaining(now))),
+                            f"x-ratelimit-reset-{kind}": go_duration(meter.reset_s(now))}
+        return wait, headers if self.settings.state_limits else {}
+
+    def _meter(self, kind: str) -> Meter | None:
+        """The meter of one limit, made anew when the settings that shape it change."""
+        s = self.settings
+        limit, neighbour = ((s.requests_per_minute, s.neighbour_rpm) if kind == "requests"
+                            else (s.tokens_per_minute, s.neighbour_tpm))
+        if limit is None:
+            return None
+        shape = (s.limit_mode, limit, s.window_s, neighbour)
+        if kind not in self._meters or self._meters[kind][0] != shape:
+            self._meters[kind] = (shape, provider_limits.meter(s.limit_mode, limit, s.window_s, neighbour))
+        return self._meters[kind][1]
+
+    def _refused(self, wait: float, limits: dict[str, str]) -> _Raw:
+        """A rate-limit 429: the wait in the message, and as the settings say in headers: whole
+        seconds in Retry-After (as HTTP writes it, and as the windowed modes send it), or
+        fractional seconds and retry-after-ms (the bucket, as Azure sends them)."""
+        message = f"Rate limit reached (simulated). Please try again in {seconds(wait)}s."
+        if not self.settings.state_limits:
+            return _error(429, message)
+        if self.settings.limit_mode == "bucket":
+            asked = {"retry-after": seconds(wait), "retry-after-ms": str(math.ceil(wait * 1000))}
+        else:
+            asked = {"retry-after": str(max(1, math.ceil(wait)))}
+        return _error(429, message, headers={**asked, **limits})
 
     def _completion(self, parsed: simulated.Parsed, answers: list[tuple[str, str]], usage: JSON,
                     headers: dict[str, str]) -> tuple[_Raw, str]:

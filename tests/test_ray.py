@@ -95,8 +95,10 @@ def test_every_actor_keeps_within_one_global_request_limit(cluster: Cluster, fau
     assert _rate([entry.time for entry in log]) >= 0.95 * rpm / 60
 
 
-def test_a_retry_after_pauses_every_actor(cluster: Cluster, sim: simulator.Simulator, tmp_path: Path,
-                                          images: Callable[..., list[str]]) -> None:
+def test_one_429_makes_only_its_request_wait_its_retry_after(cluster: Cluster, sim: simulator.Simulator,
+                                                             tmp_path: Path, images: Callable[..., list[str]]) -> None:
+    # one 429 while others are answered says the pace was too high, not that the provider is
+    # closed: the pace is cut, only the refused request waits, the other actors go on
     sim.plan("img0030", [429], retry_after_s=2)
     manifest = write_manifest(tmp_path, named(images(300)))
     config = write_config(tmp_path, sim.url, manifest, prompt=NAMED, engine="ray",
@@ -104,11 +106,10 @@ def test_a_retry_after_pauses_every_actor(cluster: Cluster, sim: simulator.Simul
     assert _run(config) == 0
     log = sim.requests()
     refused = next(entry for entry in log if entry.status == 429)
-    # requests that had passed the limiter when the 429 came may still arrive just after it
-    during = [entry for entry in log if refused.answered_at + 0.25 < entry.time < refused.answered_at + 1.95]
-    after = [entry for entry in log if entry.time >= refused.answered_at + 1.95]
-    assert during == []
-    assert len(after) > 50  # the other actors had work, and waited
+    retried = [entry for entry in log if entry.markers == refused.markers and entry is not refused]
+    assert len(retried) == 1 and retried[0].time >= refused.answered_at + 2.0
+    during = [entry for entry in log if refused.answered_at < entry.time < refused.answered_at + 1.9]
+    assert len(during) > 10 or len(log) - log.index(refused) < 50  # not paused, unless the run was near its end
     assert len(log) == 301
 
 

@@ -243,12 +243,31 @@ def test_requests_per_minute_limits_bursts(sim: Simulator, client: httpx.Client)
     assert first.status_code == 200 and first.headers["x-ratelimit-limit-requests"] == "60"
     assert second.status_code == 429
     assert second.json()["error"]["code"] == "rate_limit_exceeded"
-    assert 0 < float(second.headers["retry-after"]) <= 1
+    assert second.headers["retry-after"] == "1"  # whole seconds, as HTTP writes them
     for name in ("limit", "remaining", "reset"):
         assert f"x-ratelimit-{name}-requests" in second.headers
     assert second.headers["x-ratelimit-remaining-requests"] == "0"
-    assert second.headers["x-ratelimit-reset-requests"].endswith("ms")
+    assert second.headers["x-ratelimit-reset-requests"] in ("1s", *(f"{ms}ms" for ms in range(900, 1000)))
     assert [e.fault for e in sim.log] == [None, "rate_limit"]
+
+
+def test_the_bucket_mode_sends_fractional_waits(sim: Simulator, client: httpx.Client) -> None:
+    sim.settings = SimulatorSettings(requests_per_minute=60, limit_mode="bucket")
+    assert client.post("chat/completions", json=_body(RED)).status_code == 200
+    second = client.post("chat/completions", json=_body(RED))
+    assert second.status_code == 429
+    assert 0 < float(second.headers["retry-after"]) <= 1
+    assert 0 < int(second.headers["retry-after-ms"]) <= 1000
+    assert second.headers["x-ratelimit-reset-requests"].endswith("ms")
+
+
+def test_unstated_limits_send_no_headers_and_no_wait(sim: Simulator, client: httpx.Client) -> None:
+    sim.settings = SimulatorSettings(requests_per_minute=60, state_limits=False)
+    first = client.post("chat/completions", json=_body(RED))
+    second = client.post("chat/completions", json=_body(RED))
+    assert first.status_code == 200 and second.status_code == 429
+    for resp in (first, second):
+        assert not [name for name in resp.headers if name.startswith(("x-ratelimit", "retry-after"))]
 
 
 def test_tokens_per_minute_counts_max_tokens(sim: Simulator, client: httpx.Client) -> None:
