@@ -38,6 +38,7 @@ from tenacity import (
 from .config import AuthStyle, EndpointConfig
 from .completion import Reply, assemble_chunks, error_message, parse_body
 from .errors import ConfigError, Rejected, RequestFailed, Retryable
+from .limits import Turn
 
 __all__ = ["AUTH_HEADERS", "Pacer", "Client", "read_key", "retry_policy", "ACCOUNT_STATUSES"]
 
@@ -65,7 +66,7 @@ class Pacer(Protocol):
     """What the client needs of a limiter: wait for a turn (and say under which cut of the pace
     it was given), hear each 429 and the limits the provider states."""
 
-    async def pace(self, tokens: int) -> int: ...
+    async def pace(self, tokens: int) -> Turn: ...
 
     def refused(self, retry_after_s: float | None, epoch: int) -> None: ...
 
@@ -167,6 +168,7 @@ class Client:
             # timeout_s bounds connecting and each wait for bytes; DEADLINE_FACTOR the whole attempt
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=endpoint.timeout_s, sock_read=endpoint.timeout_s),
             connector=aiohttp.TCPConnector(limit=concurrency),
+            trace_configs=[_SENT],
         )
         self._proxy = _proxy(self._completions)
 
@@ -179,27 +181,27 @@ class Client:
             async for attempt in self._policy.copy():  # tenacity keeps per-call state on the instance
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    epoch = await self._pacer.pace(reserve_tokens)
+                    turn = await self._pacer.pace(reserve_tokens)
                     started = time.perf_counter()
-                    reply = await self._send_once(body, epoch)
+                    reply = await self._send_once(body, turn)
         except RequestFailed as exc:
             exc.attempts = attempts
             raise
         return reply.timed((time.perf_counter() - started) * 1000, attempts)
 
-    async def _send_once(self, body: dict[str, Any], epoch: int) -> Reply:
+    async def _send_once(self, body: dict[str, Any], turn: Turn) -> Reply:
         try:
             async with asyncio.timeout(self._deadline_s):  # a stream that trickles forever ends too
-                return await self._attempt(body, epoch)
+                return await self._attempt(body, turn)
         except TimeoutError as exc:
             raise Retryable(f"no whole answer within {self._deadline_s:.0f} s from {self._base_url}") from exc
         except RequestFailed as exc:  # before the retry log or the row sees it: gateways echo keys
             exc.args = (str(exc).replace(self._key, "***"),)
             raise
 
-    async def _attempt(self, body: dict[str, Any], epoch: int) -> Reply:
+    async def _attempt(self, body: dict[str, Any], turn: Turn) -> Reply:
         try:
-            async with self._http.post(self._completions, json=body, proxy=self._proxy) as resp:
+            async with self._http.post(self._completions, json=body, proxy=self._proxy, trace_request_ctx=turn) as resp:
                 content = await resp.read()
                 status, headers = resp.status, resp.headers
         except _TRANSPORT_ERRORS as exc:  # timeouts, refused and dropped connections, bad encodings
@@ -208,7 +210,7 @@ class Client:
         if requests or tokens:
             self._pacer.lower(requests, tokens)
         if status >= 400:
-            raise self._failure(status, headers, content, epoch)
+            raise self._failure(status, headers, content, turn.epoch)
         try:
             return _read_stream(headers, content) if body.get("stream") else parse_body(content)
         except (SSEError, ValueError, TypeError, AttributeError) as exc:
@@ -223,6 +225,15 @@ class Client:
         if status in _RETRIED or status >= 500:
             return Retryable(message, status=status, retry_after_s=_retry_after(headers))
         return Rejected(message, status=status)
+
+
+async def _headers_sent(session: aiohttp.ClientSession, context: Any, params: Any) -> None:
+    context.trace_request_ctx.sent()  # the Turn of the request: a window counts it from now
+
+
+_SENT = aiohttp.TraceConfig()
+_SENT.on_request_headers_sent.append(_headers_sent)
+_SENT.freeze()
 
 
 def _proxy(url: str) -> str | None:

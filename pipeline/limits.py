@@ -30,7 +30,7 @@ from typing import Protocol
 
 from .config import LimitsConfig
 
-__all__ = ["Held", "Limiter", "Limits", "LocalLimiter", "LocalLimits", "Pace", "Slots", "roomiest"]
+__all__ = ["Held", "Limiter", "Limits", "LocalLimiter", "LocalLimits", "Pace", "Slots", "Turn", "roomiest"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]  # injectable, so tests run on a fake clock
@@ -41,6 +41,9 @@ Sleep = Callable[[float], Awaitable[None]]  # injectable, so tests run on a fake
 HEADROOM = 0.98
 WINDOW_S = 1.0
 WINDOW_SHARE = 0.995 / HEADROOM
+# A start is kept in the window this much longer than WINDOW_S: a later request may reach the
+# provider sooner after leaving than an earlier one did, while the earlier is still counted there.
+OVERLAP_S = 0.01
 # How far a sender woken late may fall behind the schedule and still catch up: late wake-ups
 # cost little, while a longer stall (a busy machine, a GC pause) is not made up in a burst.
 # Evenly spaced requests keep 17 ms of a second's room for jitter so; tokens, whose window is
@@ -84,7 +87,7 @@ class Pace:
         self._not_before = -math.inf  # the end of a pause: a settle cannot move a start before it
         self._turn = asyncio.Lock()  # one taker at a time, first come first served
         self._queued = 0.0  # what the takers waiting for their turn will take
-        self._window: deque[tuple[float, float]] = deque()  # (when, amount) over the last WINDOW_S
+        self._window: deque[list[float]] = deque()  # [when, amount] over the last WINDOW_S
         self._in_window = 0.0
 
     def _after(self, amount: float) -> float:
@@ -99,7 +102,9 @@ class Pace:
         """Seconds until a newcomer could take `amount`, behind the takers already waiting."""
         return max(0.0, self._start() + self._after(self._queued + amount) - self._clock())
 
-    async def take(self, amount: float) -> None:
+    async def take(self, amount: float) -> list[float]:
+        """Wait for `amount`'s turn and count it; its [when, amount] in the window, which
+        `restamp` moves to when the request really left."""
         self._queued += amount
         try:
             async with self._turn:
@@ -108,9 +113,13 @@ class Pace:
                 while (wait := self._wait(amount)) > 1e-9:
                     await self._sleep(wait)
                 self._spent_to = max(self._spent_to, self._not_before) + self._after(amount)
-                self._count(self._clock(), amount)
+                return self._count(self._clock(), amount)
         finally:
             self._queued -= amount
+
+    def restamp(self, entry: list[float]) -> None:
+        """The request of this entry left now: it stays in the window until WINDOW_S after."""
+        entry[0] = max(entry[0], self._clock())
 
     def _wait(self, amount: float) -> float:
         now = self._clock()
@@ -123,27 +132,29 @@ class Pace:
         self._expire(now)
         need = self._in_window + min(amount, self.per_s * WINDOW_S * WINDOW_SHARE) - self.per_s * WINDOW_S * WINDOW_SHARE
         wait = 0.0
-        for when, taken in self._window:
+        for when, taken in self._window:  # oldest first, but a restamped one may be later than the next
             if need <= 1e-9:
                 break
             need -= taken
-            wait = when + WINDOW_S - now
+            wait = max(wait, when + WINDOW_S + OVERLAP_S - now)
         return wait
 
     def _expire(self, now: float) -> None:
-        while self._window and self._window[0][0] <= now - WINDOW_S:
+        while self._window and self._window[0][0] <= now - WINDOW_S - OVERLAP_S:
             self._in_window -= self._window.popleft()[1]
 
-    def _count(self, now: float, amount: float) -> None:
+    def _count(self, now: float, amount: float) -> list[float]:
         self._expire(now)
-        self._window.append((now, amount))
+        entry = [now, amount]
+        self._window.append(entry)
         self._in_window += amount
+        return entry
 
     def sent_per_s(self) -> float:
         """What was taken a second over the last WINDOW_S: less than was sent a second when the
         run is younger than that, which errs on the side the provider wants."""
         self._expire(self._clock())
-        return self._in_window / WINDOW_S
+        return self._in_window / (WINDOW_S + OVERLAP_S)
 
     def pause(self, until: float) -> None:
         """Nothing may be taken before `until`, and the allowance starts from nothing then, so
@@ -156,6 +167,15 @@ class Pace:
         self._spent_to += self._after(actual - reserved)
         if actual > reserved:
             self._count(self._clock(), actual - reserved)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A request's turn: the cut of the pace it was given under, and what to call the moment it
+    really leaves (its headers sent), so a window counts it from then."""
+
+    epoch: int
+    sent: Callable[[], None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -195,7 +215,7 @@ class Limiter(Protocol):
 
     def slot(self) -> AbstractAsyncContextManager[None]: ...
 
-    async def pace(self, tokens: int) -> int: ...
+    async def pace(self, tokens: int) -> Turn: ...
 
     def answered(self, reserved: int, counted: int) -> None: ...
 
@@ -219,10 +239,10 @@ class LocalLimiter:
     Usage:
         limiter = LocalLimiter.from_config(cfg.limits)
         async with limiter.slot():                 # one request in flight, retries included
-            epoch = await limiter.pace(tokens)     # before each attempt
-            ...
+            turn = await limiter.pace(tokens)      # before each attempt
+            ...                                    # turn.sent() when its headers are sent
             limiter.answered(tokens, counted)      # after an answer
-            limiter.refused(retry_after_s, epoch)  # after a 429
+            limiter.refused(retry_after_s, turn.epoch)  # after a 429
 
     A 429 to a request paced since the last cut (`epoch` names the cut it was paced under),
     while others are answered, shows the provider allows less than the pace: the pace is cut.
@@ -277,16 +297,20 @@ class LocalLimiter:
         waits = [self._resume_at - self._clock(), *(p.wait_s(amounts[k]) for k, p in self._paces.items())]
         return max(0.0, *waits)
 
-    async def pace(self, tokens: int) -> int:
-        """Wait until a request of `tokens` may start, and count it; the cut it starts under."""
+    async def pace(self, tokens: int) -> Turn:
+        """Wait until a request of `tokens` may start, and count it."""
         while (pause := self._resume_at - self._clock()) > 0:
             await self._sleep(pause)
         self._grow()
         epoch = self._epoch
         amounts = self._amounts(tokens)
-        for kind, pace in list(self._paces.items()):
-            await pace.take(amounts[kind])
-        return epoch
+        entries = [(pace, await pace.take(amounts[kind])) for kind, pace in list(self._paces.items())]
+
+        def sent() -> None:
+            for pace, entry in entries:
+                pace.restamp(entry)
+
+        return Turn(epoch, sent)
 
     def answered(self, reserved: int, counted: int) -> None:
         """A request was answered: the provider lets requests through at this pace, and counted

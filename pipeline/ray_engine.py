@@ -46,7 +46,7 @@ from . import payload, results
 from .budget import Budget
 from .config import EndpointConfig, LimitsConfig, RunConfig
 from .errors import ConfigError, Halted, RowInputError
-from .limits import LocalLimits, Slots, roomiest
+from .limits import LocalLimits, Slots, Turn, roomiest
 from .manifest import ManifestRow
 from .runner import NO_KEY, Driver, stopping_on_signals
 from .sender import Outcome, Sender
@@ -105,7 +105,7 @@ class Coordinator:
             waiting.cancel()
         if self.stopping.is_set() or not turn.done() or turn.cancelled():
             return None
-        return turn.result(), self.clock()
+        return turn.result().epoch, self.clock()
 
     async def answered(self, endpoint: int, reserved: int, counted: int) -> None:
         self.limits[endpoint].answered(reserved, counted)
@@ -184,13 +184,14 @@ class _RemoteLimiter:
     def slot(self) -> AbstractAsyncContextManager[None]:
         return self.slots.taken()
 
-    async def pace(self, tokens: int) -> int:
+    async def pace(self, tokens: int) -> Turn:
+        """The coordinator's window counts the moment it names, when this actor sends."""
         turn: tuple[int, float] | None = await self._coordinator.pace.remote(self._endpoint, tokens)
         if turn is None:
             raise Halted("the run is stopping")
         epoch, send_at = turn
         await asyncio.sleep(max(0.0, send_at - time.time()))
-        return epoch
+        return Turn(epoch)
 
     def answered(self, reserved: int, counted: int) -> None:
         self._coordinator.answered.remote(self._endpoint, reserved, counted)

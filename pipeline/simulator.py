@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -129,6 +130,12 @@ class Simulator:
         self._images = simulated.ImageCache()
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # limits count requests in the order they arrived, as a gateway does, though their bodies
+        # take different times to read: each waits for those that came before it (all in one loop)
+        self._arrivals = itertools.count()
+        self._next_count = 0
+        self._counted: set[int] = set()
+        self._waiting: dict[int, asyncio.Future[None]] = {}
 
     def plan(self, marker: str, statuses: Sequence[Action], retry_after_s: float | None = 0.0) -> None:
         """Answer the next requests whose markers contain `marker` with these statuses (200: normally),
@@ -163,12 +170,16 @@ class Simulator:
                          headers={k: v for k, v in request.headers.items() if k not in _SECRET_HEADERS})
         with self._lock:
             self.log.append(entry)
-        raw = await self._respond(request, entry)
+        order = next(self._arrivals)
+        try:
+            raw = await self._respond(request, entry, order)
+        finally:
+            self._passed(order)
         entry.status = raw.status_code if raw.complete else 0
         entry.answered_at = time.monotonic()
         return raw
 
-    async def _respond(self, request: Request, entry: LogEntry) -> _Raw:
+    async def _respond(self, request: Request, entry: LogEntry, order: int) -> _Raw:
         if entry.auth is None:
             return _error(401, "You didn't provide an API key.")
         try:
@@ -184,6 +195,7 @@ class Simulator:
         k = self._count(parsed)
         entry.fault, action, retry_after = self._decide(parsed, k)
         if action == "hang":
+            self._passed(order)  # those after it are counted meanwhile
             if await self._hang():
                 return _error(503, "The simulator is shutting down.")
         elif isinstance(action, int) and action != 200:
@@ -193,7 +205,9 @@ class Simulator:
         usage = simulated.count_usage(parsed, answers)
         charged = parsed.prompt_tokens + (
             parsed.max_tokens * parsed.n if parsed.max_tokens else usage["completion_tokens"])
+        await self._turn(order)
         wait, limits = self._limit(charged, arrived=entry.time)
+        self._passed(order)
         if wait > 0:
             entry.fault = "rate_limit"
             return self._refused(wait, limits)
@@ -206,6 +220,24 @@ class Simulator:
             return raw.cut()
         entry.response_id, entry.usage, entry.flaws = response_id, usage, flaws
         return raw
+
+    async def _turn(self, order: int) -> None:
+        """Wait until every request that arrived before this one was counted or left."""
+        if order > self._next_count:
+            self._waiting[order] = asyncio.get_running_loop().create_future()
+            await self._waiting[order]
+
+    def _passed(self, order: int) -> None:
+        """This request was counted or will not be: let the next in arrival order go."""
+        self._waiting.pop(order, None)  # a request cut off while it waited
+        if order < self._next_count or order in self._counted:
+            return
+        self._counted.add(order)
+        while self._next_count in self._counted:
+            self._counted.discard(self._next_count)
+            self._next_count += 1
+        if (turn := self._waiting.pop(self._next_count, None)) is not None and not turn.done():
+            turn.set_result(None)
 
     def _refusal(self, parsed: simulated.Parsed) -> _Raw | None:
         """The 400 of a gateway that does not pass this response_format on, or None."""

@@ -79,9 +79,9 @@ async def send(limiter: LocalLimiter, server: Server, fake: FakeTime, until: flo
     k = 0
     while fake.now < until:
         cost = tokens[k % len(tokens)] if tokens else 0
-        epoch = await limiter.pace(cost)
+        turn = await limiter.pace(cost)
         if wait := server.ask(fake.now, cost):
-            limiter.refused(wait if retry_after else None, epoch)
+            limiter.refused(wait if retry_after else None, turn.epoch)
         else:
             limiter.answered(cost, cost)
         k += 1
@@ -133,11 +133,26 @@ def test_tokens_of_mixed_sizes_at_the_limit_pass_every_window(fake: FakeTime, wi
     assert server.token_rate(0, 60) >= 0.97 * 100_000
 
 
+def test_a_request_that_left_late_is_counted_from_when_it_left(fake: FakeTime) -> None:
+    pace = Pace(per_s=1000, clock=fake, sleep=fake.sleep)  # a second's window holds 1,000 tokens at most
+
+    async def main() -> float:
+        first = await pace.take(990)
+        fake.now = 0.5  # it waited for a connection, and its headers went out only now
+        pace.restamp(first)
+        fake.now = 1.2  # a second after it was paced, not yet a second after it left
+        await pace.take(100)
+        return fake.now
+
+    left_at = run(main())
+    assert left_at >= 0.5 + 1.0  # it waits until the late one has left the window
+
+
 def test_a_refusal_cuts_the_pace_to_a_share_of_what_was_sent(fake: FakeTime) -> None:
     limiter = LocalLimiter(concurrency=1, requests_per_minute=6000, clock=fake, sleep=fake.sleep)
     run(starts(limiter, fake, 300))  # 3 s at 98/s
     limiter.answered(0, 0)
-    epoch = run(limiter.pace(0))
+    epoch = run(limiter.pace(0)).epoch
     limiter.refused(1.0, epoch)
     held = limiter.held()
     assert held is not None and held.kind == "requests"
@@ -151,9 +166,9 @@ def test_a_refusal_with_nothing_answered_since_the_last_pauses_everyone(fake: Fa
     limiter = LocalLimiter(concurrency=1, requests_per_minute=6000, clock=fake, sleep=fake.sleep)
     run(starts(limiter, fake, 100))
     limiter.answered(0, 0)
-    limiter.refused(5.0, run(limiter.pace(0)))  # a cut; the provider asks for 5 s, but only that request waits
+    limiter.refused(5.0, run(limiter.pace(0)).epoch)  # a cut; the provider asks for 5 s, but only that request waits
     at = fake.now
-    second = run(limiter.pace(0))
+    second = run(limiter.pace(0)).epoch
     assert fake.now - at < 0.2
     limiter.refused(5.0, second)  # refused again, nothing answered since: it is closed for now
     refused_at = fake.now
@@ -167,7 +182,7 @@ def test_with_no_wait_named_a_closed_provider_is_given_doubling_pauses(fake: Fak
     limiter.answered(0, 0)
     pauses = []
     for _ in range(5):
-        epoch = run(limiter.pace(0))
+        epoch = run(limiter.pace(0)).epoch
         at = fake.now
         limiter.refused(None, epoch)
         run(limiter.pace(0))
@@ -180,7 +195,7 @@ def test_the_pace_regrows_after_a_cut_up_to_the_configured_limit(fake: FakeTime)
     limiter = LocalLimiter(concurrency=1, requests_per_minute=6000, clock=fake, sleep=fake.sleep)
     run(starts(limiter, fake, 300))
     limiter.answered(0, 0)
-    limiter.refused(None, run(limiter.pace(0)))
+    limiter.refused(None, run(limiter.pace(0)).epoch)
     cut_at = fake.now
     run(send(limiter, Server(), fake, until=cut_at + MEASURE_S + 1.0))
     held = limiter.held()
