@@ -1,7 +1,8 @@
 """P8, image preparation on Ray: the Ray engine's preparation stage with 1, 2 and 4 tasks at once.
 
 The stage as `engine: ray` runs it (`pipeline.ray_engine._prepare` in Ray Data tasks, one
-block of 4 photos) on 12-megapixel JPEGs downscaled to 1024 px, on a one-machine Ray that offers
+block of 4 photos, each block first asking the run's coordinator actor whether the run is
+stopping) on 12-megapixel JPEGs downscaled to 1024 px, on a one-machine Ray that offers
 4 CPUs whatever the machine has, so 4 tasks can run at once. Each setting runs once to warm up
 the workers, then is timed from the dataset's start to its last block. The same photos through
 `payload.prepare` in a plain loop in this process are the one-core reference.
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -68,7 +70,16 @@ def in_process(cfg: config.RunConfig, rows: list[ManifestRow], root: Path) -> tu
     return _timed(work)
 
 
-def on_ray(cfg: config.RunConfig, rows: list[ManifestRow], root: Path, workers: int) -> tuple[float, float]:
+def start_coordinator(cfg: config.RunConfig) -> Any:
+    """The run's coordinator actor, started as `engine: ray` starts it (no budget)."""
+    from pipeline.ray_engine import _CoordinatorActor
+
+    limits = [target.limits(cfg.limits) for target in cfg.targets]
+    return _CoordinatorActor.options(num_cpus=0, max_concurrency=10_000).remote(limits, None, 0.0)
+
+
+def on_ray(cfg: config.RunConfig, rows: list[ManifestRow], root: Path, workers: int,
+           coordinator: Any) -> tuple[float, float]:
     import ray
 
     from pipeline.ray_engine import _prepare
@@ -78,7 +89,7 @@ def on_ray(cfg: config.RunConfig, rows: list[ManifestRow], root: Path, workers: 
 
     def once() -> int:
         dataset = ray.data.from_arrow(blocks).map_batches(
-            functools.partial(_prepare, cfg, root), batch_format="pyarrow", batch_size=None, num_cpus=1,
+            functools.partial(_prepare, cfg, root, coordinator), batch_format="pyarrow", batch_size=None, num_cpus=1,
             concurrency=workers)
         prepared = sum(batch.num_rows for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
         assert prepared == len(rows)
@@ -98,8 +109,9 @@ def measure(work: Path) -> dict[str, tuple[float, float]]:
     ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
+        coordinator = start_coordinator(cfg)
         for workers in WORKERS:
-            rates[f"ray-{workers}"] = on_ray(cfg, rows, paths[0].parent, workers)
+            rates[f"ray-{workers}"] = on_ray(cfg, rows, paths[0].parent, workers, coordinator)
     finally:
         ray.shutdown()
     return rates
