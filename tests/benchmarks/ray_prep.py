@@ -7,7 +7,7 @@ stopping) on 12-megapixel JPEGs downscaled to 1024 px, on a one-machine Ray that
 the workers, then is timed from the dataset's start to its last block. The same photos through
 `payload.prepare` in a plain loop in this process are the one-core reference.
 
-Run it standalone with `.venv/bin/python tests/benchmarks/ray_prep.py`.
+Run it standalone with `.venv/bin/python tests/benchmarks/ray_prep.py [--smoke]`.
 """
 
 from __future__ import annotations
@@ -18,20 +18,37 @@ import pickle
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+import image_stage
 from common import Figure, standalone
-from image_stage import MAX_SIDE, PHOTO_SIZE, photos
+from image_stage import MAX_SIDE, photos
 from pipeline import config, payload
 from pipeline.manifest import ManifestRow
 
-PHOTO_COUNT = 48
 BLOCK_ROWS = 4  # photos per block (and per task)
-WORKERS = (1, 2, 4)
 RAY_CPUS = 4
+
+
+@dataclass(frozen=True)
+class Scale:
+    photos: int
+    size: tuple[int, int]  # of each photo, in pixels
+    workers: tuple[int, ...]  # tasks at once, one setting each, fewest first
+
+
+FULL = Scale(48, image_stage.FULL.size, (1, 2, 4))
+SMOKE = Scale(BLOCK_ROWS, image_stage.SMOKE.size, (1,))  # one block, one setting: Ray's start-up is most of it
+
+
+@dataclass
+class Measured:
+    scale: Scale
+    rates: dict[str, tuple[float, float]]  # "in-process" or "ray-{workers}": images/s, how busy the cores were
 
 
 def _config(folder: Path) -> config.RunConfig:
@@ -99,10 +116,10 @@ def on_ray(cfg: config.RunConfig, rows: list[ManifestRow], root: Path, workers: 
     return _timed(once)
 
 
-def measure(work: Path) -> dict[str, tuple[float, float]]:
+def measure(work: Path, scale: Scale = FULL) -> Measured:
     import ray
 
-    paths = photos(work / "p8-photos", PHOTO_COUNT)
+    paths = photos(work / "p8-photos", scale.photos, scale.size)
     cfg, rows = _config(work), _rows(paths)
     rates = {"in-process": in_process(cfg, rows, paths[0].parent)}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -110,34 +127,38 @@ def measure(work: Path) -> dict[str, tuple[float, float]]:
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         coordinator = start_coordinator(cfg)
-        for workers in WORKERS:
+        for workers in scale.workers:
             rates[f"ray-{workers}"] = on_ray(cfg, rows, paths[0].parent, workers, coordinator)
     finally:
         ray.shutdown()
-    return rates
+    return Measured(scale, rates)
 
 
-def to_figures(measured: dict[str, tuple[float, float]]) -> list[Figure]:
-    one = measured["ray-1"][0]
-    alone, alone_busy = measured["in-process"]
-    setting = f"{PHOTO_COUNT} JPEG {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} -> max_side {MAX_SIDE}, {BLOCK_ROWS} a block"
+def to_figures(measured: Measured) -> list[Figure]:
+    scale, rates = measured.scale, measured.rates
+    one = rates["ray-1"][0]
+    alone, alone_busy = rates["in-process"]
+    setting = f"{scale.photos} JPEG {scale.size[0]}x{scale.size[1]} -> max_side {MAX_SIDE}, {BLOCK_ROWS} a block"
     figures = []
-    for workers in WORKERS:
-        rate, busy = measured[f"ray-{workers}"]
+    for workers in scale.workers:
+        rate, busy = rates[f"ray-{workers}"]
         figures.append(Figure(
             f"P8 image preparation on Ray, {workers} task{'s' if workers > 1 else ''}",
             "scales with tasks up to the machine's cores",
             f"{rate:.1f} images/s, cores {busy:.0%} busy ({setting})",
             f"{alone:.1f} images/s in one process, one thread (cores {alone_busy:.0%} busy)",
             f"{rate / one:.2f}× one task"))
-    figures.append(Figure(
-        "P8: what limits it", "-",
-        f"this machine's {os.cpu_count()} cores: 4 tasks kept them {measured['ray-4'][1]:.0%} busy, for "
-        f"{measured['ray-4'][0] / measured['ray-2'][0]:.2f}× 2 tasks. Each task also waits on Ray "
-        "(scheduling, the object store, the driver reading results), so 2 tasks leave the cores idle part of "
-        "the time; each added node adds its own cores"))
+    if len(scale.workers) > 1:
+        fewer, most = scale.workers[-2:]
+        (most_rate, most_busy), fewer_rate = rates[f"ray-{most}"], rates[f"ray-{fewer}"][0]
+        figures.append(Figure(
+            "P8: what limits it", "-",
+            f"this machine's {os.cpu_count()} cores: {most} tasks kept them {most_busy:.0%} busy, for "
+            f"{most_rate / fewer_rate:.2f}× {fewer} tasks. Each task also waits on Ray (scheduling, the object "
+            f"store, the driver reading results), so {fewer} tasks leave the cores idle part of the time; each "
+            "added node adds its own cores"))
     return figures
 
 
 if __name__ == "__main__":
-    sys.exit(standalone(measure, to_figures, lambda rates: []))
+    sys.exit(standalone(measure, to_figures, lambda measured: [], FULL, SMOKE))
