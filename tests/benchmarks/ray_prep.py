@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 
 import image_stage
-from common import Figure, standalone
+from common import HOST, Figure, standalone
 from image_stage import MAX_SIDE, photos
 from pipeline import config, payload
 from pipeline.manifest import ManifestRow
@@ -123,7 +123,10 @@ def measure(work: Path, scale: Scale = FULL) -> Measured:
     cfg, rows = _config(work), _rows(paths)
     rates = {"in-process": in_process(cfg, rows, paths[0].parent)}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    # "local": a Ray of its own, never a cluster already running here, whose CPUs could not be set;
+    # its processes talk to each other on 127.0.0.1
+    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False, _node_ip_address=HOST)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         coordinator = start_coordinator(cfg)
