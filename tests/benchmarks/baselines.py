@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import importlib.util
 import io
 import json
 import mimetypes
@@ -163,6 +164,13 @@ def httpx_client(args: argparse.Namespace, key: str) -> tuple[Send, Callable[[],
 
 
 CLIENTS = {"openai": openai_client, "litellm": litellm_client, "httpx": httpx_client}
+NEEDS = {"openai": "openai", "litellm": "litellm", "httpx": "httpx_aiohttp"}  # from the bench extra
+
+
+def not_installed(client: str) -> str | None:
+    """The module a client needs that this interpreter cannot import, or None."""
+    module = NEEDS[client]
+    return None if importlib.util.find_spec(module) else module
 
 
 # --- the loop ------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ and the tables they print. (Not collected by pytest: no test_ prefix.)"""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+S = TypeVar("S")  # a script's scale: the sizes it measures at
 
 HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent  # .venv/bin: `annotate` sits next to this interpreter
@@ -115,14 +117,18 @@ def machine() -> str:
            f"Python {platform.python_version()}"
 
 
-def standalone(measure: Callable[[Path], T], to_figures: Callable[[T], list[Figure]],
-               problems: Callable[[T], list[str]]) -> int:
+def standalone(measure: Callable[[Path, S], T], to_figures: Callable[[T], list[Figure]],
+               problems: Callable[[T], list[str]], full: S, smoke: S) -> int:
     """One benchmark script run on its own: measure in a temporary directory, print the command,
-    the date, the machine and the table; exit 1 when one of its checks failed."""
+    the date, the machine and the table; exit 1 when one of its checks failed. With --smoke it
+    measures at the tiny scale `smoke`: the checks still hold, the figures mean nothing."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: does the script run to its end?")
+    scale = smoke if parser.parse_args().smoke else full
     started = time.perf_counter()
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     with tempfile.TemporaryDirectory(prefix="annotate-bench-") as tmp:
-        measured = measure(Path(tmp))
+        measured = measure(Path(tmp), scale)
     print(f"command: {shlex.join([sys.executable, *sys.argv])}  (cwd {Path.cwd()})")
     print(f"date: {when}; {machine()}; whole script {time.perf_counter() - started:.0f} s\n")
     print(results_table(to_figures(measured)))

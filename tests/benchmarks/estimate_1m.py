@@ -8,13 +8,14 @@ spread through the manifest) and asking "Describe item {i}." (so no two rows are
 question, and all 1,000,000 are counted); a config with detail auto, max_side 1024, gpt-4o.
 
 Measured: `annotate estimate CONFIG --json` as a subprocess, wall seconds from spawn to exit
-and the child's peak RSS (os.wait4 in a bare launcher: see common.LAUNCHER), REPEATS
+and the child's peak RSS (os.wait4 in a bare launcher: see common.LAUNCHER), three
 times. Checked: exit 0 and the JSON's rows, images and tokens against figures computed here
 from the shapes and prompt lengths (the same token rules, applied per shape and per length).
 The timings are figures to report, not assertions.
 
-Run it with `.venv/bin/python tests/benchmarks/estimate_1m.py`. The file name does not start
-with test_, so pytest does not collect it.
+Run it with `.venv/bin/python tests/benchmarks/estimate_1m.py` (`--smoke`: 2,000 rows sharing
+100 files, run once, to check that it runs to its end). The file name does not start with
+test_, so pytest does not collect it.
 """
 
 from __future__ import annotations
@@ -35,9 +36,7 @@ from PIL import Image
 from common import ANNOTATE, Figure, Finished, HOST, KEY_ENV, run_to_exit, standalone
 from pipeline.tokens import Detail, input_tokens
 
-ROWS = 1_000_000
-FILES = 10_000
-STEP = 7919  # prime, so row i -> file (i * STEP) % FILES visits every file before repeating
+STEP = 7919  # prime, so row i -> file (i * STEP) % files visits every file before repeating
 SHAPES = ((64, 48, "PNG"), (300, 200, "JPEG"), (640, 480, "PNG"), (800, 600, "JPEG"),
           (1280, 720, "JPEG"), (1600, 900, "PNG"), (900, 1600, "JPEG"), (2048, 1536, "PNG"))
 MAX_SIDE = 1024
@@ -45,14 +44,24 @@ MODEL = "gpt-4o"
 DETAIL: Detail = "auto"
 PROMPT = "Describe {item}."
 MAX_TOKENS = 50
-REPEATS = 3
 TARGET_S = 60.0
 TARGET_MB = 500.0
 TARGET = "< 60 s and ≤ 500 MB for 1M rows sharing 10k files"
 
 
-def write_images(folder: Path) -> list[str]:
-    """FILES image files cycling through SHAPES; their names relative to `folder`'s parent."""
+@dataclass(frozen=True)
+class Scale:
+    rows: int
+    files: int  # image files the rows share
+    repeats: int  # runs of the estimate
+
+
+FULL = Scale(1_000_000, 10_000, 3)
+SMOKE = Scale(2_000, 100, 1)
+
+
+def write_images(folder: Path, files: int) -> list[str]:
+    """`files` image files cycling through SHAPES; their names relative to `folder`'s parent."""
     folder.mkdir(parents=True)
     encoded = []
     for w, h, fmt in SHAPES:
@@ -60,7 +69,7 @@ def write_images(folder: Path) -> list[str]:
         Image.new("RGB", (w, h), (w % 256, h % 256, 99)).save(buffer, fmt)
         encoded.append((buffer.getvalue(), "png" if fmt == "PNG" else "jpg"))
     names = []
-    for i in range(FILES):
+    for i in range(files):
         data, suffix = encoded[i % len(SHAPES)]
         name = f"img{i:05d}.{suffix}"
         (folder / name).write_bytes(data)
@@ -68,9 +77,9 @@ def write_images(folder: Path) -> list[str]:
     return names
 
 
-def write_manifest(path: Path, names: list[str]) -> Path:
-    i = pl.int_range(ROWS, dtype=pl.Int64, eager=True)
-    frame = pl.DataFrame({"image": pl.Series(names).gather(i * STEP % FILES), "item": "item " + i.cast(pl.String)})
+def write_manifest(path: Path, names: list[str], rows: int) -> Path:
+    i = pl.int_range(rows, dtype=pl.Int64, eager=True)
+    frame = pl.DataFrame({"image": pl.Series(names).gather(i * STEP % len(names)), "item": "item " + i.cast(pl.String)})
     frame.write_csv(path)
     return path
 
@@ -87,24 +96,27 @@ def write_config(path: Path, manifest: Path, out: Path) -> Path:
     return path
 
 
-def expected() -> dict[str, int]:
+def expected(scale: Scale) -> dict[str, int]:
     """What the estimate must say, worked out per shape and per prompt length."""
+    rows = scale.rows
+
     def fitted(w: int, h: int) -> tuple[int, int]:
         scale = min(1.0, MAX_SIDE / max(w, h))
         return max(1, round(w * scale)), max(1, round(h * scale))
 
-    rows_per_file = pl.select(f=(pl.int_range(ROWS, dtype=pl.Int64) * STEP) % FILES)["f"].value_counts()
+    rows_per_file = pl.select(f=(pl.int_range(rows, dtype=pl.Int64) * STEP) % scale.files)["f"].value_counts()
     per_shape = rows_per_file.group_by(shape=pl.col("f") % len(SHAPES)).agg(pl.col("count").sum())
     image = sum(count * input_tokens(MODEL, [], [fitted(*SHAPES[shape][:2])], DETAIL)
                 for shape, count in per_shape.iter_rows())
-    lengths = pl.select(n=pl.format(PROMPT.replace("{item}", "item {}"), pl.int_range(ROWS)).str.len_chars())
+    lengths = pl.select(n=pl.format(PROMPT.replace("{item}", "item {}"), pl.int_range(rows)).str.len_chars())
     text = sum(count * input_tokens(MODEL, ["x" * n], [], DETAIL)
                for n, count in lengths["n"].value_counts().iter_rows())
-    return {"rows": ROWS, "images": ROWS, "unreadable_rows": 0, "image": image, "text": text}
+    return {"rows": rows, "images": rows, "unreadable_rows": 0, "image": image, "text": text}
 
 
 @dataclass
 class Setup:
+    scale: Scale
     config: Path
     want: dict[str, int]
     seconds: float
@@ -112,14 +124,15 @@ class Setup:
     images_mb: float
 
 
-def prepare(work: Path) -> Setup:
+def prepare(work: Path, scale: Scale) -> Setup:
     started = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
-    names = write_images(work / "images")
-    manifest = write_manifest(work / "manifest.csv", names)
+    names = write_images(work / "images", scale.files)
+    manifest = write_manifest(work / "manifest.csv", names, scale.rows)
     config = write_config(work / "estimate.yaml", manifest, work / "out")
     images_mb = sum(p.stat().st_size for p in (work / "images").iterdir()) / 1e6
-    return Setup(config, expected(), time.perf_counter() - started, manifest.stat().st_size / 1e6, images_mb)
+    return Setup(scale, config, expected(scale), time.perf_counter() - started, manifest.stat().st_size / 1e6,
+                 images_mb)
 
 
 def check(run: Finished, want: dict[str, int]) -> str | None:
@@ -150,10 +163,10 @@ class Measured:
         return max(r.peak_rss_mb for r in self.runs)
 
 
-def measure(work: Path) -> Measured:
-    setup = prepare(work)
+def measure(work: Path, scale: Scale = FULL) -> Measured:
+    setup = prepare(work, scale)
     runs = [run_to_exit([ANNOTATE, "estimate", str(setup.config), "--json"], work / f"estimate-{i}.log")
-            for i in range(REPEATS)]
+            for i in range(scale.repeats)]
     problems = [problem for run in runs if (problem := check(run, setup.want))]
     return Measured(setup, runs, problems)
 
@@ -175,19 +188,19 @@ def to_figures(m: Measured) -> list[Figure]:
     return [
         Figure("P7 estimate at scale", TARGET, ours, met=met, note="; ".join(notes)),
         Figure("P7 setup (not timed)",
-               f"{ROWS:,}-row CSV ({s.manifest_mb:.0f} MB), {FILES:,} files of {len(SHAPES)} shapes "
+               f"{s.scale.rows:,}-row CSV ({s.manifest_mb:.0f} MB), {s.scale.files:,} files of {len(SHAPES)} shapes "
                f"({s.images_mb:.0f} MB), `annotate estimate CONFIG --json`",
-               f"{s.seconds:.1f} s; the JSON checked: {ROWS:,} rows and images, image and text tokens "
+               f"{s.seconds:.1f} s; the JSON checked: {s.scale.rows:,} rows and images, image and text tokens "
                f"as worked out per shape and prompt length" + ("" if not m.problems else " (FAILED)")),
     ]
 
 
-def figures(work: Path) -> list[Figure]:
-    return to_figures(measure(work / "estimate_1m"))
+def figures(work: Path, scale: Scale = FULL) -> list[Figure]:
+    return to_figures(measure(work / "estimate_1m", scale))
 
 
 def main() -> int:
-    return standalone(measure, to_figures, lambda measured: measured.problems)
+    return standalone(measure, to_figures, lambda measured: measured.problems, FULL, SMOKE)
 
 
 if __name__ == "__main__":

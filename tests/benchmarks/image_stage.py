@@ -5,7 +5,7 @@ this one thread, interleaved image by image (alternating which goes first) so ma
 falls on both alike; "per core" is images per CPU second of this thread. Visual equality is the
 PSNR of our decoded output against naive's, per image, at the same size.
 
-Run it standalone with `.venv/bin/python tests/benchmarks/image_stage.py`.
+Run it standalone with `.venv/bin/python tests/benchmarks/image_stage.py [--smoke]`.
 The file name does not start with test_, so pytest does not collect it.
 """
 
@@ -16,6 +16,7 @@ import io
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageChops, ImageFilter
@@ -23,21 +24,29 @@ from PIL import Image, ImageChops, ImageFilter
 from common import Figure, standalone
 from pipeline.images import _JPEG_QUALITY, to_parts
 
-PHOTO_COUNT = 20
-PHOTO_SIZE = (4000, 3000)
 MAX_SIDE = 1024
-ROUNDS = 2
 TARGET_RATIO = 2.0
 TARGET_PSNR_DB = 35.0
 
 
-def photos(folder: Path, n: int) -> list[Path]:
+@dataclass(frozen=True)
+class Scale:
+    photos: int
+    size: tuple[int, int]  # of each photo, in pixels
+    rounds: int  # passes over the photos
+
+
+FULL = Scale(20, (4000, 3000), 2)
+SMOKE = Scale(2, (1600, 1200), 1)  # still larger than MAX_SIDE: downscaled like the full ones
+
+
+def photos(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
     """n photo-like JPEGs at quality 90: gradients and blurred noise, shifted per image so no
     two are alike and none compresses to nothing."""
     folder.mkdir(parents=True)
-    vertical = Image.linear_gradient("L").resize(PHOTO_SIZE)
-    horizontal = Image.linear_gradient("L").rotate(90).resize(PHOTO_SIZE)
-    noise = Image.effect_noise(PHOTO_SIZE, 48).filter(ImageFilter.GaussianBlur(1))
+    vertical = Image.linear_gradient("L").resize(size)
+    horizontal = Image.linear_gradient("L").rotate(90).resize(size)
+    noise = Image.effect_noise(size, 48).filter(ImageFilter.GaussianBlur(1))
     paths = []
     for i in range(n):
         bands = (ImageChops.add(vertical, ImageChops.offset(noise, 37 * i, 11 * i), scale=2),
@@ -73,14 +82,14 @@ def psnr(ours_b64: str, naive_b64: str) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
-def timed(paths: list[Path]) -> tuple[dict[str, float], dict[str, float], list[float]]:
-    """CPU and wall seconds per side over ROUNDS passes, interleaved image by image, and the
+def timed(paths: list[Path], rounds: int) -> tuple[dict[str, float], dict[str, float], list[float]]:
+    """CPU and wall seconds per side over `rounds` passes, interleaved image by image, and the
     PSNR of each image (first pass)."""
     sides = {"ours": ours, "naive": naive}
     cpu = dict.fromkeys(sides, 0.0)
     wall = dict.fromkeys(sides, 0.0)
     psnrs = []
-    for round_ in range(ROUNDS):
+    for round_ in range(rounds):
         for i, path in enumerate(paths):
             out = {}
             for name in (("ours", "naive") if (i + round_) % 2 else ("naive", "ours")):
@@ -93,14 +102,14 @@ def timed(paths: list[Path]) -> tuple[dict[str, float], dict[str, float], list[f
     return cpu, wall, psnrs
 
 
-def figures(work: Path) -> list[Figure]:
-    paths = photos(work / "p6-photos", PHOTO_COUNT)
-    cpu, wall, psnrs = timed(paths)
-    runs = len(paths) * ROUNDS
+def figures(work: Path, scale: Scale = FULL) -> list[Figure]:
+    paths = photos(work / "p6-photos", scale.photos, scale.size)
+    cpu, wall, psnrs = timed(paths, scale.rounds)
+    runs = len(paths) * scale.rounds
     ratio, wall_ratio = cpu["naive"] / cpu["ours"], wall["naive"] / wall["ours"]
     worst = min(psnrs)
     met = ratio >= TARGET_RATIO and worst >= TARGET_PSNR_DB
-    setting = f"{len(paths)} JPEG {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} q90 -> max_side {MAX_SIDE}, 1 thread"
+    setting = f"{len(paths)} JPEG {scale.size[0]}x{scale.size[1]} q90 -> max_side {MAX_SIDE}, 1 thread"
     misses = []
     if ratio < TARGET_RATIO:
         misses.append(f"CPU-time ratio {ratio:.2f}× < {TARGET_RATIO:g}×")
@@ -117,4 +126,4 @@ def figures(work: Path) -> list[Figure]:
 
 
 if __name__ == "__main__":
-    sys.exit(standalone(figures, lambda done: done, lambda done: []))
+    sys.exit(standalone(figures, lambda done: done, lambda done: [], FULL, SMOKE))

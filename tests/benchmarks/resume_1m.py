@@ -24,7 +24,8 @@ process, interpreter start and imports included, nothing subtracted. The run's o
 figures to report, not assertions: they move with the machine and its load. The script
 fails (exit code 1) only when a check above does not hold.
 
-Run it with `.venv/bin/python tests/benchmarks/resume_1m.py` (about 35 s on 2 cores).
+Run it with `.venv/bin/python tests/benchmarks/resume_1m.py` (about 35 s on 2 cores; `--smoke`:
+2,000 rows, each run once, to check that it runs to its end).
 The file name does not start with test_, so pytest does not collect it.
 """
 
@@ -58,14 +59,22 @@ from pipeline.journal import Journal
 from pipeline.manifest import Manifest
 from pipeline.store import PARTS, RUN_FILE
 
-ROWS = 1_000_000
-PART_ROWS = 5_000
 IMAGES = 8
 IMAGE_SIZE = (64, 48)
-REPEATS = 3
 PROMPT = "Describe {item}."
 MODEL = "gpt-4o"
 FIRST_REQUEST_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Scale:
+    rows: int  # done rows in the output directory
+    part_rows: int
+    repeats: int  # runs of each kind
+
+
+FULL = Scale(1_000_000, 5_000, 3)
+SMOKE = Scale(2_000, 500, 1)
 
 # --- processes ------------------------------------------------------------------------------
 
@@ -256,13 +265,13 @@ def done_rows(ids: list[str], schema: pa.Schema) -> pa.Table:
     return frame.select(schema.names).to_arrow().cast(schema)
 
 
-def write_output_dir(out: Path, table: pa.Table, cfg: config.RunConfig, manifest: Path) -> int:
+def write_output_dir(out: Path, table: pa.Table, cfg: config.RunConfig, manifest: Path, part_rows: int) -> int:
     """The directory as a finished run leaves it; returns the number of parts."""
     out.mkdir(parents=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     parts = 0
-    for seq, start in enumerate(range(0, table.num_rows, PART_ROWS), 1):
-        pq.write_table(table.slice(start, PART_ROWS), out / f"part-{stamp}-{seq:05d}.parquet")
+    for seq, start in enumerate(range(0, table.num_rows, part_rows), 1):
+        pq.write_table(table.slice(start, part_rows), out / f"part-{stamp}-{seq:05d}.parquet")
         parts += 1
     info = {"fingerprint": config.fingerprint(cfg),
             "manifest": {"path": str(manifest.resolve()), "rows": table.num_rows}, "runs": [], "config": {}}
@@ -273,6 +282,7 @@ def write_output_dir(out: Path, table: pa.Table, cfg: config.RunConfig, manifest
 
 @dataclass
 class Setup:
+    scale: Scale
     out: Path
     done_config: Path  # the 1,000,000-row manifest: nothing to do
     more_config: Path  # the same plus one undone row at the end
@@ -283,25 +293,26 @@ class Setup:
     parts_mb: float
 
 
-def prepare(work: Path) -> Setup:
+def prepare(work: Path, scale: Scale) -> Setup:
     started = time.perf_counter()
+    rows = scale.rows
     images = small_images(work / "images")
     out = work / "out"
-    manifest = write_manifest(work / "images" / "manifest.csv", images, ROWS)
+    manifest = write_manifest(work / "images" / "manifest.csv", images, rows)
     done_config, cfg = write_config(work / "done.yaml", manifest, f"http://{HOST}:9/v1", out)
     ids_started = time.perf_counter()
     ids, schema = manifest_ids(cfg)
     ids_seconds = time.perf_counter() - ids_started
-    if len(ids) != ROWS or len(set(ids)) != ROWS:
-        raise RuntimeError(f"expected {ROWS} distinct ids, got {len(set(ids))} of {len(ids)}")
-    parts = write_output_dir(out, done_rows(ids, schema), cfg, manifest)
+    if len(ids) != rows or len(set(ids)) != rows:
+        raise RuntimeError(f"expected {rows} distinct ids, got {len(set(ids))} of {len(ids)}")
+    parts = write_output_dir(out, done_rows(ids, schema), cfg, manifest, scale.part_rows)
     del ids
 
-    more = write_manifest(work / "images" / "manifest-plus-1.csv", images, ROWS + 1)
+    more = write_manifest(work / "images" / "manifest-plus-1.csv", images, rows + 1)
     more_config, _ = write_config(work / "more.yaml", more, f"http://{HOST}:9/v1", out)
     parts_mb = sum(p.stat().st_size for p in out.glob(PARTS)) / 1e6
-    return Setup(out, done_config, more_config, f"item {ROWS}", parts, time.perf_counter() - started, ids_seconds,
-                 parts_mb)
+    return Setup(scale, out, done_config, more_config, f"item {rows}", parts, time.perf_counter() - started,
+                 ids_seconds, parts_mb)
 
 
 # --- the measurements -----------------------------------------------------------------------
@@ -335,9 +346,9 @@ def parts_in(out: Path) -> int:
 def nothing_to_do(work: Path, setup: Setup) -> tuple[list[Finished], str | None]:
     """The runs, and what went wrong (None: they exited 0, answered 0 rows, wrote no part)."""
     runs = [run_to_exit([ANNOTATE, "run", str(setup.done_config), "-q"], work / f"nothing-{i}.log")
-            for i in range(REPEATS)]
+            for i in range(setup.scale.repeats)]
     parts_after = parts_in(setup.out)
-    bad = [r for r in runs if r.returncode != 0 or summary_counts(r.output) != (0, ROWS)]
+    bad = [r for r in runs if r.returncode != 0 or summary_counts(r.output) != (0, setup.scale.rows)]
     if bad or parts_after != setup.parts:
         return runs, (f"nothing to do: exit {runs[0].returncode}, {parts_after} parts (expected {setup.parts}): "
                       f"{(bad or runs)[0].output[-300:]!r}")
@@ -364,7 +375,7 @@ def request_item(request: bytes) -> str | None:
 def to_first_request(work: Path, setup: Setup) -> tuple[list[FirstRequest], str | None]:
     """The runs, and what went wrong (None: each first request asked about the new row)."""
     runs = [run_to_first_request([ANNOTATE, "run", str(setup.more_config), "-q"], work / f"first-{i}.log")
-            for i in range(REPEATS)]
+            for i in range(setup.scale.repeats)]
     want = PROMPT.format(item=setup.new_item)
     texts = [request_item(r.request) for r in runs]
     bad = [(r, t) for r, t in zip(runs, texts, strict=True) if r.to_accept_s is None or t != want]
@@ -396,9 +407,9 @@ class Measured:
         return statistics.median(accepted) if accepted else None
 
 
-def measure(work: Path) -> Measured:
-    setup = prepare(work)
-    imports_s = [import_seconds() for _ in range(REPEATS)]
+def measure(work: Path, scale: Scale = FULL) -> Measured:
+    setup = prepare(work, scale)
+    imports_s = [import_seconds() for _ in range(scale.repeats)]
     nothing, nothing_problem = nothing_to_do(work, setup)
     first, first_problem = to_first_request(work, setup)
     return Measured(setup, imports_s, nothing, first, [p for p in (nothing_problem, first_problem) if p])
@@ -427,6 +438,7 @@ def to_figures(m: Measured) -> list[Figure]:
         notes.append(f"over {TARGET_S:.0f} s; interpreter + imports alone take {statistics.median(m.imports_s):.2f} s, "
                      f"the nothing-to-do run by its own clock {own_text}")
     s = m.setup
+    rows, repeats = s.scale.rows, s.scale.repeats
     return [
         Figure("P5 resume",
                f"≤ {TARGET_S:.0f} s bookkeeping for 1M done rows (bookkeeping: the whole process's wall time, "
@@ -439,19 +451,19 @@ def to_figures(m: Measured) -> list[Figure]:
         Figure("P5 resume: interpreter + imports", "- (informational; part of both P5 figures)",
                f"`python -c \"import pipeline.cli\"` {median_max(m.imports_s, 's', 2)}"),
         Figure("P5 setup (not timed)",
-               f"{ROWS:,}-row CSV, {s.parts} parts of done rows ({s.parts_mb:.0f} MB), 1 listener that never answers",
+               f"{rows:,}-row CSV, {s.parts} parts of done rows ({s.parts_mb:.0f} MB), 1 listener that never answers",
                f"{s.seconds:.0f} s, of which ids via `Manifest.batches` {s.ids_seconds:.1f} s; checks "
-               + ("FAILED" if m.problems else f"OK: all {REPEATS} nothing-to-do runs exit 0, answer 0 rows, resume "
-                  f"{ROWS:,} and write no part; all {REPEATS} first requests ask about the new row")),
+               + ("FAILED" if m.problems else f"OK: all {repeats} nothing-to-do runs exit 0, answer 0 rows, resume "
+                  f"{rows:,} and write no part; all {repeats} first requests ask about the new row")),
     ]
 
 
-def figures(work: Path) -> list[Figure]:
-    return to_figures(measure(work / "resume_1m"))
+def figures(work: Path, scale: Scale = FULL) -> list[Figure]:
+    return to_figures(measure(work / "resume_1m", scale))
 
 
 def main() -> int:
-    return standalone(measure, to_figures, lambda measured: measured.problems)
+    return standalone(measure, to_figures, lambda measured: measured.problems, FULL, SMOKE)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ last answer, alike for every client. Each client is a subprocess spawned through
 launcher in common.py, which reports its CPU and peak RSS alone.
 
 The timings are figures to report, not assertions: they move with the machine and its load.
-The script exits 1 only when a client's output is wrong (rows missing or not ok).
-Run it with `make bench`, or `.venv/bin/python tests/benchmarks/suite.py [--quick]`.
+The script exits 1 only when a client's output is wrong (rows missing or not ok). A baseline
+whose client is not installed (the bench extra) is skipped, and the table says so.
+Run it with `make bench`, or `.venv/bin/python tests/benchmarks/suite.py [--quick | --smoke] [--out PATH]`;
+--smoke runs every measurement at a tiny size, to check that the script runs to its end.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import polars as pl
 import yaml
 from PIL import Image
 
+import baselines
 import estimate_1m
 import image_stage
 import ray_prep
@@ -56,9 +59,17 @@ class Sizes:
     latency_rows: int = 5000  # P3
     memory_rows: tuple[int, int] = (100_000, 1_000_000)  # P4 manifests
     memory_answered: int = 2000  # P4: rows answered in both
+    resume: resume_1m.Scale = resume_1m.FULL  # P5
+    images: image_stage.Scale = image_stage.FULL  # P6
+    estimate: estimate_1m.Scale = estimate_1m.FULL  # P7
+    ray: ray_prep.Scale = ray_prep.FULL  # P8
 
 
 QUICK = Sizes(1000, 600, 300, 1000, (10_000, 100_000), 500)
+
+SMOKE = Sizes(overhead_rows=20, limit_rows=20, token_rows=10, latency_rows=20, memory_rows=(200, 2_000),
+              memory_answered=10, resume=resume_1m.SMOKE, images=image_stage.SMOKE, estimate=estimate_1m.SMOKE,
+              ray=ray_prep.SMOKE)
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -119,6 +130,7 @@ class Outcome:
     rate_limited: int  # 429s the simulator sent
     tokens: int  # what the simulator's token limit counted over the 200s
     simulator_cpu_s: float
+    skipped: str = ""  # why this client did not run, if it did not
 
     @property
     def rate(self) -> float:
@@ -151,6 +163,11 @@ def ours(sim: simulator.Simulator, work: Path, name: str, manifest: Path, *extra
 
 
 def baseline(sim: simulator.Simulator, work: Path, client: str, manifest: Path, concurrency: int) -> Outcome:
+    if missing := baselines.not_installed(client):
+        print(f"bench: the {client} baseline is skipped: {missing} is not installed (the bench extra)",
+              file=sys.stderr)
+        return Outcome(client, 0, 0, Finished(0.0, 0.0, 0.0, 0, ""), 0.0, 0, 0, 0, 0.0,
+                       skipped=f"{client}: skipped, {missing} is not installed")
     sim.reset()
     out = work / f"{client}-{concurrency}.parquet"
     env = {**child_env(), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
@@ -182,6 +199,8 @@ class Checks:
         self.problems: list[str] = []
 
     def complete(self, outcome: Outcome, n: int) -> str:
+        if outcome.skipped:
+            return ""
         if outcome.rows != n or outcome.ok != n:
             self.problems.append(f"{outcome.client}: {outcome.rows} rows, {outcome.ok} ok, expected {n}: "
                                  f"{outcome.finished.output[-300:]}")
@@ -190,6 +209,8 @@ class Checks:
 
 
 def described(o: Outcome) -> str:
+    if o.skipped:
+        return o.skipped
     return (f"{o.rate:.0f} rows/s; CPU {o.cpu_ms_per_row():.2f} ms/row, simulator "
             f"{o.simulator_cpu_s / max(o.rows, 1) * 1000:.2f}; wall {o.finished.wall_s:.1f} s incl. start-up")
 
@@ -204,12 +225,13 @@ def overhead(work: Path, sizes: Sizes, checks: Checks) -> list[Figure]:
     flags = {o.client: checks.complete(o, n) for o in (mine, *runs.values())}
     checks.complete(unjournalled, n)
     openai, litellm, bare = runs["openai"], runs["litellm"], runs["httpx"]
-    ratio = mine.rate / openai.rate if openai.rate else 0.0
+    ratio = mine.rate / openai.rate if openai.rate else None
+    met = None if ratio is None else ratio >= 2
     setting = f"latency 0, {n} rows, C=64"
     return [
         Figure("P1 overhead vs the `AsyncOpenAI` loop", f"≥ 2× its rows/s ({setting}; journal on, images encoded)",
-               described(mine) + flags[mine.client], described(openai) + flags["openai"], f"{ratio:.2f}×",
-               ratio >= 2, "" if ratio >= 2 else _cpu_bound_note(mine, bare)),
+               described(mine) + flags[mine.client], described(openai) + flags["openai"],
+               "-" if ratio is None else f"{ratio:.2f}×", met, _cpu_bound_note(mine, bare) if met is False else ""),
         Figure("P1 … what the journal costs", "(same settings; `output.journal: false` is for measuring only)",
                described(mine), "journal off: " + described(unjournalled), f"{mine.rate / unjournalled.rate:.2f}× "
                "the rate without it" if unjournalled.rate else "-"),
@@ -271,13 +293,14 @@ def latency_bound(work: Path, sizes: Sizes, checks: Checks) -> list[Figure]:
         runs = [baseline(sim, work, c, manifest, concurrency) for c in ("openai", "litellm")]
     flag = checks.complete(mine, n)
     share = mine.rate / ceiling
-    theirs = "; ".join(f"{o.client}: {o.rate / ceiling:.0%} ({o.rate:.0f} rows/s)" for o in runs)
+    theirs = "; ".join(o.skipped or f"{o.client}: {o.rate / ceiling:.0%} ({o.rate:.0f} rows/s)" for o in runs)
+    best = max(o.rate for o in runs)
     cores = (mine.finished.cpu_s + mine.simulator_cpu_s) / mine.span_s if mine.span_s else 0.0
     return [Figure(
         "P3 latency-bound", f"≥ 90% of C/L = {ceiling:.0f} rows/s (latency 0.3 s, C=256, {n} rows)",
         f"{share:.0%} ({mine.rate:.0f} rows/s; CPU {mine.cpu_ms_per_row():.2f} ms/row, simulator "
         f"{mine.simulator_cpu_s / max(mine.rows, 1) * 1000:.2f}){flag}", theirs,
-        f"{mine.rate / max(o.rate for o in runs):.2f}× the best" if runs else "-", share >= 0.9,
+        f"{mine.rate / best:.2f}× the best" if best else "-", share >= 0.9,
         "" if share >= 0.9 else f"limited by CPU: client and simulator together kept {cores:.2f} of the 2 cores "
                                 "busy for the whole run; every row costs both a request's CPU here")]
 
@@ -323,9 +346,14 @@ def memory(work: Path, sizes: Sizes, checks: Checks) -> list[Figure]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, to try the script (no RESULTS.md)")
+    sizes_given = parser.add_mutually_exclusive_group()
+    sizes_given.add_argument("--quick", action="store_true", help="small sizes, to try the script")
+    sizes_given.add_argument("--smoke", action="store_true", help="tiny sizes: does every measurement run to its end?")
+    parser.add_argument("--out", type=Path, help=f"write the table here (default: {RESULTS.relative_to(REPO)}, "
+                                                 "but not with --quick or --smoke)")
     args = parser.parse_args()
-    sizes = QUICK if args.quick else Sizes()
+    sizes = SMOKE if args.smoke else QUICK if args.quick else Sizes()
+    out = args.out or (None if args.quick or args.smoke else RESULTS)
     started = time.perf_counter()
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     checks = Checks()
@@ -334,9 +362,10 @@ def main() -> int:
         work = Path(tmp)
         measures = [lambda: overhead(work, sizes, checks), lambda: fidelity(work, sizes, checks),
                     lambda: latency_bound(work, sizes, checks), lambda: memory(work, sizes, checks),
-                    lambda: resume_1m.figures(work / "resume"), lambda: image_stage.figures(work / "images"),
-                    lambda: estimate_1m.figures(work / "estimate"),
-                    lambda: ray_prep.to_figures(ray_prep.measure(work / "ray"))]
+                    lambda: resume_1m.figures(work / "resume", sizes.resume),
+                    lambda: image_stage.figures(work / "images", sizes.images),
+                    lambda: estimate_1m.figures(work / "estimate", sizes.estimate),
+                    lambda: ray_prep.to_figures(ray_prep.measure(work / "ray", sizes.ray))]
         for i, measure in enumerate(measures, 1):
             try:
                 done = measure()
@@ -352,10 +381,10 @@ def main() -> int:
             "127.0.0.1, measured in this one run; rates count from the simulator's first request to its last "
             "answer. See `tests/benchmarks/suite.py` for how each is measured.\n\n" + results_table(figures) + "\n")
     print(text)
-    if not args.quick:
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(text, encoding="utf-8")
-        print(f"written to {RESULTS.relative_to(REPO)}", file=sys.stderr)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        print(f"written to {out}", file=sys.stderr)
     for problem in checks.problems:
         print(f"bench: WRONG OUTPUT: {problem}", file=sys.stderr)
     return 1 if checks.problems else 0
