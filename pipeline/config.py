@@ -7,6 +7,7 @@ manifest, the API key's value, or anything over the network.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,8 @@ __all__ = [
     "EndpointConfig",
     "RayConfig",
     "RequestConfig",
+    "TokenParam",
+    "is_reasoning_model",
     "LimitsConfig",
     "OutputConfig",
     "Price",
@@ -126,9 +129,23 @@ class EndpointConfig(_Model):
         return run.model_copy(update=own)
 
 
+# OpenAI's reasoning models (o1, o3, o4-mini, the gpt-5 family but its chat model), after any
+# "provider/" prefix: they refuse max_tokens, and any temperature or top_p but 1.
+_REASONING = re.compile(r"(?:.*/)?(?:o[1-9](?:-.*)?|gpt-5(?!-chat)(?:[.-].*)?)")
+_REASONING_FIXED = {"temperature": 1.0, "top_p": 1.0}
+TokenParam = Literal["auto", "max_tokens", "max_completion_tokens"]
+
+
+def is_reasoning_model(model: str) -> bool:
+    return _REASONING.fullmatch(model) is not None
+
+
 class RequestConfig(_Model):
     model: str = Field(min_length=1)
     max_tokens: PositiveInt | None = 300
+    token_param: TokenParam = Field(
+        "auto", description="the body key max_tokens goes out as; auto: max_completion_tokens for reasoning "
+                            "models (o1, o3, o4-mini, gpt-5), max_tokens for the rest")
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     n: int | None = Field(None, ge=1, le=128)
@@ -162,15 +179,25 @@ class RequestConfig(_Model):
     def _extra_is_extra(cls, value: dict[str, Any]) -> dict[str, Any]:
         # a field passed through here would slip past the checks, the limits and the budget
         for key in value:
-            if key in cls.model_fields or key in ("messages", "stream_options"):
+            if key in cls.model_fields or key in ("messages", "stream_options", "max_completion_tokens"):
                 raise ValueError(f"{key!r} has its own key: set request.{key}" if key in cls.model_fields
                                  else f"{key!r} is built by the pipeline")
         return value
 
+    @property
+    def token_key(self) -> str:
+        """The body key that carries max_tokens."""
+        if self.token_param != "auto":
+            return self.token_param
+        return "max_completion_tokens" if is_reasoning_model(self.model) else "max_tokens"
+
     def set_fields(self) -> dict[str, Any]:
         """The optional body fields the config sets; unset ones never reach the wire."""
-        return self.model_dump(exclude={"model", "max_tokens", "extra", "structured", "parse_retries"},
+        body = self.model_dump(exclude={"model", "max_tokens", "token_param", "extra", "structured", "parse_retries"},
                                exclude_none=True)
+        if self.max_tokens is not None:
+            body[self.token_key] = self.max_tokens
+        return body
 
     @property
     def choices(self) -> int:
@@ -239,6 +266,17 @@ class RunConfig(_Model):
             raise ValueError("endpoint, endpoints: set one of them (endpoints: lists several)")
         return self
 
+    @model_validator(mode="after")
+    def _reasoning_defaults_only(self) -> RunConfig:
+        if not is_reasoning_model(self.request.model):
+            return self
+        for name, fixed in _REASONING_FIXED.items():
+            value = getattr(self.request, name)
+            if value is not None and value != fixed:
+                raise ValueError(f"request.{name}: {self.request.model} is a reasoning model, which takes only "
+                                 f"{name} {fixed:g} (got {value!r}); remove it")
+        return self
+
     @property
     def targets(self) -> tuple[EndpointConfig, ...]:
         """The endpoints requests go to."""
@@ -256,11 +294,13 @@ class RunConfig(_Model):
 def fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The settings that change answers. Speed settings (concurrency, limits, timeouts,
     streaming) and how a schema is asked for are left out: they may change freely between runs
-    of one output directory, so a gateway that refuses response_format can fall back mid-run."""
+    of one output directory, so a gateway that refuses response_format can fall back mid-run
+    (and which key carries max_tokens, so a deployment's token_param can be set on resume)."""
     return {
         "input": cfg.input.model_dump(mode="json", include={"image_column", "id_column", "image_root"}),
         "prompt": cfg.prompt.model_dump(mode="json"),
-        "request": cfg.request.model_dump(mode="json", exclude={"stream", "structured", "parse_retries"}),
+        "request": cfg.request.model_dump(mode="json", exclude={"stream", "structured", "parse_retries",
+                                                                "token_param"}),
         "output_schema": cfg.output_schema,
     }
 

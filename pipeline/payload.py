@@ -35,10 +35,7 @@ def build(row: ManifestRow, parts: Sequence[ImagePart], request: RequestConfig, 
     system, text = _texts(row, prompt, schema)
     user = [{"type": "text", "text": text}, *(part.content(prompt.detail) for part in parts)]
     messages = [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": user}]
-    body: dict[str, Any] = {"model": request.model, "messages": messages}
-    if request.max_tokens is not None:
-        body["max_tokens"] = request.max_tokens
-    body |= request.set_fields()
+    body: dict[str, Any] = {"model": request.model, "messages": messages} | request.set_fields()
     if request.stream:
         body["stream_options"] = {"include_usage": True}  # else a streamed answer has no usage
     if schema is not None and (response_format := schema.response_format()):

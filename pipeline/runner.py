@@ -344,6 +344,9 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
     engine = _engine(cfg)
     manifest = Manifest(cfg.input, cfg.prompt)
     schema = labels(cfg.output_schema, cfg.request.structured)
+    if schema is not None and schema.not_strict:
+        log.warning("output_schema is asked for with strict: false (%s): the provider may answer outside it, "
+                    "and such answers are asked again", schema.not_strict)
     columns = results.schema(manifest.keep_schema, schema.fields if schema else ())  # a clashing field: exit 2 now
     total = await asyncio.to_thread(manifest.count)
     with _endpoints(cfg.targets) as endpoints:

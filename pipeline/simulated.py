@@ -61,6 +61,19 @@ _PALETTE = {
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 _MODEL_IDS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1-mini")
 _FORMATS = ("text", "json_object", "json_schema")
+# CreateChatCompletionRequest's properties in OpenAI's OpenAPI spec (2.3.0): any other key is refused.
+_PARAMS = frozenset({
+    "model", "messages", "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+    "max_completion_tokens", "max_tokens", "metadata", "modalities", "n", "parallel_tool_calls", "prediction",
+    "presence_penalty", "prompt_cache_key", "prompt_cache_retention", "reasoning_effort", "response_format",
+    "safety_identifier", "seed", "service_tier", "stop", "store", "stream", "stream_options", "temperature",
+    "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity", "web_search_options"})
+# OpenAI's reasoning models, by name: the o-series and the gpt-5 family, but for gpt-5's chat model.
+_REASONING = ("o1", "o3", "o4", "gpt-5")
+_REASONING_DEFAULTS = {"temperature": 1, "top_p": 1}
+# Keywords Structured Outputs refuses in a strict schema.
+_NOT_PERMITTED = ("allOf", "oneOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas",
+                  "patternProperties", "unevaluatedProperties", "propertyNames", "minProperties", "maxProperties")
 _SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _DESCRIBED: JSON = {"type": "object", "properties": {"description": {"type": "string"}}, "required": ["description"]}
 _DEPTH = 32  # how deep a schema is followed: recursive $refs end there
@@ -299,6 +312,70 @@ def _check_options(body: JSON) -> None:
         raise Invalid("Invalid 'stream_options.include_usage': expected a boolean.", "stream_options.include_usage")
 
 
+def _is_reasoning(model: str) -> bool:
+    name = model.rsplit("/", 1)[-1]
+    return name.startswith(_REASONING) and not name.startswith("gpt-5-chat")
+
+
+def _check_params(body: JSON, model: str) -> None:
+    """The keys OpenAI refuses before it reads anything else: unknown ones, stream_options without
+    stream, and what a reasoning model does not take."""
+    for name in body:
+        if name not in _PARAMS:
+            raise Invalid(f"Unrecognized request argument supplied: {name}", None)
+    if "stream_options" in body and body.get("stream") is not True:
+        raise Invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options")
+    if not _is_reasoning(model):
+        return
+    if "max_tokens" in body:
+        raise Invalid("Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                      "'max_completion_tokens' instead.", "max_tokens", "unsupported_parameter")
+    for name, default in _REASONING_DEFAULTS.items():
+        if name in body and body[name] != default:
+            raise Invalid(f"Unsupported value: '{name}' does not support {body[name]!r} with this model. Only the "
+                          f"default ({default}) value is supported.", name, "unsupported_value")
+
+
+def _strict_problem(node: Any, context: tuple[str, ...]) -> str | None:
+    """What breaks Structured Outputs' strict rules in this schema node, as OpenAI words it."""
+    if not isinstance(node, dict):
+        return None
+    where = f"In context={context!r}"
+    for key in _NOT_PERMITTED:
+        if key in node:
+            return f"{where}, '{key}' is not permitted"
+    kinds = node.get("type")
+    if kinds == "object" or (isinstance(kinds, list) and "object" in kinds) or "properties" in node:
+        if node.get("additionalProperties") is not False:
+            return f"{where}, 'additionalProperties' is required to be supplied and to be false"
+        properties = node.get("properties") or {}
+        missing = [name for name in properties if name not in (node.get("required") or [])]
+        if missing:
+            return (f"{where}, 'required' is required to be supplied and to be an array including every key in "
+                    f"properties. Missing '{missing[0]}'")
+        for name, sub in properties.items():
+            if problem := _strict_problem(sub, (*context, "properties", name)):
+                return problem
+    for key in ("$defs", "definitions"):
+        for name, sub in (node.get(key) or {}).items():
+            if problem := _strict_problem(sub, (*context, key, name)):
+                return problem
+    options = [("items", node["items"])] if "items" in node else []
+    options += [(f"anyOf/{i}", sub) for i, sub in enumerate(node.get("anyOf") or [])]
+    for key, sub in options:
+        if problem := _strict_problem(sub, (*context, *key.split("/"))):
+            return problem
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _strict_schema_problem(text: str) -> str | None:
+    schema = json.loads(text)
+    if schema.get("type") != "object":
+        return f"schema must be a JSON Schema of 'type: \"object\"', got 'type: \"{schema.get('type')}\"'"
+    return _strict_problem(schema, ())
+
+
 def _type_name(value: object) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(type(value), "a number")
 
@@ -340,6 +417,8 @@ def _check_format(body: JSON, texts: list[str]) -> tuple[str | None, JSON | None
                       f"{where}.schema")
     if (problem := _schema_problem(json.dumps(schema, sort_keys=True))) is not None:
         raise Invalid(f"Invalid schema for response_format '{name}': {problem}.", f"{where}.schema")
+    if strict and (problem := _strict_schema_problem(json.dumps(schema, sort_keys=True))) is not None:
+        raise Invalid(f"Invalid schema for response_format '{name}': {problem}.", "response_format")
     return kind, schema
 
 
@@ -422,6 +501,7 @@ def parse(body: object, cache: ImageCache) -> Parsed:
         raise Invalid("you must provide a model parameter", "model")
     if not isinstance(messages, list) or not messages:
         raise Invalid("Invalid 'messages': expected a non-empty array.", "messages")
+    _check_params(body, model)
     pairs = [(m, _parts(i, m)) for i, m in enumerate(messages)]
     _check_options(body)
     texts = [(m["role"], part["text"]) for m, parts in pairs for _, part in parts if part["type"] == "text"]

@@ -23,7 +23,8 @@ import pyarrow as pa
 if TYPE_CHECKING:  # jsonschema loads only when a schema is set: it costs every run 80 ms
     from jsonschema import Draft202012Validator
 
-__all__ = ["Mode", "SchemaError", "Unusable", "OutputSchema", "json_schema", "arrow_fields", "categories", "labels"]
+__all__ = ["Mode", "SchemaError", "Unusable", "OutputSchema", "json_schema", "strict_form", "arrow_fields",
+           "categories", "labels"]
 
 Mode = Literal["json_schema", "json_object", "prompt"]
 JSON = dict[str, Any]
@@ -121,6 +122,60 @@ def json_schema(spec: Any) -> JSON:
         schema = _short(spec, "")
     arrow_fields(schema)  # every field must map to a column type
     return schema
+
+
+# --- the strict form ---------------------------------------------------------------------
+
+# Keywords Structured Outputs' strict mode does not take (OpenAI's "Supported schemas" guide).
+_NOT_STRICT = ("allOf", "oneOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas",
+               "patternProperties", "unevaluatedProperties", "propertyNames", "minProperties", "maxProperties")
+
+
+def _nullable(node: Any) -> Any:
+    """The node with null allowed: how strict mode writes a field that may be left out."""
+    if not isinstance(node, dict):
+        return node
+    if isinstance(node.get("type"), (str, list)):
+        kinds = [node["type"]] if isinstance(node["type"], str) else list(node["type"])
+        node = {**node, "type": kinds if "null" in kinds else [*kinds, "null"]}
+    elif "anyOf" in node:
+        if not any(isinstance(o, dict) and o.get("type") == "null" for o in node["anyOf"]):
+            node = {**node, "anyOf": [*node["anyOf"], {"type": "null"}]}
+        return node
+    elif "$ref" in node or "const" in node:
+        return {"anyOf": [node, {"type": "null"}]}
+    if "enum" in node and None not in node["enum"]:
+        node = {**node, "enum": [*node["enum"], None]}
+    return node
+
+
+def _strict(node: Any, path: str) -> Any:
+    if not isinstance(node, dict):
+        return node
+    if found := [key for key in _NOT_STRICT if key in node]:
+        raise SchemaError(path, f"{found[0]} has no strict form")
+    out = dict(node)
+    for key in ("$defs", "definitions"):
+        if isinstance(node.get(key), dict):
+            out[key] = {name: _strict(sub, f"{key}.{name}") for name, sub in node[key].items()}
+    if "items" in node:
+        out["items"] = _strict(node["items"], path + "[]")
+    if isinstance(node.get("anyOf"), list):
+        out["anyOf"] = [_strict(option, path) for option in node["anyOf"]]
+    if node.get("type") == "object" or "properties" in node:
+        if node.get("additionalProperties", False) is not False:
+            raise SchemaError(path, "an object open to more properties has no strict form")
+        required = set(node.get("required", ()))
+        properties = {name: _strict(sub, _join(path, name)) for name, sub in (node.get("properties") or {}).items()}
+        out |= {"properties": {name: sub if name in required else _nullable(sub) for name, sub in properties.items()},
+                "required": list(properties), "additionalProperties": False}
+    return out
+
+
+def strict_form(schema: JSON) -> JSON:
+    """The schema under Structured Outputs' strict rules: every object closed and all its fields
+    required, the optional ones made nullable. Raises SchemaError where that cannot be done."""
+    return _strict(schema, "")  # type: ignore[no-any-return]
 
 
 # --- JSON Schema to Arrow -----------------------------------------------------------------
@@ -251,20 +306,30 @@ class OutputSchema:
     schema: JSON
     mode: Mode = "json_schema"
     fields: list[pa.Field] = field(init=False)
+    sent: JSON = field(init=False, repr=False)  # the schema as asked for: its strict form where it has one
+    not_strict: str | None = field(init=False, default=None)  # why json_schema mode asks with strict: false
     instruction: str = field(init=False, repr=False)  # the schema stated in words, for a message
     _validator: Draft202012Validator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         from jsonschema import Draft202012Validator
 
+        sent = self.schema
+        if self.mode == "json_schema":
+            try:
+                sent = strict_form(self.schema)
+            except SchemaError as exc:
+                object.__setattr__(self, "not_strict", str(exc))
+        object.__setattr__(self, "sent", sent)
         object.__setattr__(self, "fields", arrow_fields(self.schema))
         object.__setattr__(self, "instruction", "Answer with one JSON object and nothing else. It must match "
-                           "this JSON Schema:\n" + json.dumps(self.schema, separators=(",", ":")))
-        object.__setattr__(self, "_validator", Draft202012Validator(self.schema))
+                           "this JSON Schema:\n" + json.dumps(sent, separators=(",", ":")))
+        object.__setattr__(self, "_validator", Draft202012Validator(sent))
 
     def response_format(self) -> JSON | None:
         if self.mode == "json_schema":
-            return {"type": "json_schema", "json_schema": {"name": SCHEMA_NAME, "strict": True, "schema": self.schema}}
+            return {"type": "json_schema", "json_schema": {"name": SCHEMA_NAME, "strict": self.not_strict is None,
+                                                           "schema": self.sent}}
         return {"type": "json_object"} if self.mode == "json_object" else None
 
     def read(self, text: str | None) -> JSON:

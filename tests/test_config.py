@@ -57,6 +57,13 @@ def good(sim: Simulator, tmp_path: Path, images: Callable[..., list[str]]) -> Pa
         (["--set", "endpoints=[{base_url: 'http://127.0.0.1:9/v1'}]"], "endpoint, endpoints: set one of them"),
         (["--set", "endpoints=[{requests_per_minute: 0}]"], "endpoints.0.requests_per_minute"),
         (["--set", "ray.http_actors=0"], "ray.http_actors"),
+        (["--set", "request.model=o4-mini", "--set", "request.temperature=0.2"],
+         "request.temperature: o4-mini is a reasoning model, which takes only temperature 1 (got 0.2)"),
+        (["--set", "request.model=gpt-5-mini", "--set", "request.top_p=0.5"],
+         "request.top_p: gpt-5-mini is a reasoning model"),
+        (["--set", "request.token_param=max_output_tokens"], "request.token_param: Input should be 'auto'"),
+        (["--set", "request.extra={max_completion_tokens: 9}"],
+         "request.extra: Value error, 'max_completion_tokens' is built by the pipeline"),
     ],
 )
 def test_bad_config_exits_2_with_one_line_and_sends_nothing(

@@ -225,3 +225,34 @@ def test_re_asks_stay_within_the_budget_and_keep_what_was_paid_for(
     assert out["charged_usd"].sum() <= 0.02
     assert out["prompt_tokens"].sum() == sum(e.usage["prompt_tokens"] for e in sim.log)  # every answer is kept
     assert len(sim.log) > out.height  # re-asks were sent before the budget ran out
+
+
+def test_a_full_json_schema_goes_out_strict_and_its_answers_land_in_typed_columns(
+        sim: Simulator, tmp_path: Path) -> None:
+    from .test_structured import FULL
+
+    config = write_config(tmp_path, sim.url, coloured(tmp_path, ["red", "blue", "green"]), prompt=NAMED,
+                          output_schema=FULL)
+    assert cli.main(["run", str(config), "-q"]) == 0  # the simulator refuses a strict schema that breaks the rules
+    sent = sim.log[0].body["response_format"]["json_schema"]
+    assert sent["strict"] is True and set(sent["schema"]["required"]) == set(FULL["properties"])
+    arrow = pq.read_schema(next((tmp_path / "out").glob("*.parquet")))
+    assert {name: str(arrow.field(name).type) for name in FULL["properties"]} == {
+        "label": "string", "note": "string", "count": "int64", "box": "struct<x: int64, y: int64>",
+        "kind": "string"}
+    out = read_out(tmp_path / "out")
+    assert out["status"].to_list() == ["ok"] * 3
+    assert set(out["label"]) <= {"cat", "dog"} and out["box"].struct.field("x").null_count() == 0
+
+
+def test_a_schema_with_no_strict_form_goes_out_with_strict_false_and_one_warning(
+        sim: Simulator, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    open_schema = {"type": "object", "properties": {"colour": {"type": "string"}}, "additionalProperties": True}
+    config = write_config(tmp_path, sim.url, coloured(tmp_path, ["red", "blue"]), prompt=NAMED,
+                          output_schema=open_schema)
+    assert cli.main(["run", str(config), "-q"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "output_schema is asked for with strict: false" in r.getMessage()]
+    assert len(warned) == 1 and "(an object open to more properties has no strict form)" in warned[0]
+    assert {entry.body["response_format"]["json_schema"]["strict"] for entry in sim.log} == {False}
+    out = read_out(tmp_path / "out")
+    assert out["status"].to_list() == ["ok"] * 2 and out.schema["colour"] == pl.String

@@ -352,3 +352,69 @@ def test_settings_come_from_command_line_flags() -> None:
     assert simulator_settings(args) == SimulatorSettings(rate_500=0.5, requests_per_minute=60, seed=3)
     with pytest.raises(ConfigError, match="rate_500"):
         simulator_settings(parser.parse_args(["--rate-500", "2"]))
+
+
+def _strict(schema: dict[str, Any], strict: bool = True) -> dict[str, Any]:
+    return {"response_format": {"type": "json_schema",
+                                "json_schema": {"name": "annotation", "strict": strict, "schema": schema}},
+            "messages": [{"role": "user", "content": "Describe it as JSON."}]}
+
+
+_CLOSED = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize(("change", "param", "code", "message"), [
+    ({"seed": 1, "top_k": 5}, None, None, "Unrecognized request argument supplied: top_k"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", None,
+     "The 'stream_options' parameter is only allowed when 'stream' is enabled."),
+    ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options", None, "only allowed when"),
+    ({"model": "o4-mini"}, "max_tokens", "unsupported_parameter",
+     "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead."),
+    ({"model": "gpt-5-nano-2025-08-07"}, "max_tokens", "unsupported_parameter", "Use 'max_completion_tokens'"),
+    ({"model": "o3", "max_tokens": None, "max_completion_tokens": 300, "temperature": 0.2}, "temperature",
+     "unsupported_value", "Unsupported value: 'temperature' does not support 0.2 with this model. Only the "
+                          "default (1) value is supported."),
+    ({"model": "o1", "max_tokens": None, "top_p": 0.5}, "top_p", "unsupported_value", "'top_p' does not support"),
+    (_strict({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}), "response_format",
+     None, "Invalid schema for response_format 'annotation': In context=(), 'additionalProperties' is required "
+           "to be supplied and to be false."),
+    (_strict({**_CLOSED, "properties": {"a": {"type": "string"}, "b": {"type": "integer"}}}), "response_format",
+     None, "In context=(), 'required' is required to be supplied and to be an array including every key in "
+           "properties. Missing 'b'."),
+    (_strict({**_CLOSED, "properties": {"a": {"type": "object", "properties": {"x": {"type": "integer"}},
+                                              "required": ["x"]}}}),
+     "response_format", None, "In context=('properties', 'a'), 'additionalProperties' is required"),
+    (_strict({**_CLOSED, "properties": {"a": {"type": "array", "items": {
+        "type": "object", "properties": {"x": {"type": "integer"}}, "additionalProperties": False}}}}),
+     "response_format", None, "In context=('properties', 'a', 'items'), 'required' is required"),
+    (_strict({**_CLOSED, "$defs": {"x": {"type": "object", "properties": {}}}}), "response_format", None,
+     "In context=('$defs', 'x'), 'additionalProperties'"),
+    (_strict({**_CLOSED, "properties": {"a": {"allOf": [{"type": "string"}]}}}), "response_format", None,
+     "In context=('properties', 'a'), 'allOf' is not permitted."),
+    (_strict({"type": "array", "items": {"type": "string"}}), "response_format", None,
+     "schema must be a JSON Schema of 'type: \"object\"', got 'type: \"array\"'."),
+])
+def test_requests_openai_refuses_are_400s_in_its_words(sim: Simulator, client: httpx.Client, change: dict[str, Any],
+                                                      param: str | None, code: str | None, message: str) -> None:
+    body = {key: value for key, value in {**_body(RED), **change}.items() if value is not None}
+    resp = client.post("chat/completions", json=body)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and (error["param"], error["code"]) == (param, code)
+    assert message in error["message"]
+    assert sim.log[-1].status == 400
+
+
+@pytest.mark.parametrize("change", [
+    {"stream": True, "stream_options": {"include_usage": True}, "seed": 3, "metadata": {"job": "a"}},
+    {"model": "o4-mini", "max_tokens": None, "max_completion_tokens": 300, "temperature": 1, "reasoning_effort": "low"},
+    {"model": "gpt-5-chat-latest", "temperature": 0.3},  # gpt-5's chat model takes what gpt-4o takes
+    _strict(_CLOSED),
+    _strict({"type": "object", "properties": {"a": {"type": "string"}}}, strict=False),  # not strict: not checked
+    _strict({**_CLOSED, "$defs": {"p": {"type": "object", "properties": {"x": {"type": ["integer", "null"]}},
+                                        "required": ["x"], "additionalProperties": False}},
+             "properties": {"a": {"anyOf": [{"$ref": "#/$defs/p"}, {"type": "null"}]}}}),
+])
+def test_requests_openai_takes_are_answered(sim: Simulator, client: httpx.Client, change: dict[str, Any]) -> None:
+    body = {key: value for key, value in {**_body(RED), **change}.items() if value is not None}
+    assert client.post("chat/completions", json=body).status_code == 200

@@ -11,7 +11,7 @@ import pytest
 from pipeline import payload
 from pipeline.config import PromptConfig, RequestConfig
 from pipeline.manifest import ManifestRow
-from pipeline.structured import OutputSchema, SchemaError, Unusable, categories, json_schema
+from pipeline.structured import OutputSchema, SchemaError, Unusable, categories, json_schema, strict_form
 
 SHORT = {
     "colour": {"type": "enum[red, green, blue]", "description": "the dominant colour"},
@@ -48,6 +48,57 @@ def test_a_json_schema_is_taken_as_it_is_with_refs_and_nullable_fields() -> None
     assert schema == given
     types = {f.name: f.type for f in OutputSchema(schema).fields}
     assert types == {"where": pa.struct([pa.field("x", pa.float64())]), "note": pa.string(), "kind": pa.string()}
+
+
+FULL: dict[str, Any] = {  # a JSON Schema as people write one: shared parts, optional and nullable fields
+    "type": "object",
+    "$defs": {"box": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+                      "required": ["x"]}},
+    "properties": {"label": {"enum": ["cat", "dog"]}, "note": {"type": ["string", "null"]},
+                   "count": {"type": "integer"}, "box": {"$ref": "#/$defs/box"},
+                   "kind": {"type": "string", "enum": ["a", "b"]}},
+    "required": ["label", "note"],
+}
+
+
+def test_a_full_json_schema_is_sent_in_strict_form_and_read_alike() -> None:
+    sent = OutputSchema(json_schema(FULL)).sent
+    assert sent["required"] == ["label", "note", "count", "box", "kind"] and sent["additionalProperties"] is False
+    properties = sent["properties"]
+    assert properties["label"] == {"enum": ["cat", "dog"]}  # required: as written
+    assert properties["note"] == {"type": ["string", "null"]}
+    assert properties["count"] == {"type": ["integer", "null"]}  # optional: may now be null
+    assert properties["box"] == {"anyOf": [{"$ref": "#/$defs/box"}, {"type": "null"}]}
+    assert properties["kind"] == {"type": ["string", "null"], "enum": ["a", "b", None]}
+    assert sent["$defs"]["box"] == {"type": "object", "properties": {"x": {"type": "integer"},
+                                                                     "y": {"type": ["integer", "null"]}},
+                                    "required": ["x", "y"], "additionalProperties": False}
+    assert strict_form(sent) == sent and strict_form(json_schema(SHORT)) == json_schema(SHORT)
+    schema = OutputSchema(json_schema(FULL))
+    assert schema.response_format() == {"type": "json_schema", "json_schema": {
+        "name": "annotation", "strict": True, "schema": sent}}
+    assert schema.read('{"label": "cat", "note": null, "count": null, "box": {"x": 1, "y": null}, "kind": null}') \
+        == {"label": "cat", "note": None, "count": None, "box": {"x": 1, "y": None}, "kind": None}
+    with pytest.raises(Unusable, match="'x' is a required property"):
+        schema.read('{"label": "cat", "note": null, "count": 1, "box": {"y": 2}, "kind": "a"}')
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": True},
+     "an object open to more properties has no strict form"),
+    ({"type": "object", "properties": {"a": {"oneOf": [{"type": "string"}, {"type": "null"}]}}},
+     "a: oneOf has no strict form"),
+    ({"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}},
+                                             "additionalProperties": {"type": "string"}}}},
+     "a: an object open to more properties has no strict form"),
+])
+def test_a_schema_without_a_strict_form_is_sent_as_written_with_strict_false(spec: dict[str, Any],
+                                                                             words: str) -> None:
+    schema = OutputSchema(json_schema(spec))
+    assert schema.not_strict == words
+    assert schema.response_format() == {"type": "json_schema", "json_schema": {
+        "name": "annotation", "strict": False, "schema": spec}}
+    assert OutputSchema(json_schema(spec), "prompt").not_strict is None  # other modes ask in words
 
 
 @pytest.mark.parametrize(("spec", "path", "words"), [

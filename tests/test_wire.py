@@ -75,3 +75,18 @@ def test_http_urls_are_sent_as_is(sim: Simulator, tmp_path: Path) -> None:
     cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": url}]))
     assert cli.main(["run", str(cfg), "-q"]) == 0
     assert sim.log[0].body["messages"][0]["content"][1]["image_url"]["url"] == url
+
+
+@pytest.mark.parametrize("model", ["o4-mini", "o3-2025-04-16", "gpt-5-mini", "openai/gpt-5"])
+def test_a_reasoning_model_gets_max_completion_tokens_and_no_max_tokens(
+        sim: Simulator, tmp_path: Path, images: Callable[..., list[str]], model: str) -> None:
+    # the simulator answers 400 to max_tokens for these models, as OpenAI does: the run would fail
+    body = sent_body(sim, tmp_path, images, request={"model": model, "max_tokens": 40})
+    assert body["max_completion_tokens"] == 40 and "max_tokens" not in body
+
+
+def test_token_param_names_the_key_for_a_deployment_whose_name_hides_its_family(
+        sim: Simulator, tmp_path: Path, images: Callable[..., list[str]]) -> None:
+    body = sent_body(sim, tmp_path, images,
+                     request={"model": "captioner-prod", "max_tokens": 40, "token_param": "max_completion_tokens"})
+    assert body["max_completion_tokens"] == 40 and "max_tokens" not in body
