@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 # How far ahead of its moment a start is granted: longer than a reply from the coordinator takes
 # to reach an actor, so requests leave as evenly as they were paced.
 LEAD_S = 0.05
+HELD_EVERY_S = 1.0  # how often the driver asks what holds the pace, for the progress bar
 QUIT_WAIT_S = 10.0  # after a stop that cannot wait, how long the driver's thread may take to let go
 WAVE_ROWS = 20_000  # rows handed to Ray Data at a time: bounds what the driver and the object store hold
 # An HTTP actor mostly waits on the network, and reserves no CPU: a fraction on each node would
@@ -395,10 +396,18 @@ def _drive(driver: Driver, endpoints: list[EndpointConfig], limit: int | None, c
             return
 
 
-async def _stop_when_stopped(driver: Driver, coordinator: Any) -> None:
-    """Tell every actor as soon as the run is stopping (a signal, or failures alike)."""
+async def _watch(driver: Driver, coordinator: Any) -> None:
+    """Tell every actor as soon as the run is stopping (a signal, or failures alike); until then,
+    keep what holds the pace below the limits in the driver's view, for the progress bar and
+    the summary (asked of the coordinator each second)."""
+    held = ""
+    driver.held = lambda: held
+    asked = time.monotonic()
     while not driver.stopped():
         await asyncio.sleep(0.1)
+        if time.monotonic() - asked >= HELD_EVERY_S:
+            held = "; ".join(await asyncio.wrap_future(coordinator.held.remote().future()))
+            asked = time.monotonic()
     await asyncio.wrap_future(coordinator.stop.remote().future())
 
 
@@ -415,7 +424,7 @@ async def run(driver: Driver, endpoints: list[EndpointConfig], schema: OutputSch
     ).remote([target.limits(cfg.limits) for target in cfg.targets], driver.budget.limit_usd, driver.budget.spent_usd)
     quit = threading.Event()
     work = _in_daemon_thread(_drive, driver, endpoints, limit, coordinator, quit)
-    watch = asyncio.create_task(_stop_when_stopped(driver, coordinator))
+    watch = asyncio.create_task(_watch(driver, coordinator))
     try:
         with stopping_on_signals(driver):
             await asyncio.shield(work)

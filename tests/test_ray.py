@@ -21,6 +21,8 @@ from pipeline.config import LimitsConfig
 from .conftest import KEY, KEY_ENV, NAMED, named, write_config, write_manifest
 from .test_budget import billed
 from .test_interrupt import answered, start, wait_for
+from .test_rate_fidelity import SETTLE_S, answered_once, finish, let_through, rate, refusals, serve, settled, small_images
+from .test_rate_fidelity import start as start_run
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -78,21 +80,6 @@ def test_both_engines_write_the_same_rows(cluster: Cluster, sim: simulator.Simul
 def _rate(starts: list[float]) -> float:
     starts = sorted(starts)
     return (len(starts) - 1) / (starts[-1] - starts[0])
-
-
-def test_every_actor_keeps_within_one_global_request_limit(cluster: Cluster, faulty_sim: Callable[..., Any],
-                                                           tmp_path: Path, images: Callable[..., list[str]]) -> None:
-    rpm = 1200  # 20 a second, enforced by the simulator with real 429s
-    sim = faulty_sim(requests_per_minute=rpm)
-    manifest = write_manifest(tmp_path, named(images(240)))
-    config = write_config(tmp_path, sim.url, manifest, prompt=NAMED, engine="ray",
-                          ray={"http_actors": 4, "block_rows": 8},
-                          limits={"requests_per_minute": rpm, "concurrency": 16})
-    assert _run(config) == 0
-    log = sim.requests()
-    assert [entry.status for entry in log].count(429) == 0
-    assert len(log) == 240
-    assert _rate([entry.time for entry in log]) >= 0.95 * rpm / 60
 
 
 def test_one_429_makes_only_its_request_wait_its_retry_after(cluster: Cluster, sim: simulator.Simulator,
@@ -159,12 +146,13 @@ def test_a_killed_driver_then_a_rerun_finishes_with_every_id_once(
 
 
 @pytest.mark.parametrize("engine", ["local", "ray"])
-def test_two_endpoints_each_stay_under_their_own_limit(request: pytest.FixtureRequest, faulty_sim: Callable[..., Any],
+def test_two_endpoints_each_stay_under_their_own_limit(request: pytest.FixtureRequest, serve: Any,
                                                       tmp_path: Path, images: Callable[..., list[str]],
                                                       engine: str) -> None:
     if engine == "ray":
         request.getfixturevalue("cluster")
-    slow, fast = faulty_sim(requests_per_minute=600), faulty_sim(requests_per_minute=1800)  # 10/s and 30/s
+    # each simulator in its own process, where no pause of the test process times arrivals as a burst
+    slow, fast = serve(requests_per_minute=600), serve(requests_per_minute=1800)  # 10/s and 30/s
     manifest = write_manifest(tmp_path, named(images(240)))
     endpoints = [{"base_url": sim.url, "api_key_env": KEY_ENV, "requests_per_minute": rpm}
                  for sim, rpm in ((slow, 600), (fast, 1800))]
@@ -320,3 +308,35 @@ def test_both_engines_write_the_same_labels(cluster: Cluster, tmp_path: Path) ->
                                          *TOKEN_COLUMNS)
     assert runs["local"].height == 24
     assert runs["local"].equals(runs["ray"])
+
+
+def test_every_actor_keeps_within_one_global_limit_of_a_one_second_window_and_reaches_it(
+        cluster: Cluster, serve: Any, tmp_path: Path) -> None:
+    rows, rpm = 600, 3000  # 50 requests in any second, counted in the simulator's own process
+    sim = serve(latency_s=0.05, requests_per_minute=rpm)
+    manifest = write_manifest(tmp_path, small_images(tmp_path, rows))
+    config = write_config(tmp_path, sim.url, manifest, engine="ray",
+                          ray={"http_actors": 4, "block_rows": 16, "address": cluster.address},
+                          limits={"concurrency": 16, "requests_per_minute": rpm})
+    finish(start_run(config))
+    log = sim.requests()
+    assert refusals(log) == 0
+    assert rate(let_through(log)) >= 0.97 * rpm / 60
+    answered_once(tmp_path, rows)
+
+
+def test_the_actors_find_an_unstated_lower_limit_and_say_so(cluster: Cluster, serve: Any, tmp_path: Path) -> None:
+    rows, rpm, real = 800, 3000, 1500  # the provider allows half and says nothing about it
+    sim = serve(latency_s=0.05, requests_per_minute=real, state_limits=False)
+    manifest = write_manifest(tmp_path, small_images(tmp_path, rows))
+    config = write_config(tmp_path, sim.url, manifest, engine="ray",
+                          ray={"http_actors": 2, "block_rows": 16, "address": cluster.address},
+                          limits={"concurrency": 16, "requests_per_minute": rpm, "max_attempts": 8})
+    said = finish(start_run(config))
+    log = sim.requests()
+    times = let_through(log)
+    after = settled(log, since=times[0] + SETTLE_S)
+    assert rate(times, since=times[0] + SETTLE_S) >= 0.9 * real / 60
+    assert refusals(after) <= 0.02 * len(after)
+    assert "pace: held at" in said
+    answered_once(tmp_path, rows)
