@@ -75,7 +75,7 @@ MAX_TOKENS = 50
 class Sizes:
     overhead_rows: int = 5000  # P1 (and the images P2's requests rows draw from: no more rows than these)
     limit_rows: int = 3000  # P2, requests: a sliding 1-s window at 6,000 RPM (30 s)
-    mode_rows: int = 1500  # P2, requests: a 10-s window, a bucket, a stalled client (15 s each at 6,000 RPM)
+    mode_rows: int = 1200  # P2, requests: a 10-s window (past its 1,000), a bucket, a stalled client (12 s each)
     fixed_rows: int = 3500  # P2, requests: whole-minute windows at 3,000 RPM (over 70 s)
     found_rows: int = 1200  # P2, requests: an unstated limit (24 s at 3,000 RPM), a shared key (16 s at 4,500)
     token_rows: int = 1500  # P2, tokens per minute
