@@ -11,14 +11,14 @@ common.py, which reports its CPU and peak RSS alone.
 P1, P3 and P4 run the simulator in a thread of this process (its CPU is this process's). P2 runs
 it in a process of its own with its garbage collector off (sim_process.py, as the rate-fidelity
 tests do): a collector pause here would hold arrivals back and time them as a burst, a 429 that
-no provider would send. P2 has a row per way a provider enforces a limit, each with our client
-beside the `AsyncOpenAI` loop (the SDK's own retries) and, in two of them, LiteLLM's Router:
-requests under a sliding 1-s window, a sliding 10-s window (Azure), whole-minute windows (at
-3,000 RPM, for a run over 70 s), a bucket; a client stopped 3 × 0.3 s mid-run (SIGSTOP from a
-thread: nothing made up after); a limit lower than the config's and not stated (no
+no provider would send. P2 has a row per way a provider enforces a limit on requests, our client
+beside the `AsyncOpenAI` loop (the SDK's own retries) in each and LiteLLM's Router in two: a
+sliding 1-s window, a sliding 10-s window (Azure), whole-minute windows (at 3,000 RPM, for a run
+over 70 s), a bucket; every client stopped 3 × 0.3 s mid-run (SIGSTOP from a thread; the share
+counts the time it was not stopped); a limit lower than the config's and not stated (no
 x-ratelimit-* headers, no Retry-After) and a key shared with a neighbour, both measured once
 settled (SETTLE_S after the first request let through, 429s as a share of the requests after
-it); and tokens under a sliding 1-s window.
+it). Its last row is our client on tokens under a sliding 1-s window.
 
 The timings are figures to report, not assertions: they move with the machine and its load.
 The script exits 1 only when a client's output is wrong (rows missing or not ok). A baseline
