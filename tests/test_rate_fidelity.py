@@ -2,7 +2,7 @@
 counted from the simulator's log: the rate the provider let through, and every 429.
 
 The client runs as its own process (`python -m pipeline run`), as a user runs it, and so does
-the simulator (tests/sim_process.py): neither's timing is the test process's.
+the simulator (tests/benchmarks/sim_process.py): neither's timing is the test process's.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 from pipeline.simulator import LogEntry
 
 from .conftest import KEY, image_bytes, write_config, write_manifest
-from .sim_process import SimulatorProcess
+from .benchmarks.sim_process import SimulatorProcess
 
 
 @pytest.fixture

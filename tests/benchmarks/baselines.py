@@ -1,9 +1,10 @@
 """The comparison baselines of the performance issue: the loop a user writes without the pipeline.
 
-    python tests/benchmarks/baselines.py {openai,litellm,httpx} --base-url URL --manifest CSV \
-        --concurrency C --out OUT.parquet [--model gpt-4o] [--max-tokens 50] [--max-side N]
+    python tests/benchmarks/baselines.py {openai,litellm,litellm-router,httpx} --base-url URL \
+        --manifest CSV --concurrency C --out OUT.parquet [--model gpt-4o] [--max-tokens 50] \
+        [--max-side N] [--rpm N]
 
-One script, three clients, one shape: read the manifest with Polars (column `image`, paths relative
+One script, four clients, one shape: read the manifest with Polars (column `image`, paths relative
 to the manifest's folder), turn each image into a base64 data URL (the file's bytes as they are, or
 with --max-side a plain Pillow `thumbnail` saved as JPEG), send one chat completion per row under
 `asyncio.Semaphore(C)` + `asyncio.gather`, keep the results in memory and write them with one
@@ -14,6 +15,11 @@ on one.
 - litellm: `litellm.acompletion(model="openai/<model>", api_base=...)`, with its remote lookups
   (price map, Anthropic beta headers, blog posts) switched to the copies it ships, and its
   callbacks and debug output off.
+- litellm-router: `litellm.Router(...).acompletion` over one deployment whose `litellm_params`
+  carry `rpm` (--rpm, the limit the user states), with the strategy LiteLLM documents for
+  keeping to it ("Rate-Limit Aware v2", `usage-based-routing-v2`: it counts each deployment's
+  requests per whole UTC minute and refuses one over its rpm with a 429 of its own, Retry-After
+  60) and the router's own retries (2, its default); remote lookups off as for litellm.
 - httpx: `httpx.AsyncClient` on `httpx_aiohttp.AiohttpTransport`, POST the JSON body, read
   choices[0].message.content and usage: the ceiling, with the least parsing.
 
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import importlib.util
 import io
 import json
@@ -99,7 +106,8 @@ def openai_client(args: argparse.Namespace, key: str) -> tuple[Send, Callable[[]
     return send, client.close
 
 
-def litellm_client(args: argparse.Namespace, key: str) -> tuple[Send, Callable[[], Awaitable[None]]]:
+def quiet_litellm() -> Any:
+    """The litellm module with its remote lookups off, and its callbacks and debug output too."""
     # Before the import: use the price map, Anthropic beta-header table and blog posts that the
     # package ships instead of fetching them; only the simulator on 127.0.0.1 is contacted.
     for name in ("LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS", "LITELLM_LOCAL_BLOG_POSTS"):
@@ -118,26 +126,57 @@ def litellm_client(args: argparse.Namespace, key: str) -> tuple[Send, Callable[[
     litellm.turn_off_message_logging = True
     for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    return litellm
+
+
+def answer(resp: Any) -> tuple[str | None, int | None, int | None]:
+    """The text and token counts of a LiteLLM response."""
+    usage = getattr(resp, "usage", None)
+    return (
+        resp.choices[0].message.content,
+        usage.prompt_tokens if usage else None,
+        usage.completion_tokens if usage else None,
+    )
+
+
+async def nothing_to_close() -> None:
+    return None
+
+
+def litellm_client(args: argparse.Namespace, key: str) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    litellm = quiet_litellm()
 
     async def send(url: str) -> tuple[str | None, int | None, int | None]:
-        resp = await litellm.acompletion(
+        return answer(await litellm.acompletion(
             model=f"openai/{args.model}",
             api_base=args.base_url,
             api_key=key,
             messages=messages(url),
             max_tokens=args.max_tokens,
-        )
-        usage = getattr(resp, "usage", None)
-        return (
-            resp.choices[0].message.content,
-            usage.prompt_tokens if usage else None,
-            usage.completion_tokens if usage else None,
-        )
+        ))
 
-    async def close() -> None:
-        return None
+    return send, nothing_to_close
 
-    return send, close
+
+def litellm_router_client(args: argparse.Namespace, key: str) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    if args.rpm is None:
+        raise SystemExit("litellm-router needs --rpm: the deployment's limit")
+    litellm = quiet_litellm()  # its callbacks emptied before the router adds its usage counter to them
+    deployment = {"model_name": args.model,
+                  "litellm_params": {"model": f"openai/{args.model}", "api_base": args.base_url, "api_key": key,
+                                     "rpm": args.rpm}}
+
+    @functools.cache
+    def router() -> Any:
+        """Made on first use, inside the run's event loop: its usage counter starts a task on the
+        loop running (made outside one, it would make a loop of its own that never runs)."""
+        return litellm.Router(model_list=[deployment], routing_strategy="usage-based-routing-v2")
+
+    async def send(url: str) -> tuple[str | None, int | None, int | None]:
+        return answer(await router().acompletion(model=args.model, messages=messages(url),
+                                                 max_tokens=args.max_tokens))
+
+    return send, nothing_to_close
 
 
 def httpx_client(args: argparse.Namespace, key: str) -> tuple[Send, Callable[[], Awaitable[None]]]:
@@ -163,8 +202,10 @@ def httpx_client(args: argparse.Namespace, key: str) -> tuple[Send, Callable[[],
     return send, client.aclose
 
 
-CLIENTS = {"openai": openai_client, "litellm": litellm_client, "httpx": httpx_client}
-NEEDS = {"openai": "openai", "litellm": "litellm", "httpx": "httpx_aiohttp"}  # from the bench extra
+CLIENTS = {"openai": openai_client, "litellm": litellm_client, "litellm-router": litellm_router_client,
+           "httpx": httpx_client}
+NEEDS = {"openai": "openai", "litellm": "litellm", "litellm-router": "litellm",
+         "httpx": "httpx_aiohttp"}  # from the bench extra
 
 
 def not_installed(client: str) -> str | None:
@@ -207,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gpt-4o")
     parser.add_argument("--max-tokens", type=int, default=50)
     parser.add_argument("--max-side", type=int, default=None)
+    parser.add_argument("--rpm", type=int, default=None, help="the requests-a-minute limit stated (litellm-router)")
     args = parser.parse_args(argv)
 
     import polars as pl

@@ -40,9 +40,9 @@ def child_env() -> dict[str, str]:
     return env
 
 
-# A bare interpreter (-S) that spawns the command, waits for it with wait4 and prints the
-# child's wall time, CPU and ru_maxrss. Why not wait4 from the benchmark itself: on Linux a
-# child's ru_maxrss starts at the peak RSS of the process it was spawned from (the pre-exec
+# A bare interpreter (-S) that spawns the command, prints its pid, waits for it with wait4 and
+# prints the child's wall time, CPU and ru_maxrss. Why not wait4 from the benchmark itself: on
+# Linux a child's ru_maxrss starts at the peak RSS of the process it was spawned from (the pre-exec
 # high-water mark carries over), and a benchmark holding a large setup would inflate every
 # child's figure. The launcher's own peak (about 10 MB) is the floor of what it reports.
 LAUNCHER = r"""
@@ -51,6 +51,7 @@ command, log = json.loads(sys.argv[1]), sys.argv[2]
 files = [(os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), (os.POSIX_SPAWN_DUP2, 1, 2)]
 started = time.perf_counter()
 pid = os.posix_spawn(command[0], command, os.environ, file_actions=files)
+print(json.dumps({"pid": pid}), flush=True)
 _, status, usage = os.wait4(pid, 0)
 wall = time.perf_counter() - started
 print(json.dumps({"wall_s": wall, "maxrss_kb": usage.ru_maxrss, "cpu_s": usage.ru_utime + usage.ru_stime,
@@ -68,11 +69,23 @@ class Finished:
 
 
 def run_to_exit(command: list[str], log_path: Path, env: dict[str, str] | None = None,
-                timeout_s: float = 300) -> Finished:
-    """Run a command to its end through the launcher: wall time, peak RSS and CPU of it alone."""
-    done = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, json.dumps(command), str(log_path)],
-                          capture_output=True, text=True, env=env or child_env(), timeout=timeout_s, check=True)
-    got = json.loads(done.stdout)
+                timeout_s: float = 300, started: Callable[[int], object] | None = None) -> Finished:
+    """Run a command to its end through the launcher: wall time, peak RSS and CPU of it alone.
+    `started`, if given, is called with the command's pid once it runs (to signal it)."""
+    launch = [sys.executable, "-S", "-c", LAUNCHER, json.dumps(command), str(log_path)]
+    with subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env or child_env()) as launcher:
+        try:
+            pid = json.loads(launcher.stdout.readline())["pid"]  # type: ignore[union-attr]
+            if started is not None:
+                started(pid)
+            out, err = launcher.communicate(timeout=timeout_s)
+        except BaseException:
+            launcher.kill()
+            raise
+    if launcher.returncode:
+        raise subprocess.CalledProcessError(launcher.returncode, launcher.args, out, err)
+    got = json.loads(out)
     return Finished(got["wall_s"], got["maxrss_kb"] / 1024, got["cpu_s"], got["returncode"],
                     log_path.read_text(errors="replace").strip())
 
