@@ -78,6 +78,14 @@ def rate(times: list[float], since: float = -1.0, until: float = float("inf")) -
     return (len(inside) - 1) / (inside[-1] - inside[0])
 
 
+def settles_at(log: list[LogEntry], rpm: int, until: float = float("inf")) -> None:
+    """What a run let through once settled, until `until`: at least 90% of `rpm`, with 429s at most 2% of requests."""
+    times = let_through(log)
+    after = settled(log, since=times[0] + SETTLE_S, until=until)
+    assert rate(times, since=times[0] + SETTLE_S, until=until) >= 0.9 * rpm / 60
+    assert refusals(after) <= 0.02 * len(after)
+
+
 def mixed_images(tmp_path: Path, n: int) -> list[dict[str, str]]:
     """n distinct PNGs of six sizes, from one tile to several."""
     sizes = [(64, 48), (512, 512), (300, 900), (1024, 768), (128, 128), (700, 700)]
@@ -156,11 +164,7 @@ def test_an_unstated_lower_limit_is_found(serve: Any, tmp_path: Path,
     sim = serve(latency_s=0.05, requests_per_minute=real, state_limits=stated)
     manifest = write_manifest(tmp_path, small_images(tmp_path, rows))
     said = finish(start(write_config(tmp_path, sim.url, manifest, limits={**LIMITS, "requests_per_minute": RPM})))
-    log = sim.requests()
-    times = let_through(log)
-    after = settled(log, since=times[0] + SETTLE_S)
-    assert rate(times, since=times[0] + SETTLE_S) >= 0.9 * real / 60
-    assert refusals(after) <= 0.02 * len(after)
+    settles_at(sim.requests(), real)
     assert "held at" in said
     answered_once(tmp_path, rows)
 
@@ -177,10 +181,8 @@ def test_a_neighbour_on_the_key_is_made_room_for_and_its_share_taken_back(
     stopped = time.monotonic()
     finish(client)
     log = sim.requests()
+    settles_at(log, RPM - neighbour, until=stopped)
     times = let_through(log)
-    shared = settled(log, since=times[0] + SETTLE_S, until=stopped)
-    assert rate(times, since=times[0] + SETTLE_S, until=stopped) >= 0.9 * (RPM - neighbour) / 60
-    assert refusals(shared) <= 0.02 * len(shared)
     back = next(t for t in times if t > stopped + 2 and rate(times, t - 2, t) >= 0.9 * RPM / 60)
     assert back - stopped <= 60
     answered_once(tmp_path, rows)
