@@ -15,12 +15,12 @@ $(VENV)/.base: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) -e ".[dev,ray]"
+	$(PIP) -e ".[dev,ray,heif]"
 	touch $@
 
 # The bench extra adds the baselines' clients (openai, litellm), pinned exactly.
 $(VENV)/.bench: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) -e ".[dev,ray,bench]"
+	$(PIP) -e ".[dev,ray,heif,bench]"
 	touch $@
 
 demo: $(VENV)/.base

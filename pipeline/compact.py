@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from .config import InputConfig, PromptConfig
 from .errors import ManifestError
 from .manifest import Manifest
-from .store import INTENT_FILE, RUN_FILE, Store, finish_interrupted, parts, sync_dir, write_atomically
+from .store import INTENT_FILE, RUN_FILE, Store, finish_interrupted, parts, scan, sync_dir, write_atomically
 
 __all__ = ["compact", "Compacted"]
 
@@ -59,7 +59,7 @@ def compact(directory: Path, rows_per_part: int = ROWS_PER_PART) -> Compacted:
 
 def _rewrite(directory: Path, rows_per_part: int) -> Compacted:
     old = parts(directory)
-    rows = pl.scan_parquet(old).unique(subset="id", keep="last", maintain_order=True)
+    rows = scan(old).unique(subset="id", keep="last", maintain_order=True)
     order = _manifest_order(directory)
     if order is not None:
         rows = rows.join(order, on="id", how="left").sort("_order", nulls_last=True, maintain_order=True).drop("_order")

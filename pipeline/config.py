@@ -33,6 +33,7 @@ from .errors import ConfigError
 __all__ = [
     "AuthStyle",
     "InputConfig",
+    "FetchConfig",
     "PromptConfig",
     "SimulatorSettings",
     "EndpointConfig",
@@ -59,12 +60,26 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class FetchConfig(_Model):
+    """How http(s) images are fetched when they are inlined."""
+
+    per_host: PositiveInt = Field(8, description="requests at once to one host")
+    timeout_s: PositiveFloat = Field(20.0, description="for one attempt, connecting to the last byte")
+    max_attempts: PositiveInt = Field(3, description="tries of a 429, a 5xx, a timeout or a dropped connection")
+    max_bytes: PositiveInt = Field(50_000_000, description="stop reading a body longer than this")
+    user_agent: str | None = Field(None, description="a contact added to the User-Agent, e.g. an email or a URL")
+    respect_robots: bool = Field(True, description="skip images whose X-Robots-Tag says noai or noimageai")
+
+
 class InputConfig(_Model):
     manifest: Path = Field(description="a .csv .tsv .parquet .jsonl .ndjson file, or a folder of images")
     image_column: str = "image"
     id_column: str | None = None
     image_root: Path | None = Field(None, description="relative image paths resolve here; default: the manifest's folder")
     keep_columns: tuple[str, ...] = ()
+    remote: Literal["inline", "pass"] = Field(
+        "inline", description="http(s) images: fetched and sent as data like local files, or passed to the provider as URLs")
+    fetch: FetchConfig = FetchConfig()
 
 
 class PromptConfig(_Model):
@@ -72,6 +87,9 @@ class PromptConfig(_Model):
     user: str = "Describe this image."
     detail: Literal["low", "high", "auto"] = "auto"
     max_side: PositiveInt | None = Field(None, description="downscale the longer side to this many px before sending")
+    frames: int = Field(1, ge=1, le=64, description="frames of an animation sent, spread over it, as that many images")
+    max_image_bytes: PositiveInt = Field(20_000_000, description="an image larger than this is re-encoded or downscaled")
+    max_request_bytes: PositiveInt = Field(50_000_000, description="a row whose images are larger as sent is an error")
 
 
 class SimulatorSettings(_Model):
@@ -298,7 +316,9 @@ def fingerprint(cfg: RunConfig) -> dict[str, Any]:
     (and which key carries max_tokens, so a deployment's token_param can be set on resume)."""
     return {
         "input": cfg.input.model_dump(mode="json", include={"image_column", "id_column", "image_root"}),
-        "prompt": cfg.prompt.model_dump(mode="json"),
+        # the byte caps only bound what an oversized image becomes; frames counts once it is not 1
+        "prompt": cfg.prompt.model_dump(mode="json", exclude={"max_image_bytes", "max_request_bytes",
+                                                              *(["frames"] if cfg.prompt.frames == 1 else [])}),
         "request": cfg.request.model_dump(mode="json", exclude={"stream", "structured", "parse_retries",
                                                                 "token_param"}),
         "output_schema": cfg.output_schema,

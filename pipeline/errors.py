@@ -55,7 +55,11 @@ class Interrupted(AnnotateError):
 
 
 class RowInputError(AnnotateError):
-    pass
+    """`retryable`: the cause may pass (a remote image's host timed out), so the next run asks again."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class Halted(AnnotateError):

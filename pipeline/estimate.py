@@ -20,12 +20,12 @@ from typing import Any
 import polars as pl
 
 from . import images
-from .config import RunConfig
+from .config import PromptConfig, RunConfig
 from .errors import RowInputError
 from .manifest import ImageRef, Manifest, ManifestRow
 from .payload import UNSET_MAX_TOKENS, input_texts
 from .pricing import PriceTable
-from .store import parts
+from .store import parts, scan
 from .structured import labels
 from .tokens import Detail, input_tokens
 
@@ -56,23 +56,27 @@ class Estimate:
 # --- image sizes, from headers ----------------------------------------------------------------
 
 
+Sizes = tuple[tuple[int, int] | None, ...]  # one per image sent; None where not known (a URL)
+
+
 @functools.lru_cache(maxsize=65_536)
-def _size_of(ref: str, root: Path, max_side: int | None, version: tuple[str, int, int, int]) -> (
-        tuple[int, int] | None):
+def _sizes_of(ref: str, root: Path, prompt: PromptConfig, version: tuple[str, int, int, int]) -> Sizes:
     """`version` (the file's path, mtime, size and inode) is here only to be part of the key."""
-    return images.size_as_sent(ref, root, max_side)
+    return images.sizes_as_sent(ref, root, prompt) or (None,)
 
 
-def _size(ref: str, root: Path, max_side: int | None) -> tuple[int, int] | None:
-    """`images.size_as_sent`, remembered for the life of the process by file and version, so a
+def _sizes(ref: ImageRef, root: Path, prompt: PromptConfig) -> Sizes:
+    """`images.sizes_as_sent`, remembered for the life of the process by file and version, so a
     file rewritten since is read again. The version is mtime, size and inode, not mtime alone:
     mtimes tick every few ms (2 s on FAT), and a rewrite within one tick must count too."""
+    if isinstance(ref, bytes) or images.is_remote(ref):
+        return images.sizes_as_sent(ref, root, prompt) or (None,)
     try:
         path = images.resolve(ref, root)
         stat = os.stat(path)
-    except (OSError, ValueError, RuntimeError):  # missing, a URL, a NUL in the path, an unknown ~user
-        return images.size_as_sent(ref, root, max_side)  # a URL's None, or the RowInputError saying why
-    return _size_of(ref, root, max_side, (str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino))
+    except (OSError, ValueError, RuntimeError):  # missing, a data: URL, a NUL in the path, an unknown ~user
+        return images.sizes_as_sent(ref, root, prompt) or (None,)  # a URL's None, or the RowInputError saying why
+    return _sizes_of(ref, root, prompt, (str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino))
 
 
 # --- rows ---------------------------------------------------------------------------------------
@@ -132,10 +136,9 @@ class _Counter:
     def _images(self, refs: tuple[ImageRef, ...]) -> _Images | None:
         if not refs:
             return None
-        max_side, detail = self._prompt.max_side, self._prompt.detail
+        detail = self._prompt.detail
         try:
-            sizes = [_size(ref, self._root, max_side) if isinstance(ref, str)
-                     else images.size_as_sent(ref, self._root, max_side) for ref in refs]
+            sizes = [size for ref in refs for size in _sizes(ref, self._root, self._prompt)]
         except RowInputError:
             return None
         return _Images(count=len(sizes), tokens=input_tokens(self._model, [], sizes, detail),
@@ -179,7 +182,7 @@ def _scale_by_sample(out: Estimate, directory: Path, expected_prompt_per_row: fl
     written = parts(directory)
     if not written:
         return
-    answered = pl.scan_parquet(written).filter(pl.col("status") == "ok", pl.col("prompt_tokens").is_not_null())
+    answered = scan(written).filter(pl.col("status") == "ok", pl.col("prompt_tokens").is_not_null())
     used = answered.select(rows=pl.len(), prompt=pl.col("prompt_tokens").mean(),
                            completion=pl.col("completion_tokens").mean()).collect().row(0, named=True)
     if not used["rows"]:

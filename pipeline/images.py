@@ -1,25 +1,31 @@
-"""Image references -> chat content parts.
+"""Image references -> chat content parts, in a form every provider accepts.
 
-Owns: reading files or passing URLs through, MIME sniffing, optional downscale and
-re-encode, data URLs, pixel sizes. Never: HTTP, retries. Every function here is plain and
-blocking: the runner calls it off the event loop.
+Owns: deciding, from an image's header, what is sent: the file as it is (JPEG, PNG, WebP or a
+single-frame GIF, in a plain mode, within the byte cap), or a re-encoding (another format,
+CMYK or 16-bit pixels, an animation's frames, a downscale, an EXIF turn); doing it; the data
+URLs; the pixel sizes an estimate counts. Never: HTTP (remote bytes come in `fetched`), retries.
+Every function here is plain and blocking: the engines call it off the event loop.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Sequence
+import math
+import mmap
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms
 
+from .config import PromptConfig
 from .errors import RowInputError
+from .image_file import Buffer, opened, orientation, truncation
 from .manifest import ImageRef
 
-__all__ = ["ImagePart", "to_parts", "sniff_mime", "size_as_sent", "resolve"]
+__all__ = ["ImagePart", "to_parts", "sniff_mime", "sizes_as_sent", "resolve", "is_remote", "notes_text"]
 
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"\xff\xd8\xff", 0, "image/jpeg"),
@@ -28,15 +34,26 @@ _MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"GIF89a", 0, "image/gif"),
     (b"WEBP", 8, "image/webp"),  # after 'RIFF' and the length
 )
-_REMOTE = ("http://", "https://", "data:")
+# What providers decode as it is (PROVIDER_FACTS 5.2: PNG, JPEG, WebP, non-animated GIF), by
+# Pillow's format and the modes sent unchanged; MPO is a JPEG with a second picture appended.
+_SENT_AS_IS = {"JPEG": {"L", "RGB"}, "MPO": {"L", "RGB"}, "PNG": {"1", "L", "LA", "P", "RGB", "RGBA"},
+               "GIF": {"L", "P", "RGB", "RGBA"}, "WEBP": {"L", "LA", "RGB", "RGBA"}}
+_STILL = {"MPO", "PSD"}  # formats whose further "frames" are not pictures in sequence
+_DEEP = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}  # more than 8 bits a sample
 _JPEG_QUALITY = 90
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations whose upright picture swaps width and height
+_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}
+_REMOTE = ("http://", "https://")
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 @dataclass(frozen=True, slots=True)
 class ImagePart:
     url: str  # a data: URL, or an http(s) URL passed through
-    size: tuple[int, int] | None  # pixels as sent; None where not known here (remote URLs)
+    size: tuple[int, int] | None  # pixels as sent; None where not known here (remote URLs passed through)
+    note: str | None = None  # what was done to the image on the way, when anything was
 
     def content(self, detail: str) -> dict[str, Any]:
         return {"type": "image_url", "image_url": {"url": self.url, "detail": detail}}
@@ -48,6 +65,10 @@ def sniff_mime(data: bytes) -> str | None:
         if data[offset : offset + len(magic)] == magic:
             return mime
     return None
+
+
+def is_remote(ref: ImageRef) -> bool:
+    return isinstance(ref, str) and ref.startswith(_REMOTE)
 
 
 def resolve(ref: str, root: Path) -> Path:
@@ -66,74 +87,7 @@ def _read(ref: str, root: Path) -> bytes:
         raise RowInputError(f"cannot read {ref!r}: {exc}") from None
 
 
-def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation of a JPEG, 1 when none: a camera's portrait photo is often stored
-    sideways. Other formats count as upright: a PNG's EXIF may follow its pixels, and reading it
-    would decode the whole image where only the header is wanted."""
-    if image.format not in ("JPEG", "MPO"):
-        return 1
-    value = image.getexif().get(ExifTags.Base.Orientation, 1)
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
-
-
-def _upright(size: tuple[int, int], orientation: int) -> tuple[int, int]:
-    return (size[1], size[0]) if orientation in _QUARTER_TURNS else size
-
-
-def _downscale(image: Image.Image, size: tuple[int, int], orientation: int) -> tuple[bytes, str]:
-    # Hand-rolled `thumbnail`: that keeps a 2x margin when it drafts, so a 4000x3000 JPEG bound for
-    # 1024 is decoded whole. Drafting straight to `size` lets libjpeg scale in the DCT domain
-    # (here 1/2: 2000x1500), which with the same bicubic pass is ~2.5x faster and looks the same
-    # (PSNR > 45 dB against `thumbnail`; tests/benchmarks/image_stage.py). Resizing to `size`
-    # also makes the size sent exactly what `size_as_sent` predicts.
-    # The re-encode drops the EXIF tag, so the orientation is applied to the pixels (on the
-    # drafted image: cheap) and `size` is upright; the draft box holds only when nothing turned.
-    transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-    drafted = image.draft(None, _upright(size, orientation))  # JPEG only: None for other formats
-    box = drafted[1] if drafted and orientation == 1 else None
-    ImageOps.exif_transpose(image, in_place=True)
-    small = image.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
-    buffer = io.BytesIO()
-    if transparent:
-        small.save(buffer, "PNG", optimize=False)  # keep transparency: JPEG has none
-        return buffer.getvalue(), "image/png"
-    small.convert("RGB").save(buffer, "JPEG", quality=_JPEG_QUALITY)
-    return buffer.getvalue(), "image/jpeg"
-
-
-def _encode(data: bytes, label: str, max_side: int | None) -> ImagePart:
-    if not data:
-        raise RowInputError(f"{label} is empty")
-    mime = sniff_mime(data)
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if mime is None:
-                raise RowInputError(f"{label} is {image.format}, which is not sent (JPEG, PNG, WebP or GIF only)")
-            size = image.size
-            if max_side and max(size) > max_side:
-                orientation = _orientation(image)
-                size = _upright(_fitted(size, max_side), orientation)
-                data, mime = _downscale(image, size, orientation)
-    except UnidentifiedImageError:
-        raise RowInputError(f"{label} is not an image file (JPEG, PNG, WebP or GIF expected)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise RowInputError(f"{label} is not a readable image ({exc})") from None
-    return ImagePart(f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", size)
-
-
-def _part(ref: ImageRef, root: Path, max_side: int | None) -> ImagePart:
-    if isinstance(ref, bytes):
-        return _encode(ref, "image bytes", max_side)
-    if ref.startswith(_REMOTE):
-        return ImagePart(ref, None)
-    return _encode(_read(ref, root), ref, max_side)
-
-
-def to_parts(refs: Sequence[ImageRef], root: Path, max_side: int | None = None) -> list[ImagePart]:
-    """One content part per image reference; RowInputError names the first unusable one."""
-    if not refs:
-        raise RowInputError("no image in this row")
-    return [_part(ref, root, max_side) for ref in refs]
+# --- what is sent -------------------------------------------------------------------------------
 
 
 def _fitted(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
@@ -145,19 +99,240 @@ def _fitted(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def size_as_sent(ref: ImageRef, root: Path, max_side: int | None = None) -> tuple[int, int] | None:
-    """Pixels the image will have when sent, from its header alone (no decode); None for a
-    remote URL. RowInputError when the image cannot be read."""
-    if isinstance(ref, str) and ref.startswith(_REMOTE):
-        return None
-    try:
-        source: Any = io.BytesIO(ref) if isinstance(ref, bytes) else resolve(ref, root)
-        with Image.open(source) as image:
-            fitted = _fitted(image.size, max_side)
-            return _upright(fitted, _orientation(image)) if fitted != image.size else fitted
-    except FileNotFoundError:
-        raise RowInputError(f"missing file {source}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, RuntimeError,
-            Image.DecompressionBombError) as exc:
-        raise RowInputError(f"{ref if isinstance(ref, str) else 'image bytes'} is not a readable image ({exc})") from None
+def _upright(size: tuple[int, int], turn: int) -> tuple[int, int]:
+    return (size[1], size[0]) if turn in _QUARTER_TURNS else size
 
+
+def _spread(total: int, wanted: int) -> tuple[int, ...]:
+    """`wanted` frame numbers spread evenly over `total`, first and last included."""
+    if wanted >= total:
+        return tuple(range(total))
+    if wanted == 1:
+        return (0,)
+    return tuple(sorted({round(k * (total - 1) / (wanted - 1)) for k in range(wanted)}))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1_000_000:.1f} MB"
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What is sent of one image, decided from its header: `reasons` empty means the file as it is."""
+
+    frames: tuple[int, ...]
+    size: tuple[int, int]  # pixels each frame is sent at, upright when re-encoded
+    fitted: tuple[int, int]  # the same before the EXIF turn
+    turn: int  # EXIF orientation applied when re-encoding
+    reasons: tuple[str, ...]
+    decoded: bool  # converted from another format or mode, or frames of an animation: no header says it decodes
+
+
+def _plan(image: Image.Image, buf: Buffer, label: str, prompt: PromptConfig) -> _Plan:
+    fmt, mode = image.format or "unknown", image.mode
+    if cut := truncation(buf, fmt):
+        raise RowInputError(f"{label} is truncated ({cut})")
+    # An MPO's second picture is a camera's extra (a depth map, a large preview), a PSD's are its
+    # layers (the picture is their composite): neither is a frame.
+    total: int = getattr(image, "n_frames", 1) if getattr(image, "is_animated", False) and fmt not in _STILL else 1
+    frames = _spread(total, prompt.frames)
+    turn = orientation(image, buf)
+    fitted = _fitted(image.size, prompt.max_side)
+    reasons = []
+    if fmt not in _SENT_AS_IS:
+        reasons.append(f"converted from {fmt}")
+    if mode not in _SENT_AS_IS.get(fmt, {"L", "LA", "P", "RGB", "RGBA"}):
+        reasons.append(f"{mode} to {'8-bit' if mode in _DEEP else 'RGB'}")
+    decoded = bool(reasons) or total > 1
+    if total > 1:
+        what = "pages" if fmt == "TIFF" else "frames"
+        reasons.append(f"first of {total} {what}" if frames == (0,) else
+                       f"{what} {', '.join(str(f + 1) for f in frames)} of {total}")
+    if fitted != image.size:
+        reasons.append(f"downscaled {image.width}x{image.height} to {'x'.join(map(str, _upright(fitted, turn)))}")
+    if turn != 1 and (reasons or fmt not in ("JPEG", "MPO")):  # a JPEG sent as it is keeps its EXIF
+        reasons.append(f"turned upright (EXIF orientation {turn})")
+    if len(buf) > prompt.max_image_bytes and not reasons:
+        reasons.append(f"re-encoded: {_mb(len(buf))} is over prompt.max_image_bytes")
+    size = _upright(fitted, turn) if reasons else image.size
+    return _Plan(frames, size, fitted, turn, tuple(reasons), decoded)
+
+
+# --- re-encoding --------------------------------------------------------------------------------
+
+
+def _eight_bit(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """The pixels in a mode a PNG or JPEG holds (1, L, LA, P, RGB, RGBA), and a note when the
+    values were rescaled."""
+    mode = image.mode
+    if mode in ("1", "L", "LA", "P", "RGB", "RGBA"):
+        return (image.convert("RGBA") if mode == "P" and "transparency" in image.info else image), None
+    if mode == "CMYK":
+        icc = image.info.get("icc_profile")
+        if icc:
+            profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            return ImageCms.profileToProfile(image, profile, _SRGB, outputMode="RGB"), None  # type: ignore[return-value]
+        return image.convert("RGB"), None
+    if mode in _DEEP:
+        wide = image.convert("I") if mode.startswith("I;16") else image
+        low, high = wide.getextrema()  # one band: two numbers
+        assert isinstance(low, (int, float)) and isinstance(high, (int, float))
+        if high <= 255 and low >= 0:
+            return wide.convert("L"), None
+        scale = 255 / (high - low) if high > low else 1.0
+        return wide.point(lambda v: (v - low) * scale).convert("L"), f"values {low:g}-{high:g} scaled to 0-255"
+    alpha = "A" in mode or "a" in mode or "transparency" in image.info
+    return image.convert("RGBA" if alpha else "RGB"), None
+
+
+def _saved(picture: Image.Image, lossless: bool, icc: bytes | None) -> tuple[bytes, str]:
+    """PNG for transparency and for palette or bilevel pictures not resampled; JPEG otherwise."""
+    buffer = io.BytesIO()
+    if lossless or picture.mode in ("LA", "RGBA", "PA"):
+        picture.save(buffer, "PNG", optimize=False, icc_profile=icc)
+        return buffer.getvalue(), "image/png"
+    picture = picture if picture.mode in ("L", "RGB") else picture.convert("RGB")
+    picture.save(buffer, "JPEG", quality=_JPEG_QUALITY, icc_profile=icc)
+    return buffer.getvalue(), "image/jpeg"
+
+
+def _render(image: Image.Image, frame: int, plan: _Plan) -> tuple[Image.Image, bool, str | None]:
+    """One frame, in an 8-bit mode, resized to the plan and turned upright; whether it should
+    stay lossless; a note on rescaled values."""
+    if frame:
+        image.seek(frame)
+    # Drafting straight to the size lets libjpeg scale in the DCT domain (a 4000x3000 JPEG bound
+    # for 1024 decodes at 2000x1500): ~2.5x faster than `thumbnail`, which keeps a 2x margin, and
+    # alike to the eye (PSNR > 45 dB; tests/benchmarks/image_stage.py). JPEG only: None elsewhere.
+    drafted = image.draft(None, plan.fitted) if plan.fitted != image.size else None
+    picture, note = _eight_bit(image)
+    lossless = picture.mode in ("1", "P")
+    if plan.fitted != picture.size:
+        if lossless:  # Pillow resamples a palette by the nearest pixel only
+            picture = picture.convert("RGBA" if "transparency" in picture.info else "RGB")
+            lossless = False
+        box = drafted[1] if drafted else None
+        picture = picture.resize(plan.fitted, Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
+    if plan.turn in _TURNS:
+        picture = picture.transpose(_TURNS[plan.turn])
+    return picture, lossless, note
+
+
+def _within_cap(picture: Image.Image, lossless: bool, icc: bytes | None, cap: int) -> tuple[bytes, str, str | None]:
+    """The encoded picture, downscaled until it fits `cap` bytes; a note when it had to be."""
+    data, mime = _saved(picture, lossless, icc)
+    first = len(data)
+    for _ in range(6):
+        if len(data) <= cap:
+            break
+        scale = math.sqrt(cap / len(data)) * 0.9
+        picture = picture.resize((max(1, int(picture.width * scale)), max(1, int(picture.height * scale))),
+                                 Image.Resampling.BICUBIC)
+        data, mime = _saved(picture, False, icc)
+    if len(data) > cap:
+        raise RowInputError(f"cannot be made smaller than prompt.max_image_bytes ({_mb(cap)})")
+    note = None if len(data) == first else (
+        f"downscaled to {picture.width}x{picture.height} to fit prompt.max_image_bytes ({_mb(first)} encoded)")
+    return data, mime, note
+
+
+def _data_url(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _encode(data: bytes, label: str, prompt: PromptConfig) -> list[ImagePart]:
+    if not data:
+        raise RowInputError(f"{label} is empty")
+    warned: list[str] = []
+    parts = []
+    with opened(data, label, warned) as image:
+        plan = _plan(image, data, label, prompt)
+        if not plan.reasons:
+            mime = sniff_mime(data) or "image/jpeg"  # MPO sniffs as JPEG
+            return [ImagePart(_data_url(data, mime), plan.size, _joined(warned))]
+        icc = image.info.get("icc_profile") if image.mode != "CMYK" else None
+        for frame in plan.frames:
+            picture, lossless, rescaled = _render(image, frame, plan)
+            encoded, mime, shrunk = _within_cap(picture, lossless, icc, prompt.max_image_bytes)
+            note = _joined([*plan.reasons, *([rescaled] if rescaled else []), *([shrunk] if shrunk else []), *warned])
+            parts.append(ImagePart(_data_url(encoded, mime), (picture.width, picture.height), note))
+    return parts
+
+
+def _joined(notes: Sequence[str]) -> str | None:
+    return ", ".join(dict.fromkeys(notes)) or None  # dict: unique, in order
+
+
+def _part(ref: ImageRef, root: Path, prompt: PromptConfig, fetched: Mapping[str, bytes]) -> list[ImagePart]:
+    if isinstance(ref, bytes):
+        return _encode(ref, "image bytes", prompt)
+    if ref.startswith("data:"):
+        return [ImagePart(ref, None)]
+    if is_remote(ref):
+        return _encode(fetched[ref], ref, prompt) if ref in fetched else [ImagePart(ref, None)]
+    return _encode(_read(ref, root), ref, prompt)
+
+
+def to_parts(refs: Sequence[ImageRef], root: Path, prompt: PromptConfig | None = None,
+             fetched: Mapping[str, bytes] | None = None) -> list[ImagePart]:
+    """The content parts of a row's image references (an animation may give several): local
+    files read, remote ones taken from `fetched` where they were fetched (else passed through
+    as URLs). RowInputError names the first unusable one, or a request over its byte cap."""
+    if not refs:
+        raise RowInputError("no image in this row")
+    prompt = prompt or PromptConfig()
+    parts = [part for ref in refs for part in _part(ref, root, prompt, fetched or {})]
+    carried = sum(len(part.url) for part in parts)
+    if carried > prompt.max_request_bytes:
+        raise RowInputError(f"the row's images are {_mb(carried)} as sent, over prompt.max_request_bytes "
+                            f"({_mb(prompt.max_request_bytes)})")
+    return parts
+
+
+def notes_text(parts: Sequence[ImagePart]) -> str | None:
+    """The row's image_notes: each image's note, numbered when the row has several parts."""
+    if len(parts) == 1:
+        return parts[0].note
+    return "; ".join(f"image {k}: {part.note}" for k, part in enumerate(parts, 1) if part.note) or None
+
+
+# --- sizes for estimates ----------------------------------------------------------------------
+
+
+def sizes_as_sent(ref: ImageRef, root: Path, prompt: PromptConfig | None = None) -> tuple[tuple[int, int], ...] | None:
+    """The pixels of each image the reference will be sent as, decided as `to_parts` decides
+    but from the header and the file's end alone (the file is mapped, not read); None for a
+    remote URL. RowInputError when the run would refuse it."""
+    prompt = prompt or PromptConfig()
+    if isinstance(ref, str) and ref.startswith((*_REMOTE, "data:")):
+        return None
+    if isinstance(ref, bytes):
+        return _sizes(ref, "image bytes", prompt)
+    path = resolve(ref, root)
+    try:
+        with open(path, "rb") as f:
+            if not f.seek(0, io.SEEK_END):
+                raise RowInputError(f"{ref} is empty")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                f.seek(0)
+                return _sizes(mapped, ref, prompt, f)
+    except FileNotFoundError:
+        raise RowInputError(f"missing file {path}") from None
+    except (OSError, ValueError, RuntimeError) as exc:  # a folder, a NUL in the path, an unknown ~user
+        raise RowInputError(f"cannot read {ref!r}: {exc}") from None
+
+
+def _sizes(buf: Buffer, label: str, prompt: PromptConfig, file: BinaryIO | None = None) -> tuple[tuple[int, int], ...]:
+    """An image converted from another format or mode, or an animation's frames, is decoded
+    here too, as the run will: their decoders fail in ways no header shows. A JPEG, PNG, WebP
+    or GIF that is only downscaled is not (its truncation shows at its end)."""
+    if not len(buf):
+        raise RowInputError(f"{label} is empty")
+    with opened(buf, label, [], file) as image:
+        plan = _plan(image, buf, label, prompt)
+        if plan.decoded:
+            for frame in plan.frames:
+                if frame:  # as _render does: some formats refuse seek(0)
+                    image.seek(frame)
+                image.load()
+    return (plan.size,) * len(plan.frames)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .config import PromptConfig, RequestConfig
-from .images import ImagePart, to_parts
+from .images import ImagePart, notes_text, to_parts
 from .manifest import ManifestRow
 from .structured import OutputSchema
 from .tokens import input_tokens
@@ -83,15 +83,19 @@ def follow_up(body: dict[str, Any], tokens: TokenEstimate, messages: Sequence[di
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    """One row's request, ready to send: the body and what it may cost in tokens."""
+    """One row's request, ready to send: the body, what it may cost in tokens, and what was
+    done to its images on the way (the row's image_notes)."""
 
     body: dict[str, Any]
     tokens: TokenEstimate
+    image_notes: str | None = None
 
 
 def prepare(row: ManifestRow, root: Path, request: RequestConfig, prompt: PromptConfig,
-            schema: OutputSchema | None = None) -> Prepared:
-    """Read, fit and encode the row's images and build its request; CPU-bound, so both engines
-    run it off the event loop. Raises RowInputError for an image that cannot be sent."""
-    parts = to_parts(row.images, root, prompt.max_side)
-    return Prepared(build(row, parts, request, prompt, schema), estimate(row, parts, request, prompt, schema))
+            schema: OutputSchema | None = None, fetched: Mapping[str, bytes] | None = None) -> Prepared:
+    """Read, convert, fit and encode the row's images (remote ones from `fetched`, where they
+    were fetched) and build its request; CPU-bound, so both engines run it off the event loop.
+    Raises RowInputError for an image that cannot be sent."""
+    parts = to_parts(row.images, root, prompt, fetched)
+    return Prepared(build(row, parts, request, prompt, schema), estimate(row, parts, request, prompt, schema),
+                    notes_text(parts))

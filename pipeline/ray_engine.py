@@ -46,6 +46,8 @@ from . import payload, results
 from .budget import Budget
 from .config import EndpointConfig, LimitsConfig, RunConfig
 from .errors import ConfigError, Halted, RowInputError
+from .fetch import fetch_rows
+from .images import is_remote
 from .limits import LocalLimits, Slots, Turn, roomiest
 from .manifest import ManifestRow
 from .runner import NO_KEY, Driver, stopping_on_signals
@@ -251,14 +253,19 @@ def _prepare(cfg: RunConfig, root: Path, coordinator: Any, batch: pa.Table) -> p
     prepared: list[bytes | None] = []
     outcomes: list[bytes | None] = []
     stopping = ray.get(coordinator.is_stopping.remote())
-    for blob in batch.column("row").to_pylist() if not stopping else []:
-        row: ManifestRow = pickle.loads(blob)
+    rows: list[ManifestRow] = [pickle.loads(blob) for blob in batch.column("row").to_pylist()] if not stopping else []
+    inline = cfg.input.remote == "inline" and any(map(is_remote, (ref for row in rows for ref in row.images)))
+    fetched = fetch_rows(cfg.input.fetch, [row.images for row in rows]) if inline else [{}] * len(rows)
+    for row, remote in zip(rows, fetched):
         try:
-            prepared.append(pickle.dumps(payload.prepare(row, root, cfg.request, cfg.prompt, schema)))
+            if isinstance(remote, RowInputError):
+                raise remote
+            prepared.append(pickle.dumps(payload.prepare(row, root, cfg.request, cfg.prompt, schema, remote)))
             outcomes.append(None)
         except RowInputError as exc:
             prepared.append(None)
-            outcomes.append(pickle.dumps((results.failed(row, f"image: {exc}", attempts=0, retryable=False), None)))
+            outcomes.append(pickle.dumps((results.failed(row, f"image: {exc}", attempts=0,
+                                                         retryable=exc.retryable), None)))
     if stopping:
         prepared = outcomes = [None] * batch.num_rows
     return batch.append_column("prepared", pa.array(prepared, pa.binary())).append_column(

@@ -13,7 +13,7 @@ from typing import Any
 
 import polars as pl
 
-from .store import parts, read_run_info
+from .store import parts, read_run_info, scan
 from .structured import categories
 
 __all__ = ["summarize", "render"]
@@ -22,7 +22,7 @@ _TOKENS = ("prompt", "completion", "reasoning", "cached", "total")
 
 
 def summarize(directory: Path) -> dict[str, Any]:
-    rows = pl.scan_parquet(parts(directory, required=True))
+    rows = scan(parts(directory, required=True))
     ok = rows.filter(pl.col("status") == "ok")
     answered = rows.filter(pl.col("model").is_not_null())  # an unparseable answer was paid for too
     totals = rows.select(

@@ -42,6 +42,7 @@ COLUMNS = pa.schema(
         ("error", pa.string()),
         ("retryable", pa.bool_()),  # for an error: asked again on the next run (else only with --retry-failed)
         ("images", pa.int64()),  # images in the row
+        ("image_notes", pa.string()),  # what was done to them on the way (converted, first frame, downscaled)
         ("finished_at", pa.timestamp("ms", tz="UTC")),  # when the outcome was known
     ]
 )

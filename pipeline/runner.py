@@ -27,6 +27,7 @@ from .budget import Budget
 from .client import ACCOUNT_STATUSES, read_key
 from .config import EndpointConfig, RunConfig, fingerprint, fingerprint_changes
 from .errors import ConfigError, Interrupted, ManifestError, RowInputError, RunStopped, StoreError
+from .fetch import Fetcher
 from .limits import LocalLimits
 from .manifest import Manifest, ManifestRow
 from .pricing import PriceTable
@@ -231,9 +232,10 @@ class _Local:
     """The local engine: one asyncio loop reads rows, prepares images in threads, sends requests
     and journals their outcomes in group commits."""
 
-    def __init__(self, driver: Driver, sender: Sender) -> None:
+    def __init__(self, driver: Driver, sender: Sender, fetcher: Fetcher | None) -> None:
         self.driver = driver
         self.sender = sender
+        self.fetcher = fetcher  # None: remote images are passed to the provider as URLs
 
     async def produce(self, queue: asyncio.Queue[ManifestRow | None], workers: int, limit: int | None) -> None:
         batches = self.driver.todo(limit)
@@ -252,10 +254,11 @@ class _Local:
             if self.driver.stopped():
                 continue
             try:
+                fetched = await self.fetcher.fetch_all(row.images) if self.fetcher else {}
                 prepared = await asyncio.to_thread(payload.prepare, row, self.driver.manifest.root, cfg.request,
-                                                   cfg.prompt, self.sender.schema)
+                                                   cfg.prompt, self.sender.schema, fetched)
             except RowInputError as exc:
-                await deliver((results.failed(row, f"image: {exc}", attempts=0, retryable=False), None))
+                await deliver((results.failed(row, f"image: {exc}", attempts=0, retryable=exc.retryable), None))
                 continue
             await self.sender.annotate(row, prepared, deliver)
         await out.put(None)
@@ -399,7 +402,10 @@ async def _run_locally(driver: Driver, endpoints: list[EndpointConfig], schema: 
     driver.held = lambda: "; ".join(str(held) for limiter in limits.limiters if (held := limiter.held()))
     slots = [lim.concurrency for lim in own]
     sender = Sender(cfg, endpoints, slots, limits, driver.budget, schema, driver.stopped)
+    fetcher = Fetcher(cfg.input.fetch) if cfg.input.remote == "inline" else None
     try:
-        await _Local(driver, sender).pump(sum(slots), limit)
+        await _Local(driver, sender, fetcher).pump(sum(slots), limit)
     finally:
         await sender.aclose()
+        if fetcher:
+            await fetcher.aclose()

@@ -9,6 +9,7 @@ Ray one inside each HTTP actor.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,11 @@ def _first_fit(schema: OutputSchema, reply: Reply) -> tuple[int, dict[str, Any] 
     return 0, None, problem
 
 
+async def _noted(deliver: Callable[[Outcome], Awaitable[None]], notes: str, outcome: Outcome) -> None:
+    row, kind = outcome
+    await deliver(({**row, "image_notes": notes}, kind))
+
+
 class Sender:
     """Made inside the event loop it sends from: its clients open their connection pools there.
     `slots` is each endpoint's concurrency in this process, `stopped` says True once no new
@@ -90,6 +96,8 @@ class Sender:
         the slot is held until `deliver` returns, so an engine that delivers to disk loses at
         most `concurrency` answers to a kill. Nothing is delivered for a row that was not sent
         (the budget ran out, or the run is stopping): it stays to do."""
+        if prepared.image_notes:
+            deliver = functools.partial(_noted, deliver, prepared.image_notes)
         tokens = prepared.tokens
         endpoint = await self.limits.pick(tokens.input + tokens.output_max)
         limiter, client = self.limits[endpoint], self.clients[endpoint]

@@ -29,7 +29,7 @@ from .errors import StoreError
 from .journal import Journal
 from .lock import Lock
 
-__all__ = ["Store", "parts", "read_run_info", "RUN_FILE", "PARTS", "INTENT_FILE", "write_atomically", "sync_dir", "finish_interrupted"]
+__all__ = ["Store", "parts", "scan", "read_run_info", "RUN_FILE", "PARTS", "INTENT_FILE", "write_atomically", "sync_dir", "finish_interrupted"]
 
 RUN_FILE = "_run.json"
 INTENT_FILE = "_compact.json"  # a compaction under way: which parts it replaces with which
@@ -100,6 +100,13 @@ def parts(directory: Path, required: bool = False) -> list[Path]:
     return found
 
 
+def scan(files: list[Path], **options: Any) -> pl.LazyFrame:
+    """The rows of these parts (oldest first) in the newest part's columns: a part written by an
+    older version, before a column was added, reads it as null."""
+    newest = pl.read_parquet_schema(files[-1])
+    return pl.scan_parquet(files, schema=newest, missing_columns="insert", extra_columns="ignore", **options)
+
+
 class Store:
     """Usage:
         store = Store(directory, schema)       # takes the lock, finishes what a crash left
@@ -130,7 +137,7 @@ class Store:
             with self._io("replay the journal"):
                 self._recover()
         written = parts(directory)
-        rows = pl.scan_parquet(written) if written else pl.LazyFrame(schema={"id": pl.String, "status": pl.String,
+        rows = scan(written) if written else pl.LazyFrame(schema={"id": pl.String, "status": pl.String,
                                                                           "retryable": pl.Boolean,
                                                                           "charged_usd": pl.Float64})
         final = pl.col("status") == "ok"
@@ -157,7 +164,7 @@ class Store:
         written = parts(self.dir)
         if not written:
             return {}
-        errors = self._read(pl.scan_parquet(written, include_file_paths="file")
+        errors = self._read(scan(written, include_file_paths="file")
                             .filter(pl.col("status") != "ok").select("id", "file"))
         return {row_id: Path(file) for row_id, file in errors.iter_rows()}
 

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline import cli, config
 from pipeline.errors import RowInputError
-from pipeline.images import size_as_sent
+from pipeline.images import sizes_as_sent
 from pipeline.manifest import Manifest
 from pipeline.payload import input_texts
 from pipeline.simulator import Simulator
@@ -95,7 +95,7 @@ def row_by_row(cfg_path: Path) -> dict[str, int]:
             try:
                 if not row.images:
                     raise RowInputError("no image")
-                sizes = [size_as_sent(ref, manifest.root, cfg.prompt.max_side) for ref in row.images]
+                sizes = [size for ref in row.images for size in sizes_as_sent(ref, manifest.root, cfg.prompt) or [None]]
             except RowInputError:
                 got["unreadable_rows"] += 1
                 continue

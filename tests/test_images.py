@@ -12,7 +12,15 @@ import pytest
 from PIL import Image, ImageChops, ImageFilter
 
 from pipeline.errors import RowInputError
-from pipeline.images import ImagePart, size_as_sent, sniff_mime, to_parts
+from pipeline.config import PromptConfig
+from pipeline.images import ImagePart, sizes_as_sent, sniff_mime, to_parts
+
+
+def size_as_sent(ref: str, root: Path, max_side: int | None = None) -> tuple[int, int] | None:
+    """The one size an image reference is sent at."""
+    sizes = sizes_as_sent(ref, root, PromptConfig(max_side=max_side))
+    assert sizes is None or len(sizes) == 1
+    return None if sizes is None else sizes[0]
 
 
 def encoded(fmt: str, size: tuple[int, int] = (64, 48), mode: str = "RGB") -> bytes:
@@ -84,7 +92,7 @@ def test_absolute_path_ignores_the_root(tmp_path: Path) -> None:
 
 def test_max_side_downscales_rgb_to_jpeg(tmp_path: Path) -> None:
     (tmp_path / "big.png").write_bytes(encoded("PNG", (400, 300)))
-    (part,) = to_parts(["big.png"], tmp_path, max_side=100)
+    (part,) = to_parts(["big.png"], tmp_path, PromptConfig(max_side=100))
     mime, data = decode(part)
     assert mime == "image/jpeg"
     with Image.open(io.BytesIO(data)) as image:
@@ -95,7 +103,7 @@ def test_max_side_downscales_rgb_to_jpeg(tmp_path: Path) -> None:
 
 def test_max_side_keeps_transparency_as_png(tmp_path: Path) -> None:
     (tmp_path / "alpha.png").write_bytes(encoded("PNG", (300, 600), mode="RGBA"))
-    (part,) = to_parts(["alpha.png"], tmp_path, max_side=120)
+    (part,) = to_parts(["alpha.png"], tmp_path, PromptConfig(max_side=120))
     mime, data = decode(part)
     assert mime == "image/png"
     with Image.open(io.BytesIO(data)) as image:
@@ -115,7 +123,7 @@ def test_max_side_keeps_transparency_as_png(tmp_path: Path) -> None:
 def test_downscaled_jpeg_has_the_size_size_as_sent_predicts(tmp_path: Path, size: tuple[int, int],
                                                             max_side: int) -> None:
     (tmp_path / "big.jpg").write_bytes(encoded("JPEG", size))
-    (part,) = to_parts(["big.jpg"], tmp_path, max_side=max_side)
+    (part,) = to_parts(["big.jpg"], tmp_path, PromptConfig(max_side=max_side))
     with Image.open(io.BytesIO(decode(part)[1])) as image:
         assert image.size == part.size == size_as_sent("big.jpg", tmp_path, max_side)
 
@@ -123,37 +131,37 @@ def test_downscaled_jpeg_has_the_size_size_as_sent_predicts(tmp_path: Path, size
 def test_downscaled_jpeg_looks_like_pillows_thumbnail(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     photo_like((1500, 1000)).save(buffer, "JPEG", quality=90)
-    (part,) = to_parts([buffer.getvalue()], tmp_path, max_side=400)
+    (part,) = to_parts([buffer.getvalue()], tmp_path, PromptConfig(max_side=400))
     with Image.open(io.BytesIO(buffer.getvalue())) as naive, Image.open(io.BytesIO(decode(part)[1])) as ours:
         naive.thumbnail((400, 400))  # decodes at full size: a different path to the same picture
         assert ours.size == naive.size == (400, 267)
         assert psnr(ours, naive) >= 35
 
 
-@pytest.mark.parametrize("mode", ["L", "CMYK"])
-def test_downscaled_jpeg_of_another_mode_is_sent_as_rgb_jpeg(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "sent"), [("L", "L"), ("CMYK", "RGB")])
+def test_downscaled_jpeg_keeps_grey_and_turns_cmyk_to_rgb(tmp_path: Path, mode: str, sent: str) -> None:
     buffer = io.BytesIO()
     Image.new(mode, (300, 200), 100).save(buffer, "JPEG")
-    (part,) = to_parts([buffer.getvalue()], tmp_path, max_side=150)
+    (part,) = to_parts([buffer.getvalue()], tmp_path, PromptConfig(max_side=150))
     with Image.open(io.BytesIO(decode(part)[1])) as image:
-        assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (150, 100))
+        assert (image.format, image.mode, image.size) == ("JPEG", sent, (150, 100))
 
 
 def test_max_side_keeps_palette_transparency_as_png(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     Image.new("P", (300, 200)).save(buffer, "GIF", transparency=0)
-    (part,) = to_parts([buffer.getvalue()], tmp_path, max_side=150)
+    (part,) = to_parts([buffer.getvalue()], tmp_path, PromptConfig(max_side=150))
     mime, data = decode(part)
-    with Image.open(io.BytesIO(data)) as image:
-        assert (mime, image.mode, image.size) == ("image/png", "P", (150, 100))
-        assert "transparency" in image.info
+    with Image.open(io.BytesIO(data)) as image:  # resampled in RGBA: a palette resizes by nearest pixel only
+        assert (mime, image.mode, image.size) == ("image/png", "RGBA", (150, 100))
+        assert image.getextrema()[3] == (0, 0)
 
 
 @pytest.mark.parametrize("max_side", [64, 65, 1000])
 def test_image_within_max_side_is_sent_unchanged(tmp_path: Path, max_side: int) -> None:
     data = encoded("PNG", (64, 48))
     (tmp_path / "small.png").write_bytes(data)
-    (part,) = to_parts(["small.png"], tmp_path, max_side=max_side)
+    (part,) = to_parts(["small.png"], tmp_path, PromptConfig(max_side=max_side))
     assert decode(part) == ("image/png", data)
     assert part.size == (64, 48)
 
@@ -163,7 +171,7 @@ def test_image_within_max_side_is_sent_unchanged(tmp_path: Path, max_side: int) 
     ["https://example.com/cat.jpg", "http://example.com/a.png", "data:image/png;base64,iVBORw0KGgo="],
 )
 def test_remote_and_data_urls_pass_through(tmp_path: Path, ref: str) -> None:
-    assert to_parts([ref], tmp_path, max_side=10) == [ImagePart(ref, None)]
+    assert to_parts([ref], tmp_path, PromptConfig(max_side=10)) == [ImagePart(ref, None)]
 
 
 def test_bytes_refs_are_encoded(tmp_path: Path) -> None:
@@ -175,7 +183,7 @@ def test_bytes_refs_are_encoded(tmp_path: Path) -> None:
 
 
 def test_bytes_refs_are_downscaled_too(tmp_path: Path) -> None:
-    (part,) = to_parts([encoded("JPEG", (500, 250))], tmp_path, max_side=50)
+    (part,) = to_parts([encoded("JPEG", (500, 250))], tmp_path, PromptConfig(max_side=50))
     assert part.size == (50, 25)
     assert decode(part)[0] == "image/jpeg"
 
@@ -193,27 +201,37 @@ def test_empty_file(tmp_path: Path) -> None:
 
 def test_garbage_bytes(tmp_path: Path) -> None:
     (tmp_path / "junk.jpg").write_bytes(b"this is not an image at all" * 10)
-    with pytest.raises(RowInputError, match="junk.jpg is not an image file"):
+    with pytest.raises(RowInputError, match=r"junk.jpg is not an image \(unknown format\)"):
         to_parts(["junk.jpg"], tmp_path)
 
 
-def test_bmp_is_refused_by_name(tmp_path: Path) -> None:
+def test_bmp_is_converted_and_says_so(tmp_path: Path) -> None:
     (tmp_path / "old.bmp").write_bytes(encoded("BMP"))
-    with pytest.raises(RowInputError, match="old.bmp is BMP"):
-        to_parts(["old.bmp"], tmp_path)
+    (part,) = to_parts(["old.bmp"], tmp_path)
+    mime, data = decode(part)
+    with Image.open(io.BytesIO(data)) as image:
+        assert (mime, image.format, image.size) == ("image/jpeg", "JPEG", (64, 48))
+    assert part.note == "converted from BMP"
 
 
-def test_truncated_png_fails_when_it_must_be_decoded(tmp_path: Path) -> None:
+def test_truncated_png_is_refused_from_its_end_without_a_decode(tmp_path: Path) -> None:
     data = noisy_png((200, 150))
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    with pytest.raises(RowInputError, match="cut.png is not a readable image"):
-        to_parts(["cut.png"], tmp_path, max_side=100)
+    for max_side in (None, 100):
+        with pytest.raises(RowInputError, match=r"cut.png is truncated \(no IEND chunk\)"):
+            to_parts(["cut.png"], tmp_path, PromptConfig(max_side=max_side))
+        with pytest.raises(RowInputError, match=r"cut.png is truncated \(no IEND chunk\)"):
+            size_as_sent("cut.png", tmp_path, max_side=max_side)
 
 
-def test_size_as_sent_reads_a_png_header_only(tmp_path: Path) -> None:
-    data = noisy_png((200, 150))
-    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])  # pixels cut short: a decode would fail
-    assert size_as_sent("cut.png", tmp_path, max_side=100) == (100, 75)
+def test_size_as_sent_reads_a_png_header_and_end_only(tmp_path: Path) -> None:
+    data = bytearray(noisy_png((200, 150)))
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)  # pixels broken in the middle, the end intact: only a decode sees it
+    (tmp_path / "broken.png").write_bytes(bytes(data))
+    assert size_as_sent("broken.png", tmp_path, max_side=100) == (100, 75)
+    with pytest.raises(RowInputError, match="broken.png is corrupt"):
+        to_parts(["broken.png"], tmp_path, PromptConfig(max_side=100))
 
 
 def test_empty_ref_list() -> None:
@@ -232,8 +250,8 @@ def test_an_image_too_large_to_decode_safely_is_a_row_error(tmp_path: Path, monk
 
     (tmp_path / "big.png").write_bytes(encoded("PNG"))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64x48 is then far past twice the limit: a "bomb"
-    with pytest.raises(RowInputError, match="big.png is not a readable image"):
-        to_parts(["big.png"], tmp_path, max_side=32)
+    with pytest.raises(RowInputError, match="big.png is a decompression bomb"):
+        to_parts(["big.png"], tmp_path, PromptConfig(max_side=32))
 
 
 def _sideways_photo(path: Path, orientation: int) -> None:
@@ -256,7 +274,7 @@ def test_a_downscaled_photo_is_sent_upright_as_its_exif_orientation_says(
         tmp_path: Path, orientation: int, upright: tuple[int, int], red_at: tuple[int, int]) -> None:
     path = tmp_path / "photo.jpg"
     _sideways_photo(path, orientation)
-    (part,) = to_parts([path.name], tmp_path, max_side=100)  # a re-encode drops the tag: the pixels turn
+    (part,) = to_parts([path.name], tmp_path, PromptConfig(max_side=100))  # a re-encode drops the tag: the pixels turn
     sent = Image.open(io.BytesIO(base64.b64decode(part.url.partition(",")[2]))).convert("RGB")
     assert sent.size == part.size == upright == size_as_sent(path.name, tmp_path, max_side=100)
     r, g, b = sent.getpixel(red_at)
@@ -266,6 +284,6 @@ def test_a_downscaled_photo_is_sent_upright_as_its_exif_orientation_says(
 def test_a_photo_within_max_side_keeps_its_bytes_and_exif_tag(tmp_path: Path) -> None:
     path = tmp_path / "photo.jpg"
     _sideways_photo(path, 6)
-    (part,) = to_parts([path.name], tmp_path, max_side=1000)
+    (part,) = to_parts([path.name], tmp_path, PromptConfig(max_side=1000))
     assert base64.b64decode(part.url.partition(",")[2]) == path.read_bytes()
     assert part.size == (400, 200) == size_as_sent(path.name, tmp_path, max_side=1000)

@@ -156,3 +156,19 @@ def test_compacting_twice_in_a_row_keeps_every_row(job: Path, tmp_path: Path) ->
     assert cli.main(["compact", str(out)]) == 0  # within the same second: new names never clash with old ones
     rows = read_out(out)
     assert rows.height == 6 and rows["id"].n_unique() == 6
+
+
+def test_parts_written_before_a_column_was_added_still_resume_report_and_compact(
+        job: Path, sim: Simulator, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert cli.main(["run", str(job), "-q", "--limit", "3"]) == 0
+    for part in out.glob("*.parquet"):  # as an older version wrote them: no image_notes column
+        pl.read_parquet(part).drop("image_notes").write_parquet(part)
+    sim.reset()
+
+    assert cli.main(["run", str(job), "-q"]) == 0
+    assert len(sim.log) == 3  # the 3 answered before are not asked again
+    assert cli.main(["report", str(out)]) == 0
+    assert cli.main(["compact", str(out)]) == 0
+    rows = read_out(out)
+    assert rows.height == 6 and rows["id"].n_unique() == 6 and "image_notes" in rows.columns

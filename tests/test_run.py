@@ -82,7 +82,7 @@ def test_bad_rows_are_error_rows_and_the_run_goes_on(
     errors = [e for e in out["error"].to_list() if e]
     assert out.height == 6 and out.filter(pl.col("status") == "ok").height == 2
     assert any("missing file" in e and "missing.png" in e for e in errors)
-    assert any("broken.png is not a readable image" in e for e in errors)
+    assert any("broken.png is corrupt" in e for e in errors)
     assert any("empty.jpg is empty" in e for e in errors)
     assert any("no image" in e for e in errors)
     assert all(e.startswith("image: ") for e in errors)

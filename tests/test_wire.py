@@ -70,9 +70,9 @@ def test_system_prompt_detail_and_extra_fields(sim: Simulator, tmp_path: Path,
     assert not set(OPTIONAL) & set(body)
 
 
-def test_http_urls_are_sent_as_is(sim: Simulator, tmp_path: Path) -> None:
-    url = "https://example.com/cat.jpg"
-    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": url}]))
+def test_http_urls_are_sent_as_is_with_remote_pass(sim: Simulator, tmp_path: Path) -> None:
+    url = "https://example.com/cat.jpg"  # never fetched: the simulator describes it unseen
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": url}]), input={"remote": "pass"})
     assert cli.main(["run", str(cfg), "-q"]) == 0
     assert sim.log[0].body["messages"][0]["content"][1]["image_url"]["url"] == url
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from PIL import Image, ImageChops, ImageFilter
 
 from common import Figure, standalone
+from pipeline.config import PromptConfig
 from pipeline.images import _JPEG_QUALITY, to_parts
 
 MAX_SIDE = 1024
@@ -67,7 +68,7 @@ def naive(path: Path) -> str:
 
 
 def ours(path: Path) -> str:
-    return to_parts([str(path)], path.parent, max_side=MAX_SIDE)[0].url.partition(",")[2]
+    return to_parts([str(path)], path.parent, PromptConfig(max_side=MAX_SIDE))[0].url.partition(",")[2]
 
 
 def psnr(ours_b64: str, naive_b64: str) -> float:
