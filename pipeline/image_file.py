@@ -16,13 +16,14 @@ import mmap
 import threading
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from .errors import RowInputError
 
-__all__ = ["Buffer", "opened", "truncation", "orientation", "HEIF_EXTRA"]
+__all__ = ["Buffer", "opened", "truncation", "orientation", "is_image_file", "HEIF_EXTRA"]
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +178,23 @@ def _jpeg_scan(buf: Buffer) -> int:
 
 
 def orientation(image: Image.Image, buf: Buffer) -> int:
-    """The EXIF orientation (1-8), 1 when none. A PNG keeps EXIF in an eXIf chunk or an
+    """The EXIF orientation (1-8) still to apply, 1 when none. A PNG keeps EXIF in an eXIf chunk or an
     ImageMagick text chunk that may follow the pixels, so it is looked for only when present."""
+    if image.format == "TIFF":  # Pillow turns a TIFF upright itself: its size and pixels are upright already
+        return 1
     if image.format == "PNG" and buf.find(b"eXIf", 0) == -1 and buf.find(b"Raw profile type exif", 0) == -1:
         return 1
     value = image.getexif().get(ExifTags.Base.Orientation, 1)
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether a file is in a format Pillow reads: by its suffix, else by its first bytes (a
+    file of a known suffix that turns out broken is still listed: its row says why)."""
+    if Image.registered_extensions().get(path.suffix.lower()) in Image.OPEN:  # not the save-only ones (.pdf)
+        return True
+    try:
+        with _caught([]), Image.open(path):
+            return True
+    except Exception:  # noqa: BLE001 - not an image, whatever Pillow raised
+        return False

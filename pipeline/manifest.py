@@ -1,12 +1,14 @@
 """Manifest rows: read with Polars, lazily and in slices; row ids; prompts filled from columns.
 
 Owns: the manifest formats, which columns exist, the image column's shape (paths or URLs,
-lists of them, bytes, or the Hugging Face `{bytes, path}` struct), row ids. Never: opening
-image files (a row carries its references as written) or anything over the network.
+lists of them, bytes, or the Hugging Face `{bytes, path}` struct), row ids, and which files of
+a folder are images (by suffix, else by the header). Never: decoding image files (a row
+carries its references as written) or anything over the network.
 """
 
 from __future__ import annotations
 
+import logging
 import string
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -18,12 +20,15 @@ import polars_hash as plh
 
 from .config import InputConfig, PromptConfig
 from .errors import ManifestError
+from .image_file import is_image_file
 
-__all__ = ["ImageRef", "ManifestRow", "Manifest", "IMAGE_SUFFIXES"]
+__all__ = ["ImageRef", "ManifestRow", "Manifest"]
+
+log = logging.getLogger(__name__)
 
 ImageRef = str | bytes  # a path or URL as written in the manifest, or the image's own bytes
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif"})
 _BATCH_ROWS = 1_000
+_NAMED = 5  # skipped files named in the warning
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,9 +40,18 @@ class ManifestRow:
 
 
 def _image_folder(folder: Path) -> pl.LazyFrame:
-    files = sorted(
-        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    """Every file under `folder` Pillow can read, by its suffix or else its header; hidden files
+    and folders (.DS_Store, .git) are left out, and other skipped files are named in a warning."""
+    files, skipped = [], []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue
+        (files if is_image_file(path) else skipped).append(str(relative))
+    if skipped:
+        names = ", ".join(skipped[:_NAMED]) + (f" and {len(skipped) - _NAMED} more" if len(skipped) > _NAMED else "")
+        log.warning("input.manifest: skipped %d file%s in %s that Pillow cannot read as images: %s",
+                    len(skipped), "s" if len(skipped) > 1 else "", folder, names)
     return pl.LazyFrame({"image": files}, schema={"image": pl.String})
 
 

@@ -226,6 +226,27 @@ def _shapes_and_photo(data: bytes) -> tuple[int, bool]:
     return shapes, sum(count for _, count in common) < 0.8 * len(names)
 
 
+# OpenAI's words for an image it will not take (PROVIDER_FACTS 5.1), and what it takes (5.2):
+# PNG, JPEG, WebP and non-animated GIF, below 20 MB.
+_UNSUPPORTED = ("You uploaded an unsupported image. Please make sure your image is below 20 MB in size and is of "
+                "one the following formats: ['png', 'jpeg', 'gif', 'webp'].")
+_ACCEPTED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF"}
+_ACCEPTED_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"}
+_LARGEST_IMAGE = 20 * 1024 * 1024
+
+
+def _check_accepted(img: Image.Image, size: int) -> None:
+    """Refuse, by the decoded content (not the data URL's MIME type), what OpenAI refuses; and
+    8-bit modes only: CMYK and 16-bit pictures are what browsers and decoders get wrong."""
+    if img.format not in _ACCEPTED_FORMATS or size >= _LARGEST_IMAGE:
+        raise Invalid(_UNSUPPORTED, None, "invalid_image_format")
+    if img.format == "GIF" and getattr(img, "is_animated", False):
+        raise Invalid(_UNSUPPORTED, None, "invalid_image_format")
+    if img.mode not in _ACCEPTED_MODES:
+        raise Invalid(f"Invalid image mode {img.mode}: expected an 8-bit grey, palette, RGB or RGBA image.", None,
+                      "invalid_image_mode")
+
+
 def _decode(url: str) -> ImageFacts:
     head, sep, payload = url.partition(",")
     if not sep or not head.endswith(";base64"):
@@ -233,6 +254,7 @@ def _decode(url: str) -> ImageFacts:
     try:
         data = base64.b64decode(payload, validate=True)
         with Image.open(io.BytesIO(data)) as img:
+            _check_accepted(img, len(data))
             width, height = img.size
             img.draft("RGB", (128, 128))  # JPEG: decode at a reduced scale, enough for 32x32 samples
             img.load()

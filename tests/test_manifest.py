@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,25 @@ def test_folder_of_images_is_read_recursively(tmp_path: Path) -> None:
     # the same paths written in a CSV next to the images are the same rows, ids included
     listed = all_rows(open_manifest(write(folder / "list.csv", [{"image": p} for p in expected])))
     assert rows == listed
+
+
+def test_a_folder_lists_every_image_pillow_reads_by_suffix_or_content_and_names_what_it_skipped(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "scans"
+    odd = Path(__file__).parent / "data" / "odd"
+    for name in ("hopper.tif", "hopper.bmp", "hopper.qoi", "hopper.avif", "12in16bit.tif"):
+        (folder / "sub").mkdir(parents=True, exist_ok=True)
+        (folder / "sub" / name).write_bytes((odd / name).read_bytes())
+    (folder / "no_suffix").write_bytes((odd / "hopper.psd").read_bytes())  # found by its header
+    (folder / "notes.txt").write_text("a caption file")
+    (folder / "report.pdf").write_bytes(b"%PDF-1.4 not read by Pillow")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden: left out without a word
+    with caplog.at_level(logging.WARNING):
+        rows = all_rows(open_manifest(folder))
+    assert [r.images[0] for r in rows] == ["no_suffix", "sub/12in16bit.tif", "sub/hopper.avif", "sub/hopper.bmp",
+                                           "sub/hopper.qoi", "sub/hopper.tif"]
+    assert "skipped 2 files in" in caplog.text and "notes.txt, report.pdf" in caplog.text
+    assert ".DS_Store" not in caplog.text
 
 
 def test_list_of_paths_column(tmp_path: Path) -> None:

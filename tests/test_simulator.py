@@ -183,6 +183,36 @@ def test_invalid_requests_are_400_naming_the_field(sim: Simulator, client: httpx
     assert sim.log[-1].status == 400
 
 
+def _encoded_url(image: Image.Image, fmt: str, mime: str = "image/png", **options: Any) -> str:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+_FRAMES = [Image.new("RGB", (16, 16), (80 * k, 0, 0)).convert("P") for k in range(3)]
+
+
+@pytest.mark.parametrize("url, code", [
+    (_encoded_url(Image.new("RGB", (16, 16)), "BMP"), "invalid_image_format"),
+    (_encoded_url(Image.new("RGB", (16, 16)), "TIFF", "image/png"), "invalid_image_format"),  # by content, not MIME
+    (_encoded_url(_FRAMES[0], "GIF", "image/gif", save_all=True, append_images=_FRAMES[1:]), "invalid_image_format"),
+    (_encoded_url(Image.new("CMYK", (16, 16)), "JPEG", "image/jpeg"), "invalid_image_mode"),
+    (_encoded_url(Image.new("I;16", (16, 16)), "PNG"), "invalid_image_mode"),
+])
+def test_images_openai_does_not_take_are_400(sim: Simulator, client: httpx.Client, url: str, code: str) -> None:
+    resp = client.post("chat/completions", json=_body(url))
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert (error["code"], error["param"]) == (code, "messages.[0].content.[1].image_url")
+    if code == "invalid_image_format":
+        assert error["message"].startswith("You uploaded an unsupported image.")
+
+
+def test_a_single_frame_gif_and_a_grey_jpeg_are_taken(sim: Simulator, client: httpx.Client) -> None:
+    for url in (_encoded_url(_FRAMES[0], "GIF", "image/gif"), _encoded_url(Image.new("L", (16, 16)), "JPEG", "image/jpeg")):
+        assert client.post("chat/completions", json=_body(url)).status_code == 200
+
+
 def test_stream_with_usage_assembles_the_same_answer(sim: Simulator, client: httpx.Client) -> None:
     plain = client.post("chat/completions", json=_body(RED)).json()
     body = _body(RED, stream=True, stream_options={"include_usage": True})
