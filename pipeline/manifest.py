@@ -42,7 +42,8 @@ class ManifestRow:
 def _image_folder(folder: Path) -> pl.LazyFrame:
     """Every file under `folder` Pillow can read, by its suffix or else its header; hidden files
     and folders (.DS_Store, .git) are left out, and other skipped files are named in a warning."""
-    files, skipped = [], []
+    files: list[str] = []
+    skipped: list[str] = []
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
         if not path.is_file() or any(part.startswith(".") for part in relative.parts):
