@@ -1,0 +1,214 @@
+"""Remote images fetched from a real HTTP server on 127.0.0.1 that misbehaves as image hosts do:
+slow, flaky with Retry-After, redirecting, missing, serving HTML, hanging, huge, and saying
+X-Robots-Tag: noai."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from pipeline import cli
+from pipeline.config import FetchConfig
+from pipeline.errors import RowInputError
+from pipeline.fetch import Fetcher
+from pipeline.simulator import Simulator
+
+from .conftest import write_config, write_manifest
+
+CHUNK = 64 * 1024
+HUGE = 40 * 1024 * 1024
+
+
+def jpeg(colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), colour).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@dataclass
+class ImageHost:
+    """What the server saw: request times per path, requests in flight at most, bytes of the huge body sent."""
+
+    url: str = ""
+    seen: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    agents: list[str] = field(default_factory=list)
+    in_flight: int = 0
+    most_in_flight: int = 0
+    huge_sent: int = 0
+
+    def times(self, path: str) -> list[float]:
+        return self.seen[path]
+
+
+def _app(host: ImageHost) -> web.Application:
+    async def track(request: web.Request, handler: Any) -> web.StreamResponse:
+        host.seen[request.path].append(time.monotonic())
+        host.agents.append(request.headers.get("User-Agent", ""))
+        host.in_flight += 1
+        host.most_in_flight = max(host.most_in_flight, host.in_flight)
+        try:
+            return await handler(request)  # type: ignore[no-any-return]
+        finally:
+            host.in_flight -= 1
+
+    async def ok(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("sleep", 0)))
+        return web.Response(body=jpeg(), content_type="image/jpeg")
+
+    async def flaky(request: web.Request) -> web.Response:
+        """The first ask is refused (503 or 429, as `status` says) with Retry-After: 1."""
+        if len(host.times(request.path)) == 1:
+            return web.Response(status=int(request.query.get("status", 503)), headers={"Retry-After": "1"})
+        return web.Response(body=jpeg(), content_type="image/jpeg")
+
+    async def down(request: web.Request) -> web.Response:
+        return web.Response(status=503)
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/ok/moved.jpg")
+
+    async def html(request: web.Request) -> web.Response:
+        return web.Response(text="<!doctype html><html><body>Hotlinking not allowed</body></html>",
+                            content_type="image/jpeg")  # a Content-Type that lies
+
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.Response(status=204)
+
+    async def noai(request: web.Request) -> web.Response:
+        return web.Response(body=jpeg(), content_type="image/jpeg",
+                            headers={"X-Robots-Tag": "googlebot: noindex, otherbot: noai"})
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        reply = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        if request.query.get("length"):
+            reply.content_length = HUGE
+        await reply.prepare(request)
+        block = b"\xff" * CHUNK
+        for _ in range(HUGE // CHUNK):
+            await reply.write(block)
+            host.huge_sent += CHUNK
+        return reply
+
+    app = web.Application(middlewares=[web.middleware(track)])
+    app.add_routes([web.get("/ok/{name}", ok), web.get("/flaky/{name}", flaky), web.get("/down/{name}", down),
+                    web.get("/moved/{name}", moved), web.get("/html/{name}", html), web.get("/hang/{name}", hang),
+                    web.get("/noai/{name}", noai), web.get("/huge/{name}", huge)])
+    return app
+
+
+@pytest.fixture
+def image_host() -> Iterator[ImageHost]:
+    host = ImageHost()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(_app(host), shutdown_timeout=0.1)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    host.url = f"http://127.0.0.1:{port}"
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield host
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+
+
+def fetch(url: str, **settings: Any) -> bytes:
+    async def once() -> bytes:
+        fetcher = Fetcher(FetchConfig(**settings))
+        try:
+            return await fetcher.fetch(url)
+        finally:
+            await fetcher.aclose()
+    return asyncio.run(once())
+
+
+def test_no_more_than_per_host_requests_at_once(image_host: ImageHost) -> None:
+    async def many() -> None:
+        fetcher = Fetcher(FetchConfig(per_host=3))
+        try:
+            found = await fetcher.fetch_all([f"{image_host.url}/ok/{k}.jpg?sleep=0.2" for k in range(12)])
+        finally:
+            await fetcher.aclose()
+        assert len(found) == 12 and all(data == jpeg() for data in found.values())
+    asyncio.run(many())
+    assert 2 <= image_host.most_in_flight <= 3
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_a_refusal_with_retry_after_is_asked_again_after_waiting_as_told(image_host: ImageHost, status: int) -> None:
+    assert fetch(f"{image_host.url}/flaky/a.jpg?status={status}") == jpeg()
+    first, second = image_host.times("/flaky/a.jpg")
+    assert second - first >= 0.95  # Retry-After: 1
+
+
+def test_a_host_that_stays_down_is_a_retryable_error_after_max_attempts(image_host: ImageHost) -> None:
+    with pytest.raises(RowInputError, match=r"down/a.jpg: HTTP 503 Service Unavailable \(2 attempts\)") as caught:
+        fetch(f"{image_host.url}/down/a.jpg", max_attempts=2)
+    assert caught.value.retryable and len(image_host.times("/down/a.jpg")) == 2
+
+
+def test_a_redirect_is_followed(image_host: ImageHost) -> None:
+    assert fetch(f"{image_host.url}/moved/a.jpg") == jpeg()
+    assert image_host.times("/ok/moved.jpg")
+
+
+def test_a_404_is_final_and_asked_once(image_host: ImageHost) -> None:
+    with pytest.raises(RowInputError, match="HTTP 404 Not Found") as caught:
+        fetch(f"{image_host.url}/nowhere/a.jpg")
+    assert not caught.value.retryable and len(image_host.times("/nowhere/a.jpg")) == 1
+
+
+def test_a_hanging_host_times_out_as_a_retryable_error(image_host: ImageHost) -> None:
+    started = time.monotonic()
+    with pytest.raises(RowInputError, match=r"no answer within input.fetch.timeout_s \(0.3 s\) \(2 attempts\)") as caught:
+        fetch(f"{image_host.url}/hang/a.jpg", timeout_s=0.3, max_attempts=2)
+    assert caught.value.retryable and time.monotonic() - started < 10
+
+
+def test_a_huge_body_is_not_downloaded_past_max_bytes(image_host: ImageHost) -> None:
+    with pytest.raises(RowInputError, match=r"longer than input.fetch.max_bytes \(1000000\); stopped reading"):
+        fetch(f"{image_host.url}/huge/a.jpg", max_bytes=1_000_000)
+    assert image_host.huge_sent < HUGE // 4  # the server was stopped early, not read to the end
+    with pytest.raises(RowInputError, match=f"{HUGE} bytes, over input.fetch.max_bytes"):
+        fetch(f"{image_host.url}/huge/b.jpg?length=1", max_bytes=1_000_000)  # refused by its Content-Length
+
+
+def test_noai_is_respected_unless_turned_off_and_the_user_agent_names_the_tool(image_host: ImageHost) -> None:
+    with pytest.raises(RowInputError, match="X-Robots-Tag says noai") as caught:
+        fetch(f"{image_host.url}/noai/a.jpg", user_agent="mailto:data@example.org")
+    assert not caught.value.retryable
+    assert fetch(f"{image_host.url}/noai/a.jpg", respect_robots=False) == jpeg()
+    assert image_host.agents[0].startswith("annotate-pipeline/") and "(+mailto:data@example.org)" in image_host.agents[0]
+
+
+def test_a_run_inlines_remote_images_and_names_each_failure(sim: Simulator, image_host: ImageHost,
+                                                             tmp_path: Path) -> None:
+    urls = {name: f"{image_host.url}/{name}/x.jpg" for name in ("ok", "moved", "nowhere", "html", "noai", "down")}
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": url} for url in urls.values()]),
+                       input={"keep_columns": ["image"], "fetch": {"max_attempts": 2}})
+    assert cli.main(["run", str(cfg), "-q"]) == 1
+    out = {row["image"]: row for row in pl.read_parquet(tmp_path / "out" / "*.parquet").iter_rows(named=True)}
+    assert [out[urls[k]]["status"] for k in ("ok", "moved")] == ["ok", "ok"]
+    sent = [e.body["messages"][0]["content"][1]["image_url"]["url"] for e in sim.log]
+    assert len(sent) == 2 and all(url.startswith("data:image/jpeg;base64,") for url in sent)  # inlined
+    expected = {"nowhere": ("HTTP 404 Not Found", False), "html": ("is not an image (it is HTML or XML text)", False),
+                "noai": ("X-Robots-Tag says noai", False), "down": ("HTTP 503 Service Unavailable (2 attempts)", True)}
+    for name, (cause, retryable) in expected.items():
+        row = out[urls[name]]
+        assert row["error"].startswith(f"image: {urls[name]}") and cause in row["error"], row["error"]
+        assert row["retryable"] is retryable
