@@ -1,9 +1,9 @@
 """`annotate estimate`: rows, tokens and cost of a run before it is sent.
 
-Owns: the pre-run estimate: image sizes from headers only (remembered by file, mtime and
-size), the model's image-token rule, text tokens, and the cost range. Never: sending
-requests (a sample is an ordinary run of a few rows, made by the runner, whose answers stay
-in the output directory).
+Owns: the pre-run estimate: image sizes from headers and file ends only (remembered by file,
+mtime and size; a remote image's from its first 64 KB), the model's image-token rule, text
+tokens, and the cost range. Never: sending requests to the provider (a sample is an ordinary
+run of a few rows, made by the runner, whose answers stay in the output directory).
 
 Text tokens are approximated at four characters a token: tiktoken fetches its encodings
 over the network on first use, which an offline machine cannot do.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import polars as pl
 from . import images
 from .config import PromptConfig, RunConfig
 from .errors import RowInputError
+from .fetch import fetch_heads
 from .manifest import ImageRef, Manifest, ManifestRow
 from .payload import UNSET_MAX_TOKENS, input_texts
 from .pricing import PriceTable
@@ -102,6 +104,7 @@ class _Text:
 
 _UNSEEN = _Images(0, 0, 0, 0)  # compared by identity; None means "cannot be read"
 _REMEMBERED_SETS = 65_536  # image reference sets remembered in one estimate, then forgotten at once
+_HEAD_BYTES = 65_536  # of a remote image, enough for its header: a JPEG's EXIF segment may take 64 KB
 _SHORT = 4_096  # characters: paths and URLs are shorter; image bytes and data: URLs are not kept
 
 
@@ -116,6 +119,24 @@ class _Counter:
         self._low_detail: Detail = "low" if cfg.prompt.detail == "auto" else cfg.prompt.detail
         self.by_refs: dict[tuple[ImageRef, ...], _Images | None] = {}
         self.by_length: dict[tuple[int, int], _Text] = {}
+        self._fetch = cfg.input.fetch if cfg.input.remote == "inline" else None
+        self._remote: dict[str, Sizes | RowInputError] = {}  # the batch's remote images, by URL
+
+    def look_up_remote(self, batch: Sequence[ManifestRow]) -> None:
+        """The sizes of the batch's remote images not seen yet, from their first bytes fetched at
+        once (with input.remote: pass they are URLs of unknown size, as the provider gets them)."""
+        if self._fetch is None:
+            return
+        seen = self.by_refs
+        urls = list(dict.fromkeys(ref for row in batch if row.images not in seen for ref in row.images
+                                  if isinstance(ref, str) and images.is_remote(ref)))
+        self._remote = {}
+        for url, head in fetch_heads(self._fetch, urls, _HEAD_BYTES).items() if urls else ():
+            try:
+                self._remote[url] = head if isinstance(head, RowInputError) else (
+                    images.sizes_from_head(head, url, self._prompt))
+            except RowInputError as exc:
+                self._remote[url] = exc
 
     def add_images(self, refs: tuple[ImageRef, ...]) -> _Images | None:
         """None when an image cannot be read: the row will not be sent."""
@@ -138,12 +159,19 @@ class _Counter:
             return None
         detail = self._prompt.detail
         try:
-            sizes = [size for ref in refs for size in _sizes(ref, self._root, self._prompt)]
+            sizes = [size for ref in refs for size in self._sizes(ref)]
         except RowInputError:
             return None
         return _Images(count=len(sizes), tokens=input_tokens(self._model, [], sizes, detail),
                        low=input_tokens(self._model, [], sizes, self._low_detail),
                        worst=input_tokens(self._model, [], sizes, detail, worst=True))
+
+
+    def _sizes(self, ref: ImageRef) -> Sizes:
+        found = self._remote.get(ref) if isinstance(ref, str) else None
+        if isinstance(found, RowInputError):
+            raise found
+        return found or _sizes(ref, self._root, self._prompt)
 
 
 def _count(cfg: RunConfig) -> Estimate:
@@ -152,6 +180,7 @@ def _count(cfg: RunConfig) -> Estimate:
     by_refs, by_length = counter.by_refs, counter.by_length
     rows = images_ = unreadable = image_tokens = text_tokens = low = worst = 0
     for batch in manifest.batches():
+        counter.look_up_remote(batch)
         for row in batch:  # a million times: so lookups and additions only, the work is per key
             image = by_refs.get(row.images, _UNSEEN)
             if image is _UNSEEN:

@@ -24,7 +24,7 @@ from .config import FetchConfig
 from .errors import RowInputError
 from .manifest import ImageRef
 
-__all__ = ["Fetcher", "user_agent"]
+__all__ = ["Fetcher", "fetch_rows", "fetch_heads", "user_agent"]
 
 _CHUNK = 1 << 16
 _LONGEST_WAIT_S = 120.0  # a Retry-After beyond this ends the tries: the next run asks again
@@ -91,13 +91,15 @@ class Fetcher:
                 raise result
         return dict(zip(urls, found))  # type: ignore[arg-type]
 
-    async def fetch(self, url: str) -> bytes:
+    async def fetch(self, url: str, first: int | None = None) -> bytes:
+        """The image's bytes; with `first`, only its first bytes (a ranged GET, cut short there
+        if the server sends the whole file anyway)."""
         tries = AsyncRetrying(stop=stop_after_attempt(self._cfg.max_attempts), wait=_wait, reraise=True,
                               retry=retry_if_exception_type(_Transient))
         try:
             async for attempt in tries:
                 with attempt:
-                    return await self._once(url)
+                    return await self._once(url, first)
         except _Transient as exc:
             attempts = tries.statistics.get("attempt_number", 1)
             raise RowInputError(f"{url}: {exc} ({attempts} attempt{'s' if attempts > 1 else ''})",
@@ -112,13 +114,14 @@ class Fetcher:
                 connector=aiohttp.TCPConnector(limit=0))  # per host: the semaphores
         return self._session
 
-    async def _once(self, url: str) -> bytes:
+    async def _once(self, url: str, first: int | None) -> bytes:
         host = urlsplit(url).hostname or ""
         gate = self._hosts.setdefault(host, asyncio.Semaphore(self._cfg.per_host))
+        ranged = {"Range": f"bytes=0-{first - 1}"} if first else None
         async with gate:
             try:
-                async with self._pool().get(url, allow_redirects=True, max_redirects=10) as reply:
-                    return await self._body(url, reply)
+                async with self._pool().get(url, allow_redirects=True, max_redirects=10, headers=ranged) as reply:
+                    return await self._body(url, reply, first)
             except asyncio.TimeoutError:
                 raise _Transient(f"no answer within input.fetch.timeout_s ({self._cfg.timeout_s:g} s)") from None
             except aiohttp.TooManyRedirects:
@@ -128,7 +131,7 @@ class Fetcher:
             except aiohttp.ClientError as exc:  # refused, reset, DNS, a body cut short
                 raise _Transient(f"{type(exc).__name__}: {exc}") from None
 
-    async def _body(self, url: str, reply: aiohttp.ClientResponse) -> bytes:
+    async def _body(self, url: str, reply: aiohttp.ClientResponse, first: int | None) -> bytes:
         cfg = self._cfg
         if reply.status == 429 or reply.status >= 500:
             wait = _retry_after(reply.headers.get("Retry-After"))
@@ -139,11 +142,13 @@ class Fetcher:
             raise RowInputError(f"{url}: HTTP {reply.status} {reply.reason or ''}".rstrip())
         if cfg.respect_robots and _says_noai(reply.headers.getall("X-Robots-Tag", [])):
             raise RowInputError(f"{url}: X-Robots-Tag says noai (set input.fetch.respect_robots: false to fetch it)")
-        if reply.content_length is not None and reply.content_length > cfg.max_bytes:
+        if reply.content_length is not None and reply.content_length > cfg.max_bytes and not first:
             raise RowInputError(f"{url}: {reply.content_length} bytes, over input.fetch.max_bytes ({cfg.max_bytes})")
         body = bytearray()
         async for chunk in reply.content.iter_chunked(_CHUNK):
             body += chunk
+            if first and len(body) >= first:
+                return bytes(body[:first])
             if len(body) > cfg.max_bytes:
                 raise RowInputError(f"{url}: longer than input.fetch.max_bytes ({cfg.max_bytes}); stopped reading")
         return bytes(body)
@@ -165,3 +170,19 @@ def fetch_rows(cfg: FetchConfig, rows: Sequence[Sequence[ImageRef]]) -> list[Map
         return found  # type: ignore[return-value]
 
     return asyncio.run(every_row())
+
+
+def fetch_heads(cfg: FetchConfig, urls: Sequence[str], first: int) -> dict[str, bytes | RowInputError]:
+    """The first bytes of each URL, at once through one pool, or the error fetching it ends in."""
+    async def every_url() -> list[bytes | BaseException]:
+        fetcher = Fetcher(cfg)
+        try:
+            return await asyncio.gather(*(fetcher.fetch(url, first) for url in urls), return_exceptions=True)
+        finally:
+            await fetcher.aclose()
+
+    found = asyncio.run(every_url())
+    for result in found:
+        if isinstance(result, BaseException) and not isinstance(result, RowInputError):
+            raise result
+    return dict(zip(urls, found))  # type: ignore[arg-type]

@@ -25,7 +25,8 @@ from .errors import RowInputError
 from .image_file import Buffer, opened, orientation, truncation
 from .manifest import ImageRef
 
-__all__ = ["ImagePart", "to_parts", "sniff_mime", "sizes_as_sent", "resolve", "is_remote", "notes_text"]
+__all__ = ["ImagePart", "to_parts", "sniff_mime", "sizes_as_sent", "sizes_from_head", "resolve", "is_remote",
+           "notes_text"]
 
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"\xff\xd8\xff", 0, "image/jpeg"),
@@ -128,13 +129,26 @@ class _Plan:
     decoded: bool  # converted from another format or mode, or frames of an animation: no header says it decodes
 
 
-def _plan(image: Image.Image, buf: Buffer, label: str, prompt: PromptConfig) -> _Plan:
+def _frames(image: Image.Image, whole: bool) -> int:
+    """An animation's frames; 1 for a still. An MPO's second picture is a camera's extra (a depth
+    map, a large preview), a PSD's are its layers (the picture is their composite): neither is a
+    frame. Counting may need the whole file: from a file's first bytes, 1 when it does."""
+    if image.format in _STILL:
+        return 1
+    try:
+        return getattr(image, "n_frames", 1) if getattr(image, "is_animated", False) else 1
+    except Exception:  # noqa: BLE001 - Pillow ran out of data
+        if whole:
+            raise
+        return 1
+
+
+def _plan(image: Image.Image, buf: Buffer, label: str, prompt: PromptConfig, whole: bool = True) -> _Plan:
+    """`whole`: `buf` is the whole file, not only its first bytes (a remote image's, for an estimate)."""
     fmt, mode = image.format or "unknown", image.mode
-    if cut := truncation(buf, fmt):
+    if whole and (cut := truncation(buf, fmt)):
         raise RowInputError(f"{label} is truncated ({cut})")
-    # An MPO's second picture is a camera's extra (a depth map, a large preview), a PSD's are its
-    # layers (the picture is their composite): neither is a frame.
-    total: int = getattr(image, "n_frames", 1) if getattr(image, "is_animated", False) and fmt not in _STILL else 1
+    total = _frames(image, whole)
     frames = _spread(total, prompt.frames)
     turn = orientation(image, buf)
     fitted = _fitted(image.size, prompt.max_side)
@@ -335,4 +349,12 @@ def _sizes(buf: Buffer, label: str, prompt: PromptConfig, file: BinaryIO | None 
                 if frame:  # as _render does: some formats refuse seek(0)
                     image.seek(frame)
                 image.load()
+    return (plan.size,) * len(plan.frames)
+
+
+def sizes_from_head(head: bytes, label: str, prompt: PromptConfig) -> tuple[tuple[int, int], ...]:
+    """What `sizes_as_sent` says of a remote image, from its first bytes (a ranged GET): all but
+    what only the whole file shows (a cut end, a broken decode, the frames of a GIF)."""
+    with opened(head, label, []) as image:
+        plan = _plan(image, head, label, prompt, whole=False)
     return (plan.size,) * len(plan.frames)

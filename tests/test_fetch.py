@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import threading
 import time
 from collections import defaultdict
@@ -19,7 +20,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from pipeline import cli
+from pipeline import cli, tokens
 from pipeline.config import FetchConfig
 from pipeline.errors import RowInputError
 from pipeline.fetch import Fetcher
@@ -29,6 +30,16 @@ from .conftest import write_config, write_manifest
 
 CHUNK = 64 * 1024
 HUGE = 40 * 1024 * 1024
+
+
+def _photo() -> bytes:
+    """A 2000x1000 JPEG of noise: larger than the 64 KB an estimate reads of it."""
+    buffer = io.BytesIO()
+    Image.effect_noise((2000, 1000), 60).convert("RGB").save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+PHOTO = _photo()
 
 
 def jpeg(colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -44,6 +55,7 @@ class ImageHost:
     url: str = ""
     seen: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     agents: list[str] = field(default_factory=list)
+    ranges: list[str] = field(default_factory=list)
     in_flight: int = 0
     most_in_flight: int = 0
     huge_sent: int = 0
@@ -56,12 +68,16 @@ def _app(host: ImageHost) -> web.Application:
     async def track(request: web.Request, handler: Any) -> web.StreamResponse:
         host.seen[request.path].append(time.monotonic())
         host.agents.append(request.headers.get("User-Agent", ""))
+        host.ranges.append(request.headers.get("Range", ""))
         host.in_flight += 1
         host.most_in_flight = max(host.most_in_flight, host.in_flight)
         try:
             return await handler(request)  # type: ignore[no-any-return]
         finally:
             host.in_flight -= 1
+
+    async def photo(request: web.Request) -> web.Response:
+        return web.Response(body=PHOTO, content_type="image/jpeg")  # the whole file: Range is not honoured
 
     async def ok(request: web.Request) -> web.Response:
         await asyncio.sleep(float(request.query.get("sleep", 0)))
@@ -105,7 +121,8 @@ def _app(host: ImageHost) -> web.Application:
     app = web.Application(middlewares=[web.middleware(track)])
     app.add_routes([web.get("/ok/{name}", ok), web.get("/flaky/{name}", flaky), web.get("/down/{name}", down),
                     web.get("/moved/{name}", moved), web.get("/html/{name}", html), web.get("/hang/{name}", hang),
-                    web.get("/noai/{name}", noai), web.get("/huge/{name}", huge)])
+                    web.get("/noai/{name}", noai), web.get("/huge/{name}", huge),
+                    web.get("/photo/{name}", photo)])
     return app
 
 
@@ -212,3 +229,24 @@ def test_a_run_inlines_remote_images_and_names_each_failure(sim: Simulator, imag
         row = out[urls[name]]
         assert row["error"].startswith(f"image: {urls[name]}") and cause in row["error"], row["error"]
         assert row["retryable"] is retryable
+
+
+def test_the_estimate_reads_remote_headers_only_and_agrees_with_the_run(sim: Simulator, image_host: ImageHost,
+                                                                        tmp_path: Path,
+                                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    names = ("photo", "ok", "moved", "nowhere", "html", "noai", "huge")
+    rows = [{"image": f"{image_host.url}/{name}/x.jpg"} for name in names]
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, rows), prompt={"max_side": 500})
+    assert cli.main(["estimate", str(cfg), "--json"]) == 0
+    estimate = json.loads(capfd.readouterr().out)
+    assert (estimate["rows"], estimate["images"], estimate["unreadable_rows"]) == (3, 3, 4)
+    assert image_host.huge_sent < 4 * 1024 * 1024 and len(PHOTO) > 65_536  # only first bytes were read
+    assert set(image_host.ranges) == {"bytes=0-65535"}
+
+    local = tmp_path / "photo.jpg"
+    local.write_bytes(PHOTO)
+    same = write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": str(local)}]), prompt={"max_side": 500})
+    assert cli.main(["estimate", str(same), "--json"]) == 0
+    alone = json.loads(capfd.readouterr().out)["input_tokens"]["image"]
+    assert alone == tokens.image_tokens("gpt-4o", 500, 250, "auto")
+    assert estimate["input_tokens"]["image"] == alone + 2 * tokens.image_tokens("gpt-4o", 64, 48, "auto")
