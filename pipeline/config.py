@@ -122,6 +122,9 @@ class SimulatorSettings(_Model):
     state_limits: bool = Field(True, description="send x-ratelimit-* headers, and Retry-After with a rate-limit 429")
     retry_after_s: NonNegativeFloat = Field(1.0, description="Retry-After sent with a faulted 429")
     hang_s: PositiveFloat = Field(30.0, description="how long a hung request stays silent")
+    download_urls: bool = Field(False, description="fetch http(s) image URLs as OpenAI does, a 400 'Timeout while "
+                                                   "downloading' or 'Error while downloading' when one cannot be; "
+                                                   "off: they are described unseen")
     seed: int = 0
 
 

@@ -46,7 +46,7 @@ from . import payload, results
 from .budget import Budget
 from .config import EndpointConfig, LimitsConfig, RunConfig
 from .errors import ConfigError, Halted, RowInputError
-from .fetch import fetch_rows
+from .fetch import Fetcher, fetch_rows
 from .images import is_remote
 from .limits import LocalLimits, Slots, Turn, roomiest
 from .manifest import ManifestRow
@@ -275,8 +275,11 @@ def _prepare(cfg: RunConfig, root: Path, coordinator: Any, batch: pa.Table) -> p
 class _Http:
     """Ray Data actor: sends its block's rows through the local engine's Sender, many at once."""
 
-    def __init__(self, cfg: RunConfig, endpoints: list[EndpointConfig], shares: list[int], coordinator: Any) -> None:
+    def __init__(self, cfg: RunConfig, root: Path, endpoints: list[EndpointConfig], shares: list[int],
+                 coordinator: Any) -> None:
         self._cfg = cfg
+        self._root = root
+        self._fetcher = Fetcher(cfg.input.fetch)  # with input.remote: pass, for an image the provider could not fetch
         self._endpoints = endpoints
         self._shares = shares
         self._coordinator = coordinator
@@ -295,11 +298,21 @@ class _Http:
         return Sender(cfg, self._endpoints, self._shares, _RemoteLimits(self._coordinator, limiters), purse,
                       _schema(cfg), lambda: False)
 
+    async def _inline(self, row: ManifestRow, sender: Sender) -> payload.Prepared:
+        """The row prepared again with its remote images fetched and inlined."""
+        cfg = self._cfg
+        fetched = await self._fetcher.fetch_all(row.images)
+        return await asyncio.to_thread(payload.prepare, row, self._root, cfg.request, cfg.prompt, sender.schema, fetched)
+
+    async def _close(self, sender: Sender) -> None:
+        await sender.aclose()
+        await self._fetcher.aclose()
+
     def __del__(self) -> None:
         """Ray Data drops the actor's function before the actor exits: close the connections
         in the loop that opened them."""
         if self._sender is not None and self._loop is not None and self._loop.is_running():
-            closing = asyncio.run_coroutine_threadsafe(self._sender.aclose(), self._loop)
+            closing = asyncio.run_coroutine_threadsafe(self._close(self._sender), self._loop)
             with contextlib.suppress(Exception):
                 closing.result(timeout=5)
 
@@ -325,7 +338,10 @@ class _Http:
                 message = f"request: {self._missing_key} on node {socket.gethostname()}"
                 await deliver((results.failed(pickle.loads(row), message, attempts=0, retryable=True), NO_KEY))
             else:
-                await sender.annotate(pickle.loads(row), pickle.loads(prepared), deliver)
+                request: ManifestRow = pickle.loads(row)
+                remote = self._cfg.input.remote == "pass" and any(map(is_remote, request.images))
+                await sender.annotate(request, pickle.loads(prepared), deliver,
+                                      functools.partial(self._inline, request, sender) if remote else None)
 
         columns = (batch.column(name).to_pylist() for name in ("row", "prepared", "outcome"))
         await asyncio.gather(*itertools.starmap(one, zip(*columns)))
@@ -372,7 +388,7 @@ def _pipeline(cfg: RunConfig, wave: list[pa.Table], root: Path, endpoints: list[
         .map_batches(functools.partial(_prepare, cfg, root, coordinator), batch_format="pyarrow", batch_size=None,
                      num_cpus=1, **prep_args)
         .map_batches(_Http, batch_format="pyarrow", batch_size=None, num_cpus=_HTTP_ACTOR_CPUS,
-                     fn_constructor_kwargs={"cfg": cfg, "endpoints": endpoints, "shares": shares,
+                     fn_constructor_kwargs={"cfg": cfg, "root": root, "endpoints": endpoints, "shares": shares,
                                             "coordinator": coordinator},
                      compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight,
                                                         max_concurrent_calls_per_actor=in_flight),

@@ -28,6 +28,7 @@ from .client import ACCOUNT_STATUSES, read_key
 from .config import EndpointConfig, RunConfig, fingerprint, fingerprint_changes
 from .errors import ConfigError, Interrupted, ManifestError, RowInputError, RunStopped, StoreError
 from .fetch import Fetcher
+from .images import is_remote
 from .limits import LocalLimits
 from .manifest import Manifest, ManifestRow
 from .pricing import PriceTable
@@ -232,10 +233,11 @@ class _Local:
     """The local engine: one asyncio loop reads rows, prepares images in threads, sends requests
     and journals their outcomes in group commits."""
 
-    def __init__(self, driver: Driver, sender: Sender, fetcher: Fetcher | None) -> None:
+    def __init__(self, driver: Driver, sender: Sender, fetcher: Fetcher) -> None:
         self.driver = driver
         self.sender = sender
-        self.fetcher = fetcher  # None: remote images are passed to the provider as URLs
+        self.fetcher = fetcher
+        self.inlined = driver.cfg.input.remote == "inline"  # else remote images go as URLs
 
     async def produce(self, queue: asyncio.Queue[ManifestRow | None], workers: int, limit: int | None) -> None:
         batches = self.driver.todo(limit)
@@ -249,19 +251,25 @@ class _Local:
 
     async def work(self, queue: asyncio.Queue[ManifestRow | None], out: asyncio.Queue[_Durable | None]) -> None:
         deliver = functools.partial(self._journal, out)
-        cfg = self.driver.cfg
         while (row := await queue.get()) is not None:
             if self.driver.stopped():
                 continue
             try:
-                fetched = await self.fetcher.fetch_all(row.images) if self.fetcher else {}
-                prepared = await asyncio.to_thread(payload.prepare, row, self.driver.manifest.root, cfg.request,
-                                                   cfg.prompt, self.sender.schema, fetched)
+                prepared = await self._prepare(row, inline=self.inlined)
             except RowInputError as exc:
                 await deliver((results.failed(row, f"image: {exc}", attempts=0, retryable=exc.retryable), None))
                 continue
-            await self.sender.annotate(row, prepared, deliver)
+            remote = not self.inlined and any(map(is_remote, row.images))
+            await self.sender.annotate(row, prepared, deliver,
+                                       functools.partial(self._prepare, row, inline=True) if remote else None)
         await out.put(None)
+
+    async def _prepare(self, row: ManifestRow, inline: bool) -> payload.Prepared:
+        """The row's request, its remote images fetched first when `inline`."""
+        cfg = self.driver.cfg
+        fetched = await self.fetcher.fetch_all(row.images) if inline else {}
+        return await asyncio.to_thread(payload.prepare, row, self.driver.manifest.root, cfg.request, cfg.prompt,
+                                       self.sender.schema, fetched)
 
     @staticmethod
     async def _journal(out: asyncio.Queue[_Durable | None], outcome: Outcome) -> None:
@@ -402,10 +410,9 @@ async def _run_locally(driver: Driver, endpoints: list[EndpointConfig], schema: 
     driver.held = lambda: "; ".join(str(held) for limiter in limits.limiters if (held := limiter.held()))
     slots = [lim.concurrency for lim in own]
     sender = Sender(cfg, endpoints, slots, limits, driver.budget, schema, driver.stopped)
-    fetcher = Fetcher(cfg.input.fetch) if cfg.input.remote == "inline" else None
+    fetcher = Fetcher(cfg.input.fetch)  # opens its pool on the first remote image only
     try:
         await _Local(driver, sender, fetcher).pump(sum(slots), limit)
     finally:
         await sender.aclose()
-        if fetcher:
-            await fetcher.aclose()
+        await fetcher.aclose()

@@ -10,6 +10,8 @@ Ray one inside each HTTP actor.
 from __future__ import annotations
 
 import functools
+import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,11 +21,13 @@ from .budget import Purse
 from .client import ACCOUNT_STATUSES, Client, read_key
 from .completion import Reply
 from .config import EndpointConfig, RunConfig
-from .errors import Halted, Rejected, RequestFailed
+from .errors import Halted, Rejected, RequestFailed, RowInputError
 from .limits import Limits
 from .manifest import ManifestRow
 from .pricing import PriceTable
 from .structured import OutputSchema, Unusable
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Outcome", "Sender"]
 
@@ -64,6 +68,12 @@ def _first_fit(schema: OutputSchema, reply: Reply) -> tuple[int, dict[str, Any] 
     return 0, None, problem
 
 
+Inline = Callable[[], Awaitable[payload.Prepared]]
+# A provider's 400 when it cannot fetch an image URL says so: OpenAI's "Timeout while
+# downloading <url>.", "Error while downloading <url>.".
+_COULD_NOT_DOWNLOAD = re.compile(r"download", re.IGNORECASE)
+
+
 async def _noted(deliver: Callable[[Outcome], Awaitable[None]], notes: str, outcome: Outcome) -> None:
     row, kind = outcome
     await deliver(({**row, "image_notes": notes}, kind))
@@ -91,26 +101,40 @@ class Sender:
             await client.aclose()
 
     async def annotate(self, row: ManifestRow, prepared: payload.Prepared,
-                       deliver: Callable[[Outcome], Awaitable[None]]) -> None:
+                       deliver: Callable[[Outcome], Awaitable[None]], inline: Inline | None = None) -> None:
         """Send one row and hand its outcome to `deliver`, within the endpoint's concurrency slot:
         the slot is held until `deliver` returns, so an engine that delivers to disk loses at
         most `concurrency` answers to a kill. Nothing is delivered for a row that was not sent
-        (the budget ran out, or the run is stopping): it stays to do."""
-        if prepared.image_notes:
-            deliver = functools.partial(_noted, deliver, prepared.image_notes)
+        (the budget ran out, or the run is stopping): it stays to do. `inline` (rows whose
+        remote images went as URLs) prepares the row again with them fetched and inlined: asked
+        once more that way when the provider says it could not download one."""
         tokens = prepared.tokens
         endpoint = await self.limits.pick(tokens.input + tokens.output_max)
         limiter, client = self.limits[endpoint], self.clients[endpoint]
         async with limiter.slot():
             try:
-                paid = await self._send(client, endpoint, prepared.body, tokens)
-            except RequestFailed as exc:
+                paid, prepared = await self._send_first(client, endpoint, prepared, inline)
+            except (RequestFailed, RowInputError) as exc:
                 await deliver(self._failed(row, exc))
                 return
             if paid is None:
                 return
-            answer = await self._read(row, client, endpoint, prepared.body, tokens, paid) if self.schema else paid.row(row)
+            if prepared.image_notes:
+                deliver = functools.partial(_noted, deliver, prepared.image_notes)
+            answer = await self._read(row, client, endpoint, prepared.body, prepared.tokens, paid) if self.schema \
+                else paid.row(row)
             await deliver((answer, None))
+
+    async def _send_first(self, client: Client, endpoint: int, prepared: payload.Prepared,
+                          inline: Inline | None) -> tuple[_Paid | None, payload.Prepared]:
+        try:
+            return await self._send(client, endpoint, prepared.body, prepared.tokens), prepared
+        except Rejected as exc:
+            if inline is None or exc.status != 400 or not _COULD_NOT_DOWNLOAD.search(str(exc)):
+                raise
+            log.info("the provider could not download an image (%s): asking again with it inlined", exc)
+        inlined = await inline()
+        return await self._send(client, endpoint, inlined.body, inlined.tokens), inlined
 
     async def _send(self, client: Client, endpoint: int, body: dict[str, Any],
                     tokens: payload.TokenEstimate) -> _Paid | None:
@@ -166,8 +190,10 @@ class Sender:
             problem = f"is a refusal: {paid.reply.refusal}"
         return results.unparsed(row, paid.reply, paid.cost, paid.charged, problem)
 
-    def _failed(self, row: ManifestRow, exc: RequestFailed) -> Outcome:
+    def _failed(self, row: ManifestRow, exc: RequestFailed | RowInputError) -> Outcome:
         """The error row of a request that failed, and what makes failures alike."""
+        if isinstance(exc, RowInputError):  # fetching an image the provider could not download
+            return results.failed(row, f"image: {exc}", 1, exc.retryable), None
         if isinstance(exc, Rejected) and exc.status == 400 and self.schema and "response_format" in str(exc):
             fallback = "json_object (or prompt)" if self.schema.mode == "json_schema" else "prompt"
             message = f"request: {exc}; the endpoint refuses this response_format: set request.structured: {fallback}"

@@ -20,6 +20,7 @@ import io
 import json
 import math
 import re
+import urllib.request
 import struct
 import threading
 import time
@@ -233,6 +234,7 @@ _UNSUPPORTED = ("You uploaded an unsupported image. Please make sure your image 
 _ACCEPTED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF"}
 _ACCEPTED_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"}
 _LARGEST_IMAGE = 20 * 1024 * 1024
+_DOWNLOAD_TIMEOUT_S = 2.0
 
 
 def _check_accepted(img: Image.Image, size: int) -> None:
@@ -253,6 +255,25 @@ def _decode(url: str) -> ImageFacts:
         raise Invalid("Invalid image.", None, "invalid_image")
     try:
         data = base64.b64decode(payload, validate=True)
+    except binascii.Error:
+        raise Invalid("Invalid image.", None, "invalid_image") from None
+    return _facts(data)
+
+
+def _download(url: str) -> ImageFacts:
+    """An image URL fetched as OpenAI fetches one, in its words when that fails."""
+    try:
+        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as reply:
+            data = reply.read(_LARGEST_IMAGE + 1)
+    except TimeoutError:
+        raise Invalid(f"Timeout while downloading {url}.", None, "invalid_image_url") from None
+    except (OSError, ValueError):  # urllib's HTTPError and URLError are OSErrors
+        raise Invalid(f"Error while downloading {url}.", None, "invalid_image_url") from None
+    return _facts(data)
+
+
+def _facts(data: bytes) -> ImageFacts:
+    try:
         with Image.open(io.BytesIO(data)) as img:
             _check_accepted(img, len(data))
             width, height = img.size
@@ -260,7 +281,7 @@ def _decode(url: str) -> ImageFacts:
             img.load()
             colour, hex_ = _dominant(img)
             sample = _sample(img)
-    except (binascii.Error, *_DECODE_ERRORS):
+    except _DECODE_ERRORS:
         raise Invalid("Invalid image.", None, "invalid_image") from None
     return ImageFacts(width, height, f"{width}x{height} image, mostly {colour} ({hex_})", colour,
                       _size_class(width, height), sample)
@@ -276,15 +297,22 @@ _NO_IMAGE = ImageFacts(1, 1, "no image given", size_class="small", guessed=(0, F
 
 
 class ImageCache:
-    """Image facts by the hash of their data: URL, bounded; other URLs are described without a look."""
+    """Image facts by the hash of their data: URL, bounded; other URLs are described without a
+    look, or fetched when `download` says (each time: a host may fail once and not the next)."""
 
-    def __init__(self) -> None:
+    def __init__(self, download: bool = False) -> None:
         self._lock = threading.Lock()
         self._images: dict[str, ImageFacts] = {}
+        self._download = download
 
     def look(self, url: str, param: str) -> ImageFacts:
         if not url.startswith("data:"):
-            return _url_image(url)
+            if not self._download:
+                return _url_image(url)
+            try:
+                return _download(url)
+            except Invalid as exc:
+                raise Invalid(exc.message, param, exc.code) from None
         key = hashlib.sha256(url.encode()).hexdigest()
         if (cached := self._images.get(key)) is not None:
             return cached

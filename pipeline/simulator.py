@@ -127,7 +127,7 @@ class Simulator:
         self._plans: list[tuple[str, deque[Action], float | None]] = []
         self._seen: Counter[str] = Counter()
         self._meters: dict[str, tuple[tuple[Any, ...], Meter]] = {}
-        self._images = simulated.ImageCache()
+        self._images = simulated.ImageCache(self.settings.download_urls)
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         # limits count requests in the order they arrived, as a gateway does, though their bodies

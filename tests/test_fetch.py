@@ -10,7 +10,7 @@ import json
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,12 @@ def _app(host: ImageHost) -> web.Application:
         await asyncio.sleep(30)
         return web.Response(status=204)
 
+    async def hotlink(request: web.Request) -> web.Response:
+        """Served to this tool only, as hotlink protection by User-Agent does."""
+        if not request.headers.get("User-Agent", "").startswith("annotate-pipeline/"):
+            return web.Response(status=403)
+        return web.Response(body=jpeg(), content_type="image/jpeg")
+
     async def noai(request: web.Request) -> web.Response:
         return web.Response(body=jpeg(), content_type="image/jpeg",
                             headers={"X-Robots-Tag": "googlebot: noindex, otherbot: noai"})
@@ -122,7 +128,7 @@ def _app(host: ImageHost) -> web.Application:
     app.add_routes([web.get("/ok/{name}", ok), web.get("/flaky/{name}", flaky), web.get("/down/{name}", down),
                     web.get("/moved/{name}", moved), web.get("/html/{name}", html), web.get("/hang/{name}", hang),
                     web.get("/noai/{name}", noai), web.get("/huge/{name}", huge),
-                    web.get("/photo/{name}", photo)])
+                    web.get("/photo/{name}", photo), web.get("/hotlink/{name}", hotlink)])
     return app
 
 
@@ -250,3 +256,18 @@ def test_the_estimate_reads_remote_headers_only_and_agrees_with_the_run(sim: Sim
     alone = json.loads(capfd.readouterr().out)["input_tokens"]["image"]
     assert alone == tokens.image_tokens("gpt-4o", 500, 250, "auto")
     assert estimate["input_tokens"]["image"] == alone + 2 * tokens.image_tokens("gpt-4o", 64, 48, "auto")
+
+
+def test_with_remote_pass_an_image_the_provider_cannot_download_is_asked_again_inlined(
+        faulty_sim: Callable[..., Simulator], image_host: ImageHost, tmp_path: Path) -> None:
+    sim = faulty_sim(download_urls=True)  # fetches image URLs as OpenAI does, 400 when it cannot
+    urls = {name: f"{image_host.url}/{name}/x.jpg" for name in ("ok", "hotlink", "nowhere")}
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": url} for url in urls.values()]),
+                       input={"keep_columns": ["image"], "remote": "pass"})
+    assert cli.main(["run", str(cfg), "-q"]) == 1
+    out = {row["image"]: row for row in pl.read_parquet(tmp_path / "out" / "*.parquet").iter_rows(named=True)}
+    assert out[urls["ok"]]["status"] == out[urls["hotlink"]]["status"] == "ok"
+    answered = sorted(e.body["messages"][0]["content"][1]["image_url"]["url"][:23] for e in sim.log if e.status == 200)
+    assert answered == ["data:image/jpeg;base64,", urls["ok"][:23]]  # hotlink inlined once refused; ok fetched there
+    assert sorted(e.status for e in sim.log) == [200, 200, 400, 400]  # hotlink and nowhere could not be downloaded
+    assert out[urls["nowhere"]]["error"] == f"image: {urls['nowhere']}: HTTP 404 Not Found"

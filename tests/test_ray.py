@@ -20,6 +20,7 @@ from pipeline.config import LimitsConfig
 
 from .conftest import KEY, KEY_ENV, NAMED, named, write_config, write_manifest
 from .test_budget import billed
+from .test_fetch import ImageHost, image_host  # noqa: F401 - a fixture
 from .test_interrupt import answered, start, wait_for
 from .test_rate_fidelity import answered_once, finish, let_through, rate, refusals, serve, settles_at, small_images
 from .test_rate_fidelity import start as start_run
@@ -75,6 +76,21 @@ def test_both_engines_write_the_same_rows(cluster: Cluster, sim: simulator.Simul
     assert a.height == 61 and a["id"].n_unique() == 61
     assert a.equals(b)
     assert b.filter(pl.col("status") == "error")["error"].to_list() == [a.filter(pl.col("status") == "error")["error"][0]]
+
+
+@pytest.mark.parametrize("remote", ["inline", "pass"])
+def test_remote_images_on_ray_are_fetched_by_the_tasks_or_inlined_once_the_provider_cannot(
+        cluster: Cluster, faulty_sim: Callable[..., Any], image_host: ImageHost, tmp_path: Path, remote: str) -> None:
+    sim = faulty_sim(download_urls=True)  # fetches image URLs as OpenAI does, 400 when it cannot
+    urls = [f"{image_host.url}/{name}/{k}.jpg" for k in range(4) for name in ("ok", "hotlink", "nowhere")]
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": url} for url in urls]),
+                       input={"keep_columns": ["image"], "remote": remote}, ray={"http_actors": 2, "block_rows": 4})
+    assert _run(cfg, "--engine", "ray") == 1
+    out = {row["image"]: row for row in _read(tmp_path / "out").iter_rows(named=True)}
+    assert {url for url, row in out.items() if row["status"] == "ok"} == {u for u in urls if "/nowhere/" not in u}
+    assert all(out[u]["error"] == f"image: {u}: HTTP 404 Not Found" for u in urls if "/nowhere/" in u)
+    refused = sum(1 for e in sim.log if e.status == 400)
+    assert refused == (0 if remote == "inline" else 8)  # passed as URLs: hotlink and nowhere refused there
 
 
 # The two rate tests run before any driver is killed: on a cluster where one was, later runs
