@@ -164,10 +164,10 @@ def _plan(image: Image.Image, buf: Buffer, label: str, prompt: PromptConfig, who
                        f"{what} {', '.join(str(f + 1) for f in frames)} of {total}")
     if fitted != image.size:
         reasons.append(f"downscaled {image.width}x{image.height} to {'x'.join(map(str, _upright(fitted, turn)))}")
-    if turn != 1 and (reasons or fmt not in ("JPEG", "MPO")):  # a JPEG sent as it is keeps its EXIF
-        reasons.append(f"turned upright (EXIF orientation {turn})")
     if len(buf) > prompt.max_image_bytes and not reasons:
         reasons.append(f"re-encoded: {_mb(len(buf))} is over prompt.max_image_bytes")
+    if turn != 1 and (reasons or fmt not in ("JPEG", "MPO")):  # a JPEG sent as it is keeps its EXIF
+        reasons.append(f"turned upright (EXIF orientation {turn})")
     size = _upright(fitted, turn) if reasons else image.size
     return _Plan(frames, size, fitted, turn, tuple(reasons), decoded)
 
@@ -232,7 +232,8 @@ def _render(image: Image.Image, frame: int, plan: _Plan) -> tuple[Image.Image, b
     return picture, lossless, note
 
 
-def _within_cap(picture: Image.Image, lossless: bool, icc: bytes | None, cap: int) -> tuple[bytes, str, str | None]:
+def _within_cap(picture: Image.Image, lossless: bool, icc: bytes | None, cap: int,
+                label: str) -> tuple[bytes, str, str | None]:
     """The encoded picture, downscaled until it fits `cap` bytes; a note when it had to be."""
     data, mime = _saved(picture, lossless, icc)
     first = len(data)
@@ -244,7 +245,7 @@ def _within_cap(picture: Image.Image, lossless: bool, icc: bytes | None, cap: in
                                  Image.Resampling.BICUBIC)
         data, mime = _saved(picture, False, icc)
     if len(data) > cap:
-        raise RowInputError(f"cannot be made smaller than prompt.max_image_bytes ({_mb(cap)})")
+        raise RowInputError(f"{label} cannot be made smaller than prompt.max_image_bytes ({_mb(cap)})")
     note = None if len(data) == first else (
         f"downscaled to {picture.width}x{picture.height} to fit prompt.max_image_bytes ({_mb(first)} encoded)")
     return data, mime, note
@@ -267,7 +268,7 @@ def _encode(data: bytes, label: str, prompt: PromptConfig) -> list[ImagePart]:
         icc = image.info.get("icc_profile") if image.mode != "CMYK" else None
         for frame in plan.frames:
             picture, lossless, rescaled = _render(image, frame, plan)
-            encoded, mime, shrunk = _within_cap(picture, lossless, icc, prompt.max_image_bytes)
+            encoded, mime, shrunk = _within_cap(picture, lossless, icc, prompt.max_image_bytes, label)
             note = _joined([*plan.reasons, *([rescaled] if rescaled else []), *([shrunk] if shrunk else []), *warned])
             parts.append(ImagePart(_data_url(encoded, mime), (picture.width, picture.height), note))
     return parts

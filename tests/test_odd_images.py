@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import random
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pipeline.errors import RowInputError
 from pipeline.images import ImagePart, sizes_as_sent, to_parts
 from pipeline.simulator import Simulator
 
-from .conftest import write_config, write_manifest
+from .conftest import KEY, KEY_ENV, write_config, write_manifest
 
 ODD = Path(__file__).parent / "data" / "odd"
 
@@ -197,4 +198,15 @@ def test_a_run_over_every_odd_file_finishes_and_the_estimate_agrees(sim: Simulat
         assert out[name]["error"].startswith(f"image: {ODD / name} {cause}") and out[name]["retryable"] is False
     assert {name: out[name]["image_notes"] for name in SENT} == {name: note for name, (_, _, note) in SENT.items()}
     assert (estimate["rows"], estimate["unreadable_rows"], estimate["images"]) == (len(SENT), len(REFUSED), len(SENT))
-    assert "Invalid APNG" not in capfd.readouterr().err  # Pillow's warning is in image_notes, not on the terminal
+
+
+def test_pillows_warnings_go_to_image_notes_not_the_terminal(sim: Simulator, tmp_path: Path) -> None:
+    rows = [{"image": str(ODD / "apng_syntax_num_frames_invalid.png")}]
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, rows))
+    # a process of its own: in this one, pytest records warnings instead of printing them
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg)], capture_output=True, text=True,
+                          env={**os.environ, KEY_ENV: KEY}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr and "Invalid APNG" not in done.stderr
+    notes = pl.read_parquet(tmp_path / "out" / "*.parquet")["image_notes"].to_list()
+    assert notes == ["Invalid APNG, will use default PNG image if possible"]
