@@ -101,10 +101,12 @@ def parts(directory: Path, required: bool = False) -> list[Path]:
 
 
 def scan(files: list[Path], **options: Any) -> pl.LazyFrame:
-    """The rows of these parts (oldest first) in the newest part's columns: a part written by an
-    older version, before a column was added, reads it as null."""
-    newest = pl.read_parquet_schema(files[-1])
-    return pl.scan_parquet(files, schema=newest, missing_columns="insert", extra_columns="ignore", **options)
+    """The rows of these parts as one frame, in every column any of them has: a part written by
+    an older version, before a column was added, reads it as null. (Only the footers are read.)"""
+    columns: dict[str, pl.DataType] = {}
+    for file in files:
+        columns |= {name: kind for name, kind in pl.read_parquet_schema(file).items() if name not in columns}
+    return pl.scan_parquet(files, schema=columns, missing_columns="insert", **options)
 
 
 class Store:

@@ -76,7 +76,8 @@ def test_unknown_price_gives_null_costs_and_unreadable_images_are_counted_apart(
     (tmp_path / "ok.png").write_bytes(image_bytes())
     manifest = write_manifest(tmp_path, [{"image": "ok.png"}, {"image": "missing.png"},
                                          {"image": "https://example.com/a.jpg"}])
-    cfg = write_config(tmp_path, sim.url, manifest, request={"model": "my-own-model", "max_tokens": 10})
+    cfg = write_config(tmp_path, sim.url, manifest, request={"model": "my-own-model", "max_tokens": 10},
+                       input={"remote": "pass"})  # the URL's image is not fetched: of unknown size
     guess = estimate([str(cfg)], capsys)
     assert guess["cost_usd"] == {"low": None, "expected": None, "high": None}
     assert (guess["rows"], guess["unreadable_rows"]) == (2, 1)
@@ -129,7 +130,7 @@ def test_rows_sharing_files_count_as_if_each_row_were_read_on_its_own(
     rows = [{"images": shared[i % len(shared)], "subject": subjects[i % len(subjects)]} for i in range(90)]
     manifest = write_manifest(tmp_path, rows, name="manifest.parquet")
     schema = {"output_schema": {"colour": "str"}, "request": {"structured": structured}} if structured else {}
-    cfg = write_config(tmp_path, sim.url, manifest, input={"image_column": "images"},
+    cfg = write_config(tmp_path, sim.url, manifest, input={"image_column": "images", "remote": "pass"},
                        prompt={"user": "Describe {subject}.", "system": "Be brief.", "max_side": 1024}, **schema)
 
     guess = estimate([str(cfg)], capsys)

@@ -260,6 +260,7 @@ def done_rows(ids: list[str], schema: pa.Schema) -> pa.Table:
         error=pl.lit(None, pl.String),
         retryable=pl.lit(None, pl.Boolean),
         images=pl.lit(1, pl.Int64),
+        image_notes=pl.lit(None, pl.String),
         finished_at=pl.lit(datetime.datetime(2026, 11, 25, tzinfo=datetime.timezone.utc)),
     ).with_columns(answers=pl.concat_list("answer"))
     return frame.select(schema.names).to_arrow().cast(schema)
