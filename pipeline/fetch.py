@@ -22,6 +22,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from . import __version__
 from .config import FetchConfig
 from .errors import RowInputError
+from .images import is_remote
 from .manifest import ImageRef
 
 __all__ = ["Fetcher", "fetch_rows", "fetch_heads", "user_agent"]
@@ -84,7 +85,7 @@ class Fetcher:
     async def fetch_all(self, refs: Sequence[ImageRef]) -> Mapping[str, bytes]:
         """The bytes of each http(s) reference, fetched at once; RowInputError for the first
         that fails (the others are let finish: they are not wasted on a retried row)."""
-        urls = list(dict.fromkeys(r for r in refs if isinstance(r, str) and r.startswith(("http://", "https://"))))
+        urls = list(dict.fromkeys(r for r in refs if isinstance(r, str) and is_remote(r)))
         found = await asyncio.gather(*map(self.fetch, urls), return_exceptions=True)
         for result in found:
             if isinstance(result, BaseException):

@@ -69,7 +69,8 @@ def sniff_mime(data: bytes) -> str | None:
 
 
 def is_remote(ref: ImageRef) -> bool:
-    return isinstance(ref, str) and ref.startswith(_REMOTE)
+    """An http(s) URL, the scheme in any case (HTTPS://, as URLs may be written)."""
+    return isinstance(ref, str) and ref[:8].lower().startswith(_REMOTE)
 
 
 def resolve(ref: str, root: Path) -> Path:
@@ -319,7 +320,7 @@ def sizes_as_sent(ref: ImageRef, root: Path, prompt: PromptConfig | None = None)
     but from the header and the file's end alone (the file is mapped, not read); None for a
     remote URL. RowInputError when the run would refuse it."""
     prompt = prompt or PromptConfig()
-    if isinstance(ref, str) and ref.startswith((*_REMOTE, "data:")):
+    if is_remote(ref) or isinstance(ref, str) and ref.startswith("data:"):
         return None
     if isinstance(ref, bytes):
         return _sizes(ref, "image bytes", prompt)

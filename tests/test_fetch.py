@@ -185,6 +185,16 @@ def test_a_host_that_stays_down_is_a_retryable_error_after_max_attempts(image_ho
     assert caught.value.retryable and len(image_host.times("/down/a.jpg")) == 2
 
 
+def test_a_url_with_its_scheme_in_capitals_is_fetched_too(image_host: ImageHost) -> None:
+    async def fetched() -> dict[str, bytes]:
+        fetcher = Fetcher(FetchConfig())
+        try:
+            return dict(await fetcher.fetch_all([image_host.url.replace("http://", "HTTP://") + "/ok/caps.jpg"]))
+        finally:
+            await fetcher.aclose()
+    assert list(asyncio.run(fetched()).values()) == [jpeg()]
+
+
 def test_a_redirect_is_followed(image_host: ImageHost) -> None:
     assert fetch(f"{image_host.url}/moved/a.jpg") == jpeg()
     assert image_host.times("/ok/moved.jpg")
