@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -27,6 +28,7 @@ from .manifest import ImageRef
 
 __all__ = ["Fetcher", "fetch_rows", "fetch_heads", "user_agent"]
 
+T = TypeVar("T")
 _CHUNK = 1 << 16
 _LONGEST_WAIT_S = 120.0  # a Retry-After beyond this ends the tries: the next run asks again
 _NO_AI = {"noai", "noimageai"}
@@ -156,34 +158,28 @@ class Fetcher:
 
 
 
-def fetch_rows(cfg: FetchConfig, rows: Sequence[Sequence[ImageRef]]) -> list[Mapping[str, bytes] | RowInputError]:
-    """Each row's remote images fetched at once through one pool, or the error that row ends
-    with; for callers without an event loop (a Ray Data task)."""
-    async def every_row() -> list[Mapping[str, bytes] | RowInputError]:
+def _at_once(cfg: FetchConfig, calls: Callable[[Fetcher], list[Awaitable[T]]]) -> list[T | RowInputError]:
+    """Run `calls` at once through one pool, for callers without an event loop (a Ray Data
+    task, the estimate); each result or the RowInputError it ended in."""
+    async def every() -> list[T | BaseException]:
         fetcher = Fetcher(cfg)
         try:
-            found = await asyncio.gather(*(fetcher.fetch_all(refs) for refs in rows), return_exceptions=True)
-        finally:
-            await fetcher.aclose()
-        for result in found:
-            if isinstance(result, BaseException) and not isinstance(result, RowInputError):
-                raise result
-        return found  # type: ignore[return-value]
-
-    return asyncio.run(every_row())
-
-
-def fetch_heads(cfg: FetchConfig, urls: Sequence[str], first: int) -> dict[str, bytes | RowInputError]:
-    """The first bytes of each URL, at once through one pool, or the error fetching it ends in."""
-    async def every_url() -> list[bytes | BaseException]:
-        fetcher = Fetcher(cfg)
-        try:
-            return await asyncio.gather(*(fetcher.fetch(url, first) for url in urls), return_exceptions=True)
+            return await asyncio.gather(*calls(fetcher), return_exceptions=True)
         finally:
             await fetcher.aclose()
 
-    found = asyncio.run(every_url())
+    found = asyncio.run(every())
     for result in found:
         if isinstance(result, BaseException) and not isinstance(result, RowInputError):
             raise result
-    return dict(zip(urls, found))  # type: ignore[arg-type]
+    return found  # type: ignore[return-value]
+
+
+def fetch_rows(cfg: FetchConfig, rows: Sequence[Sequence[ImageRef]]) -> list[Mapping[str, bytes] | RowInputError]:
+    """Each row's remote images, or the error that row ends with."""
+    return _at_once(cfg, lambda fetcher: [fetcher.fetch_all(refs) for refs in rows])
+
+
+def fetch_heads(cfg: FetchConfig, urls: Sequence[str], first: int) -> dict[str, bytes | RowInputError]:
+    """The first bytes of each URL, or the error fetching it ends in."""
+    return dict(zip(urls, _at_once(cfg, lambda fetcher: [fetcher.fetch(url, first) for url in urls])))
