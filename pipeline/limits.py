@@ -30,7 +30,7 @@ from typing import Protocol
 
 from .config import LimitsConfig
 
-__all__ = ["Held", "Limiter", "Limits", "LocalLimiter", "LocalLimits", "Pace", "Slots", "Turn", "roomiest"]
+__all__ = ["Held", "Limiter", "Limits", "LocalLimiter", "LocalLimits", "Pace", "Sent", "Slots", "Turn", "roomiest"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]  # injectable, so tests run on a fake clock
@@ -38,18 +38,22 @@ Sleep = Callable[[float], Awaitable[None]]  # injectable, so tests run on a fake
 # A configured or stated limit is paced at this share of itself, and no window of WINDOW_S
 # (the shortest providers enforce: OpenAI, Azure) holds more than WINDOW_SHARE of it: room
 # for requests that reach the provider closer together than they left (20 and 5 ms a second).
+# Requests, evenly spaced, fill no window past the limit while they leave on time; their window
+# holds the known limit itself (not a pace cut below it) and binds only when some left late (a
+# busy event loop or actor) and would reach the provider closer together than paced.
 HEADROOM = 0.98
 WINDOW_S = 1.0
 WINDOW_SHARE = 0.995 / HEADROOM
+REQUESTS_WINDOW_SHARE = 1 / HEADROOM
 # A start is kept in the window this much longer than WINDOW_S: a later request may reach the
 # provider sooner after leaving than an earlier one did, while the earlier is still counted there.
 OVERLAP_S = 0.01
 # How far a sender woken late may fall behind the schedule and still catch up: late wake-ups
 # cost little, while a longer stall (a busy machine, a GC pause) is not made up in a burst.
-# Evenly spaced requests keep 17 ms of a second's room for jitter so; tokens, whose window is
-# kept, catch up further after a large request held for room.
+# Evenly spaced requests keep 17 ms of a second's room for jitter so; tokens catch up further
+# after a large request held for room.
 CATCH_UP_S = 0.003
-CATCH_UP_WINDOWED_S = 0.02
+CATCH_UP_TOKENS_S = 0.02
 # After a 429 while others are answered, the pace drops to this share of what was sent over
 # the last WINDOW_S, and regrows by GROWTH_PER_S a second (compounded) from MEASURE_S after,
 # up to the configured limit: it settles just under what the provider allows, and finds room
@@ -77,13 +81,15 @@ class Pace:
     front."""
 
     def __init__(self, per_s: float, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
-                 windowed: bool = True) -> None:
+                 window_share: float = WINDOW_SHARE, catch_up_s: float = CATCH_UP_TOKENS_S,
+                 window_per_s: float | None = None) -> None:
         self.per_s = per_s  # math.inf: no limit, only counting
-        self._windowed = windowed
+        self.window_per_s = window_per_s  # the pace a window is held to; None: per_s, wherever it is
+        self._window_share = window_share
         self._clock = clock
         self._sleep = sleep
         self._spent_to = -math.inf  # the schedule starts with the first taker
-        self._catch_up = CATCH_UP_WINDOWED_S if windowed else CATCH_UP_S
+        self._catch_up = catch_up_s
         self._not_before = -math.inf  # the end of a pause: a settle cannot move a start before it
         self._turn = asyncio.Lock()  # one taker at a time, first come first served
         self._queued = 0.0  # what the takers waiting for their turn will take
@@ -117,20 +123,22 @@ class Pace:
         finally:
             self._queued -= amount
 
-    def restamp(self, entry: list[float]) -> None:
-        """The request of this entry left now: it stays in the window until WINDOW_S after."""
-        entry[0] = max(entry[0], self._clock())
+    def restamp(self, entry: list[float], at: float | None = None) -> None:
+        """The request of this entry left now (or `at`, on this pace's clock): it stays in the
+        window until WINDOW_S after."""
+        entry[0] = max(entry[0], self._clock() if at is None else at)
 
     def _wait(self, amount: float) -> float:
         now = self._clock()
         due = max(self._spent_to, self._not_before) + self._after(amount)
-        return max(due - now, self._room_in(amount, now) if self._windowed else 0.0)
+        return max(due - now, self._room_in(amount, now))
 
     def _room_in(self, amount: float, now: float) -> float:
         """Seconds until the last WINDOW_S of starts leave room for `amount` (a taker larger than
         the whole window waits for an empty one)."""
         self._expire(now)
-        need = self._in_window + min(amount, self.per_s * WINDOW_S * WINDOW_SHARE) - self.per_s * WINDOW_S * WINDOW_SHARE
+        cap = (self.per_s if self.window_per_s is None else self.window_per_s) * WINDOW_S * self._window_share
+        need = self._in_window + min(amount, cap) - cap
         wait = 0.0
         for when, taken in self._window:  # oldest first, but a restamped one may be later than the next
             if need <= 1e-9:
@@ -156,6 +164,12 @@ class Pace:
         self._expire(self._clock())
         return self._in_window / (WINDOW_S + OVERLAP_S)
 
+    def lower_to(self, per_s: float) -> None:
+        """A lower limit became known: neither the pace nor its window goes above it."""
+        self.per_s = min(self.per_s, per_s)
+        if self.window_per_s is not None:
+            self.window_per_s = min(self.window_per_s, per_s)
+
     def pause(self, until: float) -> None:
         """Nothing may be taken before `until`, and the allowance starts from nothing then, so
         the takers that waited out a pause leave at the rate, not as one burst."""
@@ -169,13 +183,23 @@ class Pace:
             self._count(self._clock(), actual - reserved)
 
 
+class Sent(Protocol):
+    """Called when a request really leaves (now, or `at` on the limiter's clock)."""
+
+    def __call__(self, at: float | None = None) -> None: ...
+
+
+def _unwatched(at: float | None = None) -> None:
+    """A turn whose window does not follow when the request left."""
+
+
 @dataclass(frozen=True)
 class Turn:
     """A request's turn: the cut of the pace it was given under, and what to call the moment it
     really leaves (its headers sent), so a window counts it from then."""
 
     epoch: int
-    sent: Callable[[], None] = lambda: None
+    sent: Sent = _unwatched
 
 
 @dataclass(frozen=True)
@@ -276,10 +300,12 @@ class LocalLimiter:
         self.refusals = 0
 
     def _pace(self, kind: str, per_minute: int | None) -> Pace:
-        """Requests of one each need no window kept: evenly spaced, a window of w seconds holds
-        at most per_s * (w + CATCH_UP_S) of them, rounded up, which is within the limit."""
+        """Requests of one each, evenly spaced, fill a window of w seconds with at most
+        per_s * (w + CATCH_UP_S) of them, rounded up, which is within the limit."""
         per_s = math.inf if per_minute is None else per_minute / 60 * HEADROOM
-        return Pace(per_s, self._clock, self._sleep, windowed=kind == "tokens")
+        if kind == "requests":
+            return Pace(per_s, self._clock, self._sleep, REQUESTS_WINDOW_SHARE, CATCH_UP_S, window_per_s=per_s)
+        return Pace(per_s, self._clock, self._sleep)
 
     @classmethod
     def from_config(cls, limits: LimitsConfig, clock: Clock = time.monotonic) -> LocalLimiter:
@@ -306,9 +332,9 @@ class LocalLimiter:
         amounts = self._amounts(tokens)
         entries = [(pace, await pace.take(amounts[kind])) for kind, pace in list(self._paces.items())]
 
-        def sent() -> None:
+        def sent(at: float | None = None) -> None:
             for pace, entry in entries:
-                pace.restamp(entry)
+                pace.restamp(entry, at)
 
         return Turn(epoch, sent)
 
@@ -331,7 +357,7 @@ class LocalLimiter:
                 self._ceilings[kind] = per_s
             elif per_s < self._ceilings[kind]:
                 self._ceilings[kind] = per_s
-                self._paces[kind].per_s = min(self._paces[kind].per_s, per_s)
+                self._paces[kind].lower_to(per_s)
 
     def refused(self, retry_after_s: float | None, epoch: int) -> None:
         """A 429 to a request paced under `epoch`, naming `retry_after_s` or no wait."""

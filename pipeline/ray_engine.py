@@ -48,7 +48,7 @@ from .config import EndpointConfig, LimitsConfig, RunConfig
 from .errors import ConfigError, Halted, RowInputError
 from .fetch import Fetcher, fetch_rows
 from .images import is_remote
-from .limits import LocalLimits, Slots, Turn, roomiest
+from .limits import OVERLAP_S, WINDOW_S, LocalLimits, Sent, Slots, Turn, roomiest
 from .manifest import ManifestRow
 from .runner import NO_KEY, Driver, stopping_on_signals
 from .sender import Outcome, Sender
@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 # How far ahead of its moment a start is granted: longer than a reply from the coordinator takes
 # to reach an actor, so requests leave as evenly as they were paced.
 LEAD_S = 0.05
+# A request that leaves later than its moment by more than this (its actor was busy) tells the
+# coordinator, whose window then counts it from when it left; earlier lateness is in OVERLAP_S.
+LATE_S = OVERLAP_S / 2
 HELD_EVERY_S = 1.0  # how often the driver asks what holds the pace, for the progress bar
 QUIT_WAIT_S = 10.0  # after a stop that cannot wait, how long the driver's thread may take to let go
 WAVE_ROWS = 20_000  # rows handed to Ray Data at a time: bounds what the driver and the object store hold
@@ -89,6 +92,8 @@ class Coordinator:
         self.lives: dict[str, str] = {}  # actor id -> its current life
         self.holds: dict[Owner, Counter[float]] = defaultdict(Counter)
         self.stopping = asyncio.Event()
+        self.tickets = itertools.count()
+        self.turns: dict[int, tuple[float, Sent]] = {}  # ticket -> when granted, what restamps its window
 
     @staticmethod
     def clock() -> float:
@@ -97,10 +102,10 @@ class Coordinator:
     async def waits(self, tokens: int) -> list[float]:
         return self.limits.waits(tokens)
 
-    async def pace(self, endpoint: int, tokens: int) -> tuple[int, float] | None:
-        """Wait for a request's turn; the cut of the pace it was given under and when to send
-        it (wall clock); None when the run is stopping (also while it waited) and the request
-        must not be sent."""
+    async def pace(self, endpoint: int, tokens: int) -> tuple[int, float, int] | None:
+        """Wait for a request's turn; the cut of the pace it was given under, when to send it
+        (wall clock) and its ticket for `sent`; None when the run is stopping (also while it
+        waited) and the request must not be sent."""
         turn = asyncio.ensure_future(self.limits[endpoint].pace(tokens))
         stop = asyncio.ensure_future(self.stopping.wait())
         await asyncio.wait([turn, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -108,7 +113,17 @@ class Coordinator:
             waiting.cancel()
         if self.stopping.is_set() or not turn.done() or turn.cancelled():
             return None
-        return turn.result().epoch, self.clock()
+        granted = self.clock()
+        ticket = next(self.tickets)
+        self.turns[ticket] = (granted, turn.result().sent)
+        while next(iter(self.turns.values()))[0] < granted - 2 * WINDOW_S:
+            del self.turns[next(iter(self.turns))]  # its window has forgotten it
+        return turn.result().epoch, granted, ticket
+
+    async def sent(self, ticket: int, at: float) -> None:
+        """The request of `ticket` left late, at `at` (wall clock): windows count it from then."""
+        if (turn := self.turns.pop(ticket, None)) is not None:
+            turn[1](at)
 
     async def answered(self, endpoint: int, reserved: int, counted: int) -> None:
         self.limits[endpoint].answered(reserved, counted)
@@ -176,7 +191,8 @@ _CoordinatorActor: Any = ray.remote(Coordinator)
 class _RemoteLimiter:
     """One endpoint's limits on the coordinator; this actor's share of its concurrency here.
     Each request start is one call to the coordinator, and each answer one more (not waited
-    for): the pace learns from answers and 429s alike."""
+    for): the pace learns from answers and 429s alike. A request that leaves late (this actor
+    was busy) says so too, so the cluster's window counts it from when it really left."""
 
     def __init__(self, coordinator: Any, endpoint: int, slots: int) -> None:
         self._coordinator = coordinator
@@ -189,12 +205,17 @@ class _RemoteLimiter:
 
     async def pace(self, tokens: int) -> Turn:
         """The coordinator's window counts the moment it names, when this actor sends."""
-        turn: tuple[int, float] | None = await self._coordinator.pace.remote(self._endpoint, tokens)
+        turn: tuple[int, float, int] | None = await self._coordinator.pace.remote(self._endpoint, tokens)
         if turn is None:
             raise Halted("the run is stopping")
-        epoch, send_at = turn
+        epoch, send_at, ticket = turn
         await asyncio.sleep(max(0.0, send_at - time.time()))
-        return Turn(epoch)
+
+        def sent(at: float | None = None) -> None:
+            if (left := time.time() if at is None else at) > send_at + LATE_S:
+                self._coordinator.sent.remote(ticket, left)
+
+        return Turn(epoch, sent)
 
     def answered(self, reserved: int, counted: int) -> None:
         self._coordinator.answered.remote(self._endpoint, reserved, counted)

@@ -335,6 +335,24 @@ def test_the_budget_held_by_an_actor_that_never_came_back_is_spent_at_the_wave_e
     asyncio.run(main())
 
 
+def test_a_request_that_left_late_is_counted_in_the_cluster_window_from_when_it_left() -> None:
+    # one request a second at most in any second: a request that left half a second after its
+    # moment keeps the next one back until a second after it really left
+    coordinator = ray_engine.Coordinator([LimitsConfig(requests_per_minute=60)], limit_usd=None, spent_usd=0.0)
+
+    async def main() -> tuple[float, float, float]:
+        first = await coordinator.pace(0, 0)
+        assert first is not None
+        _, granted, ticket = first
+        await coordinator.sent(ticket, granted + 0.5)
+        second = await coordinator.pace(0, 0)
+        assert second is not None
+        return granted, granted + 0.5, second[1]
+
+    granted, left, next_granted = asyncio.run(main())
+    assert next_granted >= left + 1.0 > granted + 1 / 0.98 + 0.4
+
+
 @pytest.mark.parametrize("engine", ["local", "ray"])
 def test_the_limit_the_provider_states_lowers_ours(request: pytest.FixtureRequest, faulty_sim: Callable[..., Any],
                                                    tmp_path: Path, images: Callable[..., list[str]],
