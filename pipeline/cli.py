@@ -13,7 +13,10 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import compact, config, estimate, report, runner
+from .store import compact
+from . import config, report
+from .cost import estimate
+from . import runner
 from pydantic import ValidationError
 
 from .config import SimulatorSettings
@@ -150,7 +153,7 @@ def simulator_settings(args: argparse.Namespace) -> SimulatorSettings:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from . import simulator  # the server's libraries load only for this command
+    from .simulator import server as simulator  # the server's libraries load only for this command
 
     settings = simulator_settings(args)
     print(f"annotate: simulator on http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", file=sys.stderr)

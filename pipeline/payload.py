@@ -11,7 +11,7 @@ from .config import PromptConfig, RequestConfig
 from .images import ImagePart, notes_text, to_parts
 from .manifest import ManifestRow
 from .structured import OutputSchema
-from .tokens import input_tokens
+from .cost.tokens import input_tokens
 
 __all__ = ["build", "estimate", "input_texts", "follow_up", "prepare", "Prepared", "TokenEstimate", "UNSET_MAX_TOKENS"]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import polars as pl
 
-from .store import parts, read_run_info, scan
+from .store.parts import parts, read_run_info, scan
 from .structured import categories
 
 __all__ = ["summarize", "render"]

@@ -16,15 +16,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import payload, results
-from .budget import Purse
+from . import payload
+from .store import columns as results
+from .cost.budget import Purse
 from .client import ACCOUNT_STATUSES, Client, read_key
 from .completion import Reply
 from .config import EndpointConfig, RunConfig
 from .errors import Halted, Rejected, RequestFailed, RowInputError
 from .limits import Limits
 from .manifest import ManifestRow
-from .pricing import PriceTable
+from .cost.pricing import PriceTable
 from .structured import OutputSchema, Unusable
 
 log = logging.getLogger(__name__)

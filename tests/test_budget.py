@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from pipeline import cli
-from pipeline.budget import Budget
+from pipeline.cost.budget import Budget
 from pipeline.simulator import Simulator
 
 from .conftest import write_config, write_manifest
@@ -71,8 +71,8 @@ def test_budget_holds_worst_cases_in_flight_and_settles_to_what_was_billed() -> 
 
 
 def test_what_earlier_runs_were_charged_counts_even_without_a_reported_cost(tmp_path: Path) -> None:
-    from pipeline import results
-    from pipeline.store import Store
+    from pipeline.store import columns as results
+    from pipeline.store.parts import Store
 
     schema = results.schema(pl.Schema())
     rows = [{"id": "a", "status": "ok", "cost_usd": 0.25, "charged_usd": 0.25},

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.completion import Reply, Usage, assemble_chunks, error_message, parse_body
 from pipeline.config import Price
-from pipeline.pricing import PriceTable
+from pipeline.cost.pricing import PriceTable
 
 USAGE = {
     "prompt_tokens": 1200,

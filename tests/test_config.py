@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import pipeline
+import pipeline.engines
 from pipeline import cli, config
 from pipeline.errors import ConfigError
 from pipeline.simulator import Simulator
@@ -79,8 +79,8 @@ def test_engine_ray_without_ray_installed_exits_2_naming_the_extra(
     good: Path, sim: Simulator, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # what an install without the ray extra has
-    monkeypatch.delitem(sys.modules, "pipeline.ray_engine", raising=False)  # imported afresh, then ...
-    monkeypatch.delattr(pipeline, "ray_engine", raising=False)  # ... not found on the package already
+    monkeypatch.delitem(sys.modules, "pipeline.engines.ray", raising=False)  # imported afresh, then ...
+    monkeypatch.delattr(pipeline.engines, "ray", raising=False)  # ... not found on the package already
     assert cli.main(["run", str(good), "-q", "--engine", "ray"]) == 2
     err = capsys.readouterr().err
     assert "engine: ray needs Ray" in err and "pip install 'annotate-pipeline[ray]'" in err and err.count("\n") == 1

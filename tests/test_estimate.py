@@ -18,7 +18,7 @@ from pipeline.manifest import Manifest
 from pipeline.payload import input_texts
 from pipeline.simulator import Simulator
 from pipeline.structured import labels
-from pipeline.tokens import image_tokens, input_tokens
+from pipeline.cost.tokens import image_tokens, input_tokens
 
 from .conftest import image_bytes, write_config, write_manifest
 

@@ -20,7 +20,8 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from pipeline import cli, tokens
+from pipeline import cli
+from pipeline.cost import tokens
 from pipeline.config import FetchConfig
 from pipeline.errors import RowInputError
 from pipeline.fetch import Fetcher

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline import cli
 from pipeline.config import InputConfig, PromptConfig
-from pipeline.lock import LOCK_FILE
+from pipeline.store.lock import LOCK_FILE
 from pipeline.manifest import Manifest
 from pipeline.simulator import Simulator
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pipeline.limits import CATCH_UP_S, CATCH_UP_TOKENS_S, CUT, GROWTH_PER_S, HEADROOM, MEASURE_S, LocalLimiter, Pace, roomiest
-from pipeline.provider_limits import FixedWindow, Meter, SlidingWindow
+from pipeline.simulator.meters import FixedWindow, Meter, SlidingWindow
 
 
 class FakeTime:

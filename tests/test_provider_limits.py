@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.provider_limits import Bucket, FixedWindow, SlidingWindow, meter
+from pipeline.simulator.meters import Bucket, FixedWindow, SlidingWindow, meter
 
 
 def admitted(m: SlidingWindow | FixedWindow | Bucket, times: list[float], cost: float = 1) -> list[float]:

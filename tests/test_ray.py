@@ -28,7 +28,7 @@ from .test_rate_fidelity import start as start_run
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from pipeline import ray_engine  # noqa: E402
+from pipeline.engines import ray as ray_engine  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

@@ -11,15 +11,15 @@ import polars as pl
 import pytest
 
 from pipeline import cli
-from pipeline.journal import JOURNAL_FILE
-from pipeline.lock import LOCK_FILE
+from pipeline.store.journal import JOURNAL_FILE
+from pipeline.store.lock import LOCK_FILE
 from pipeline.simulator import Simulator
 
 from .conftest import NAMED, named, write_config, write_manifest
 
 HOLD_LOCK = (  # a process that takes an output directory's lock and keeps it
     "import sys, time, pathlib\n"
-    "from pipeline.lock import Lock\n"
+    "from pipeline.store.lock import Lock\n"
     "folder = pathlib.Path(sys.argv[1]); folder.mkdir(parents=True, exist_ok=True)\n"
     "lock = Lock(folder); lock.acquire(); print('held', flush=True); time.sleep(60)\n"
 )
@@ -104,7 +104,7 @@ def test_a_torn_journal_tail_is_dropped_and_the_rest_recovered(job: Path, sim: S
     script = (
         "import os, sys\n"
         "from pathlib import Path\n"
-        "from pipeline.journal import Journal\n"
+        "from pipeline.store.journal import Journal\n"
         "j = Journal(Path(sys.argv[1]))\n"
         "for batch in range(3):\n"
         "    j.append([{'id': f'x{batch}-{i}', 'status': 'ok', 'answer': 'a' * 300} for i in range(20)])\n"

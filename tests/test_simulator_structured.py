@@ -15,7 +15,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from PIL import Image, ImageDraw
 
-from pipeline import tokens
+from pipeline.cost import tokens
 from pipeline.simulator import Simulator
 from pipeline.structured import Mode, OutputSchema, Unusable, json_schema
 

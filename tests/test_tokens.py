@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.tokens import image_tokens, input_tokens, text_tokens
+from pipeline.cost.tokens import image_tokens, input_tokens, text_tokens
 
 # (model, base = low, high for a 4-tile image such as 1024x1024 or 4000x3000, high for 128x64 = 1 tile)
 TILE_MODELS = [

@@ -34,7 +34,7 @@ import yaml
 from PIL import Image
 
 from common import ANNOTATE, Figure, Finished, HOST, KEY_ENV, run_to_exit, standalone
-from pipeline.tokens import Detail, input_tokens
+from pipeline.cost.tokens import Detail, input_tokens
 
 STEP = 7919  # prime, so row i -> file (i * STEP) % files visits every file before repeating
 SHAPES = ((64, 48, "PNG"), (300, 200, "JPEG"), (640, 480, "PNG"), (800, 600, "JPEG"),

@@ -89,7 +89,7 @@ def in_process(cfg: config.RunConfig, rows: list[ManifestRow], root: Path) -> tu
 
 def start_coordinator(cfg: config.RunConfig) -> Any:
     """The run's coordinator actor, started as `engine: ray` starts it (no budget)."""
-    from pipeline.ray_engine import _CoordinatorActor
+    from pipeline.engines.ray import _CoordinatorActor
 
     limits = [target.limits(cfg.limits) for target in cfg.targets]
     return _CoordinatorActor.options(num_cpus=0, max_concurrency=10_000).remote(limits, None, 0.0)
@@ -99,7 +99,7 @@ def on_ray(cfg: config.RunConfig, rows: list[ManifestRow], root: Path, workers: 
            coordinator: Any) -> tuple[float, float]:
     import ray
 
-    from pipeline.ray_engine import _prepare
+    from pipeline.engines.ray import _prepare
 
     blocks = [pa.table({"row": pa.array([pickle.dumps(row) for row in rows[i:i + BLOCK_ROWS]], pa.binary())})
               for i in range(0, len(rows), BLOCK_ROWS)]

@@ -54,10 +54,11 @@ import yaml
 from PIL import Image
 
 from common import ANNOTATE, Figure, Finished, HOST, KEY_ENV, child_env, run_to_exit, standalone
-from pipeline import config, results
-from pipeline.journal import Journal
+from pipeline import config
+from pipeline.store import columns as results
+from pipeline.store.journal import Journal
 from pipeline.manifest import Manifest
-from pipeline.store import PARTS, RUN_FILE
+from pipeline.store.parts import PARTS, RUN_FILE
 
 IMAGES = 8
 IMAGE_SIZE = (64, 48)

@@ -11,8 +11,8 @@ import re
 from collections.abc import Mapping
 from importlib import resources
 
-from .completion import Usage
-from .config import Price
+from ..completion import Usage
+from ..config import Price
 
 __all__ = ["PriceTable"]
 
@@ -21,7 +21,7 @@ _VERSION_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
 
 
 def _bundled() -> dict[str, Price]:
-    raw = json.loads(resources.files(__package__).joinpath("data/prices.json").read_text(encoding="utf-8"))
+    raw = json.loads(resources.files(__package__).joinpath("prices.json").read_text(encoding="utf-8"))
     return {model: Price(input=p["input"], output=p["output"], cached_input=p.get("cached_input"))
             for model, p in raw["models"].items()}
 

@@ -13,9 +13,9 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from .completion import Reply
-from .errors import ConfigError
-from .manifest import ManifestRow
+from ..completion import Reply
+from ..errors import ConfigError
+from ..manifest import ManifestRow
 
 __all__ = ["COLUMNS", "schema", "answered", "unparsed", "failed"]
 

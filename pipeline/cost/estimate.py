@@ -20,15 +20,15 @@ from typing import Any
 
 import polars as pl
 
-from . import images
-from .config import PromptConfig, RunConfig
-from .errors import RowInputError
-from .fetch import fetch_heads
-from .manifest import ImageRef, Manifest, ManifestRow
-from .payload import UNSET_MAX_TOKENS, input_texts
+from .. import images
+from ..config import PromptConfig, RunConfig
+from ..errors import RowInputError
+from ..fetch import fetch_heads
+from ..manifest import ImageRef, Manifest, ManifestRow
+from ..payload import UNSET_MAX_TOKENS, input_texts
 from .pricing import PriceTable
-from .store import parts, scan
-from .structured import labels
+from ..store.parts import parts, scan
+from ..structured import labels
 from .tokens import Detail, input_tokens
 
 __all__ = ["Estimate", "estimate", "TEXT_TOKENS_NOTE"]

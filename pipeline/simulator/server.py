@@ -36,10 +36,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from . import provider_limits, simulated
-from .config import SimulatorSettings
-from .provider_limits import Meter, go_duration, seconds
-from .simulated import JSON
+from . import meters as provider_limits, answers as simulated
+from ..config import SimulatorSettings
+from .meters import Meter, go_duration, seconds
+from .answers import JSON
 
 __all__ = ["LogEntry", "Simulator", "running", "serve"]
 

@@ -42,17 +42,18 @@ import pyarrow as pa
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from . import payload, results
-from .budget import Budget
-from .config import EndpointConfig, LimitsConfig, RunConfig
-from .errors import ConfigError, Halted, RowInputError
-from .fetch import Fetcher, fetch_rows
-from .images import is_remote
-from .limits import OVERLAP_S, WINDOW_S, LocalLimits, Sent, Slots, Turn, roomiest
-from .manifest import ManifestRow
-from .runner import NO_KEY, Driver, stopping_on_signals
-from .sender import Outcome, Sender
-from .structured import OutputSchema, labels
+from .. import payload
+from ..store import columns as results
+from ..cost.budget import Budget
+from ..config import EndpointConfig, LimitsConfig, RunConfig
+from ..errors import ConfigError, Halted, RowInputError
+from ..fetch import Fetcher, fetch_rows
+from ..images import is_remote
+from ..limits import OVERLAP_S, WINDOW_S, LocalLimits, Sent, Slots, Turn, roomiest
+from ..manifest import ManifestRow
+from .driver import NO_KEY, Driver, stopping_on_signals
+from ..sender import Outcome, Sender
+from ..structured import OutputSchema, labels
 
 __all__ = ["run"]
 

@@ -35,7 +35,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from PIL import Image
 
-from . import tokens
+from ..cost import tokens
 
 __all__ = ["JSON", "Invalid", "ImageFacts", "ImageCache", "Parsed", "parse", "answer_texts", "count_usage",
            "completion_head", "completion_body", "chunk_events", "models_body", "error_body"]

@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 from typing import IO
 
-from .errors import StoreError
+from ..errors import StoreError
 
 __all__ = ["Lock", "LOCK_FILE"]
 

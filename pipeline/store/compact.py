@@ -19,10 +19,10 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from .config import InputConfig, PromptConfig
-from .errors import ManifestError
-from .manifest import Manifest
-from .store import INTENT_FILE, RUN_FILE, Store, finish_interrupted, parts, scan, sync_dir, write_atomically
+from ..config import InputConfig, PromptConfig
+from ..errors import ManifestError
+from ..manifest import Manifest
+from .parts import INTENT_FILE, RUN_FILE, Store, finish_interrupted, parts, scan, sync_dir, write_atomically
 
 __all__ = ["compact", "Compacted"]
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import StoreError
+from ..errors import StoreError
 from .journal import Journal
 from .lock import Lock
 

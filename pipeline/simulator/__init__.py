@@ -1,0 +1,3 @@
+from .server import LogEntry, Simulator, running, serve
+
+__all__ = ["LogEntry", "Simulator", "running", "serve"]
