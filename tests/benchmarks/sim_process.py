@@ -3,7 +3,7 @@ let through and when: in their process, a pause of its garbage collector (tens o
 heap of pytest or the benchmark suite, Polars and earlier runs) holds arrivals back and then
 times them as one burst, which a provider's gateway would not. The child keeps its collector
 off while clients run: its heap only grows by its log, and a reset (between runs) clears the
-log and collects. Here rather than beside the tests so that both tests/test_rate_fidelity.py
+log and collects. Here rather than beside the tests so that both tests/request/test_rate_fidelity.py
 and tests/benchmarks/suite.py import it."""
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from pipeline.simulator import Simulator
 from pipeline.structured import labels
 from pipeline.cost.tokens import image_tokens, input_tokens
 
-from .conftest import image_bytes, write_config, write_manifest
+from ..conftest import image_bytes, write_config, write_manifest
 
 
 def estimate(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:

@@ -23,9 +23,9 @@ from pipeline.errors import RowInputError
 from pipeline.images import ImagePart, sizes_as_sent, to_parts
 from pipeline.simulator import Simulator
 
-from .conftest import KEY, KEY_ENV, write_config, write_manifest
+from ..conftest import KEY, KEY_ENV, write_config, write_manifest
 
-ODD = Path(__file__).parent / "data" / "odd"
+ODD = Path(__file__).parents[1] / "data" / "odd"
 
 # file -> (format sent, mode sent, what image_notes says); a note of None: sent as it is
 SENT = {

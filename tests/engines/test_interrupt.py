@@ -20,7 +20,7 @@ from pipeline.store.lock import LOCK_FILE
 from pipeline.manifest import Manifest
 from pipeline.simulator import Simulator
 
-from .conftest import write_config, write_manifest
+from ..conftest import write_config, write_manifest
 
 
 def wait_for(condition: Callable[[], bool], deadline_s: float = 30.0) -> None:

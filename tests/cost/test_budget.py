@@ -13,7 +13,7 @@ from pipeline import cli
 from pipeline.cost.budget import Budget
 from pipeline.simulator import Simulator
 
-from .conftest import write_config, write_manifest
+from ..conftest import write_config, write_manifest
 
 GPT_4O = (2.50, 10.00)  # USD per 1M input and output tokens, as bundled
 

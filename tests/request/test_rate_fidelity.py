@@ -21,8 +21,8 @@ import pytest
 
 from pipeline.simulator import LogEntry
 
-from .conftest import KEY, image_bytes, write_config, write_manifest
-from .benchmarks.sim_process import SimulatorProcess
+from ..conftest import KEY, image_bytes, write_config, write_manifest
+from ..benchmarks.sim_process import SimulatorProcess
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from pipeline import cli
 from pipeline.simulator import Simulator
 
-from .conftest import NAMED, image_bytes, named, write_config, write_manifest
+from ..conftest import NAMED, image_bytes, named, write_config, write_manifest
 
 PALETTE = "black, white, grey, red, orange, yellow, green, cyan, blue, purple, pink, brown"
 LABELS: dict[str, Any] = {

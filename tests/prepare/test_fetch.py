@@ -27,7 +27,7 @@ from pipeline.errors import RowInputError
 from pipeline.fetch import Fetcher
 from pipeline.simulator import Simulator
 
-from .conftest import write_config, write_manifest
+from ..conftest import write_config, write_manifest
 
 CHUNK = 64 * 1024
 HUGE = 40 * 1024 * 1024

@@ -18,12 +18,12 @@ import pytest
 from pipeline import cli, simulator
 from pipeline.config import LimitsConfig
 
-from .conftest import KEY, KEY_ENV, NAMED, named, write_config, write_manifest
-from .test_budget import billed
-from .test_fetch import ImageHost, image_host  # noqa: F401 - a fixture
+from ..conftest import KEY, KEY_ENV, NAMED, named, write_config, write_manifest
+from ..cost.test_budget import billed
+from ..prepare.test_fetch import ImageHost, image_host  # noqa: F401 - a fixture
 from .test_interrupt import answered, start, wait_for
-from .test_rate_fidelity import answered_once, finish, let_through, rate, refusals, serve, settles_at, small_images
-from .test_rate_fidelity import start as start_run
+from ..request.test_rate_fidelity import answered_once, finish, let_through, rate, refusals, serve, settles_at, small_images
+from ..request.test_rate_fidelity import start as start_run
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -373,7 +373,7 @@ def test_the_limit_the_provider_states_lowers_ours(request: pytest.FixtureReques
 def test_both_engines_write_the_same_labels(cluster: Cluster, tmp_path: Path) -> None:
     """The labelling demo, with its invalid and schema-breaking answers asked again, on each engine
     against its own bundled simulator (whose faults follow each request's content, not its order)."""
-    demo = Path(__file__).parent.parent / "configs"
+    demo = Path(__file__).parents[2] / "configs"
     runs = {}
     for engine in ("local", "ray"):
         out = tmp_path / engine

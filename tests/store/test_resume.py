@@ -15,7 +15,7 @@ from pipeline.store.journal import JOURNAL_FILE
 from pipeline.store.lock import LOCK_FILE
 from pipeline.simulator import Simulator
 
-from .conftest import NAMED, named, write_config, write_manifest
+from ..conftest import NAMED, named, write_config, write_manifest
 
 HOLD_LOCK = (  # a process that takes an output directory's lock and keeps it
     "import sys, time, pathlib\n"

@@ -11,7 +11,7 @@ import pytest
 from pipeline import cli
 from pipeline.simulator import Simulator
 
-from .conftest import write_config, write_manifest
+from ..conftest import write_config, write_manifest
 
 OPTIONAL = ("temperature", "top_p", "n", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "user",
             "stream", "stream_options")

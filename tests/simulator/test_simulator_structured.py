@@ -20,7 +20,7 @@ from pipeline.simulator import Simulator
 from pipeline.structured import Mode, OutputSchema, Unusable, json_schema
 
 KEY = "sk-test-structured"
-DEMO = Path(__file__).parents[1] / "configs" / "demo" / "images"
+DEMO = Path(__file__).parents[2] / "configs" / "demo" / "images"
 SCHEMA = json_schema({"colour": "enum[red, green, blue, grey, other]", "size": "enum[small, medium, large]",
                       "shapes": "int", "photo": "bool", "aspect": "float", "tags": "list[str]", "caption": "str"})
 

@@ -80,7 +80,7 @@ def test_folder_of_images_is_read_recursively(tmp_path: Path) -> None:
 def test_a_folder_lists_every_image_pillow_reads_by_suffix_or_content_and_names_what_it_skipped(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = tmp_path / "scans"
-    odd = Path(__file__).parent / "data" / "odd"
+    odd = Path(__file__).parents[1] / "data" / "odd"
     for name in ("hopper.tif", "hopper.bmp", "hopper.qoi", "hopper.avif", "12in16bit.tif"):
         (folder / "sub").mkdir(parents=True, exist_ok=True)
         (folder / "sub" / name).write_bytes((odd / name).read_bytes())
