@@ -13,14 +13,15 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .store import compact
-from . import config, report
-from .cost import estimate
-from . import runner
 from pydantic import ValidationError
 
+from . import config, report, runner
 from .config import SimulatorSettings
+from .cost import estimate
 from .errors import ConfigError, Interrupted, ManifestError, RunStopped, StoreError
+from .manifest import ids_of_last_run
+from .store import compact
+from .store.parts import read_run_info
 
 T = TypeVar("T")
 
@@ -120,7 +121,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace) -> int:
-    done = compact.compact(args.dir)
+    done = compact.compact(args.dir, ids_of_last_run(read_run_info(args.dir)))
     order = "in manifest order" if done.in_manifest_order else "in their earlier order (manifest not readable)"
     print(f"annotate: {args.dir}: {done.rows} rows, {done.parts_before} parts -> {done.parts_after}, {order}")
     return EXIT_OK
@@ -153,7 +154,9 @@ def simulator_settings(args: argparse.Namespace) -> SimulatorSettings:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from .simulator import server as simulator  # the server's libraries load only for this command
+    from .simulator import (
+        server as simulator,  # the server's libraries load only for this command
+    )
 
     settings = simulator_settings(args)
     print(f"annotate: simulator on http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", file=sys.stderr)

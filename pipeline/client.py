@@ -21,7 +21,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 import httpx
@@ -35,12 +35,12 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from .config import AuthStyle, EndpointConfig
 from .completion import Reply, assemble_chunks, error_message, parse_body
+from .config import AuthStyle, EndpointConfig
 from .errors import ConfigError, Rejected, RequestFailed, Retryable
-from .limits import Turn
+from .limits import Limiter, Turn
 
-__all__ = ["AUTH_HEADERS", "Pacer", "Client", "read_key", "retry_policy", "ACCOUNT_STATUSES"]
+__all__ = ["AUTH_HEADERS", "Client", "read_key", "retry_policy", "ACCOUNT_STATUSES"]
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +60,6 @@ MAX_RETRY_AFTER_S = 600.0
 # timeout_s bounds each wait for bytes; a whole attempt may take this many times that.
 DEADLINE_FACTOR = 4
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, UnicodeError)
-
-
-class Pacer(Protocol):
-    """What the client needs of a limiter: wait for a turn (and say under which cut of the pace
-    it was given), hear each 429 and the limits the provider states."""
-
-    async def pace(self, tokens: int) -> Turn: ...
-
-    def refused(self, retry_after_s: float | None, epoch: int) -> None: ...
-
-    def lower(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None: ...
 
 
 def _stated_limits(headers: Mapping[str, str]) -> tuple[int | None, int | None]:
@@ -151,7 +140,7 @@ class Client:
         self,
         endpoint: EndpointConfig,
         key: str,
-        pacer: Pacer,
+        pacer: Limiter,
         *,
         concurrency: int,
         max_attempts: int,

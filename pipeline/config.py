@@ -26,9 +26,9 @@ from pydantic import (
     model_validator,
 )
 
+from .errors import ConfigError
 from .structured import Mode as StructuredMode
 from .structured import SchemaError, json_schema
-from .errors import ConfigError
 
 __all__ = [
     "AuthStyle",
@@ -302,6 +302,11 @@ class RunConfig(_Model):
     def targets(self) -> tuple[EndpointConfig, ...]:
         """The endpoints requests go to."""
         return self.endpoints or (self.endpoint,)
+
+    @property
+    def target_limits(self) -> list[LimitsConfig]:
+        """Each endpoint's limits: its own where it sets them, else the run's."""
+        return [target.limits(self.limits) for target in self.targets]
 
     @model_validator(mode="after")
     def _schema_settings(self) -> RunConfig:

@@ -22,7 +22,7 @@ from .config import InputConfig, PromptConfig
 from .errors import ManifestError
 from .image_file import is_image_file
 
-__all__ = ["ImageRef", "ManifestRow", "Manifest"]
+__all__ = ["ImageRef", "ManifestRow", "Manifest", "ids_of_last_run"]
 
 log = logging.getLogger(__name__)
 
@@ -214,3 +214,16 @@ class Manifest:
             prompt=values["_prompt"],
             keep={name: values[name] for name in self._source.keep_columns},
         )
+
+
+def ids_of_last_run(run_info: Mapping[str, Any] | None) -> list[str] | None:
+    """The ids of the manifest a run read (as its `_run.json` names it), in the manifest's
+    order; None when that manifest cannot be read any more."""
+    if run_info is None:
+        return None
+    try:
+        source = InputConfig.model_validate(run_info["config"]["input"] | {"manifest": run_info["manifest"]["path"]})
+        manifest = Manifest(source, PromptConfig.model_validate(run_info["config"]["prompt"]))
+        return [row.id for batch in manifest.batches() for row in batch]
+    except (OSError, ValueError, KeyError, TypeError, ManifestError):
+        return None

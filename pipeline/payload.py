@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import PromptConfig, RequestConfig
+from .cost.tokens import input_tokens
 from .images import ImagePart, notes_text, to_parts
 from .manifest import ManifestRow
 from .structured import OutputSchema
-from .cost.tokens import input_tokens
 
 __all__ = ["build", "estimate", "input_texts", "follow_up", "prepare", "Prepared", "TokenEstimate", "UNSET_MAX_TOKENS"]
 

@@ -1,4 +1,154 @@
-"""Moved to `pipeline.engines.driver`; this name keeps working."""
+"""Run, or resume, one job: check the config and the output directory, open the store, and
+hand the rows to the engine the config names (`pipeline.engines`).
 
-from .engines.driver import *  # noqa: F403
-from .engines.driver import __all__  # noqa: F401
+Owns: what is checked before anything is sent, `_run.json`, the progress bar's life and the
+summary's last figures. Never: how an engine sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from .client import read_key
+from .config import EndpointConfig, RunConfig, fingerprint, fingerprint_changes
+from .cost.pricing import PriceTable
+from .engines import local
+from .engines.driver import Driver, Summary
+from .errors import ConfigError, Interrupted, RunStopped, StoreError
+from .manifest import Manifest
+from .store import columns
+from .store.parts import Store
+from .structured import OutputSchema, build_schema
+
+__all__ = ["Summary", "new_event_loop", "run"]
+
+new_event_loop: Callable[[], asyncio.AbstractEventLoop]
+try:  # uvloop takes about a tenth less CPU per request than asyncio's own loop
+    from uvloop import new_event_loop
+except ImportError:  # Windows, where uvloop does not install
+    new_event_loop = asyncio.new_event_loop
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _endpoint(cfg: EndpointConfig) -> Iterator[EndpointConfig]:
+    """The endpoint to talk to: the configured one, or the bundled simulator it asks for."""
+    if cfg.simulator is None:
+        yield cfg
+        return
+    from .simulator import (
+        server as simulator,  # the server's libraries load only when a config asks for it
+    )
+
+    with simulator.running(cfg.simulator) as sim:
+        yield cfg.model_copy(update={"base_url": sim.url})
+
+
+@contextlib.contextmanager
+def _endpoints(targets: Sequence[EndpointConfig]) -> Iterator[list[EndpointConfig]]:
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(_endpoint(target)) for target in targets]
+
+
+def _claim_directory(store: Store, cfg: RunConfig, total: int, force: bool) -> None:
+    """Refuse to mix answers of two different configs in one directory, unless forced; then
+    record this run (fingerprint, manifest, config without header values) in `_run.json`."""
+    now = fingerprint(cfg)
+    before = store.read_run_info()
+    if before and not force and (changed := fingerprint_changes(before.get("fingerprint", {}), now)):
+        raise StoreError(f"output.dir: {cfg.output.dir} holds answers to another config ({'; '.join(changed)}); "
+                         "use another output dir, or --force to mix them on purpose")
+    runs = (before or {}).get("runs", [])
+    config = cfg.model_dump(mode="json")
+    for section in [config["endpoint"], *config["endpoints"]]:
+        section["headers"] = sorted(section["headers"])  # names only: values may be private
+    store.write_run_info({
+        "fingerprint": now,
+        "manifest": {"path": str(cfg.input.manifest.resolve()), "rows": total},
+        "runs": [*runs, {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "forced": force}],
+        "config": config,
+    })
+
+
+def _open_store(cfg: RunConfig, columns: pa.Schema, total: int, retry_failed: bool, force: bool) -> Store:
+    store = Store(cfg.output.dir, columns, journal=cfg.output.journal, retry_failed=retry_failed)
+    try:
+        _claim_directory(store, cfg, total, force)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True, retry_failed: bool = False,
+              force: bool = False) -> Summary:
+    """Run, or resume, one job on the engine the config names. Raises ConfigError,
+    ManifestError or StoreError before sending anything, RunStopped when every request fails
+    alike, Interrupted on SIGINT or SIGTERM."""
+    started = time.monotonic()
+    prices = PriceTable(cfg.pricing)
+    if cfg.limits.max_cost_usd is not None and prices.find(cfg.request.model) is None:
+        raise ConfigError(f"limits.max_cost_usd: no price is known for {cfg.request.model}, so a budget cannot "
+                          "be kept; add the model under pricing:")
+    if cfg.limits.max_cost_usd is not None and cfg.request.max_tokens is None:
+        raise ConfigError("limits.max_cost_usd: a budget needs request.max_tokens, the cap on what an answer costs")
+    for target in cfg.targets:
+        read_key(target)  # an unset key is exit 2 here, before anything is sent
+    engine = _engine(cfg)
+    manifest = Manifest(cfg.input, cfg.prompt)
+    schema = build_schema(cfg.output_schema, cfg.request.structured)
+    if schema is not None and schema.not_strict:
+        log.warning("output_schema is asked for with strict: false (%s): the provider may answer outside it, "
+                    "and such answers are asked again", schema.not_strict)
+    output = columns.schema(manifest.keep_schema, schema.fields if schema else ())  # a clashing field: exit 2 now
+    total = await asyncio.to_thread(manifest.count)
+    with _endpoints(cfg.targets) as endpoints:
+        store = await asyncio.to_thread(_open_store, cfg, output, total, retry_failed, force)
+        summary = Summary(output_dir=cfg.output.dir, total=total, resumed=store.resumed,
+                          failed_before=store.failed_for_good)
+        if prices.find(cfg.request.model) is None:
+            log.warning("no price known for %s: cost_usd stays empty (add it under pricing:)", cfg.request.model)
+        done_before = summary.resumed + summary.failed_before
+        todo = total if limit is None else min(total, done_before + limit)
+        with tqdm(total=todo, initial=done_before, unit="row", disable=not progress, dynamic_ncols=True) as bar:
+            driver = Driver(cfg, manifest, store, bar, summary)
+            try:
+                await engine(driver, endpoints, schema, limit)
+            except asyncio.CancelledError:
+                driver.signalled = True
+            finally:
+                driver.close()
+    summary.elapsed_s = time.monotonic() - started
+    summary.budget_usd, summary.spent_usd = cfg.limits.max_cost_usd, driver.budget.spent_usd
+    summary.stopped_at_budget = driver.budget.exhausted
+    if driver.signalled:
+        raise Interrupted(f"interrupted; {summary.ok + summary.failed} rows answered now are in "
+                          f"{cfg.output.dir}; run the same command again to resume")
+    if driver.manifest_error and summary.ok + summary.failed == 0:
+        raise driver.manifest_error  # nothing was sent: a bad manifest, exit 2
+    if driver.stop_reason:
+        raise RunStopped(driver.stop_reason)
+    return summary
+
+
+Engine = Callable[[Driver, list[EndpointConfig], OutputSchema | None, int | None], Awaitable[None]]
+
+
+def _engine(cfg: RunConfig) -> Engine:
+    if cfg.engine == "local":
+        return local.run
+    try:
+        from .engines.ray import (
+            run as on_ray,  # the only module that imports ray, an optional extra
+        )
+    except ImportError as exc:
+        raise ConfigError(f"engine: ray needs Ray ({exc}); pip install 'annotate-pipeline[ray]'") from None
+    return on_ray

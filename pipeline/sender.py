@@ -16,16 +16,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import payload
-from .store import columns as results
-from .cost.budget import Purse
+from . import payload, rows
 from .client import ACCOUNT_STATUSES, Client, read_key
 from .completion import Reply
 from .config import EndpointConfig, RunConfig
+from .cost.budget import Purse
+from .cost.pricing import PriceTable
 from .errors import Halted, Rejected, RequestFailed, RowInputError
 from .limits import Limits
 from .manifest import ManifestRow
-from .cost.pricing import PriceTable
 from .structured import OutputSchema, Unusable
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class _Paid:
         return _Paid(later.reply.after(self.reply), add(self.cost, later.cost), add(self.charged, later.charged))
 
     def row(self, row: ManifestRow, values: dict[str, Any] | None = None, choice: int = 0) -> dict[str, Any]:
-        return results.answered(row, self.reply, self.cost, self.charged, values, choice)
+        return rows.answered(row, self.reply, self.cost, self.charged, values, choice)
 
 
 def _first_fit(schema: OutputSchema, reply: Reply) -> tuple[int, dict[str, Any] | None, str]:
@@ -189,19 +188,19 @@ class Sender:
             paid = paid.then(more)
         if paid.reply.refusal:
             problem = f"is a refusal: {paid.reply.refusal}"
-        return results.unparsed(row, paid.reply, paid.cost, paid.charged, problem)
+        return rows.unparsed(row, paid.reply, paid.cost, paid.charged, problem)
 
     def _failed(self, row: ManifestRow, exc: RequestFailed | RowInputError) -> Outcome:
         """The error row of a request that failed, and what makes failures alike."""
         if isinstance(exc, RowInputError):  # fetching an image the provider could not download
-            return results.failed(row, f"image: {exc}", 1, exc.retryable), None
+            return rows.image_failed(row, exc, attempts=1), None
         if isinstance(exc, Rejected) and exc.status == 400 and self.schema and "response_format" in str(exc):
             fallback = "json_object (or prompt)" if self.schema.mode == "json_schema" else "prompt"
             message = f"request: {exc}; the endpoint refuses this response_format: set request.structured: {fallback}"
-            return results.failed(row, message, exc.attempts, retryable=True), "response_format"
+            return rows.failed(row, message, exc.attempts, retryable=True), "response_format"
         # a 4xx is final, unless it says the key or the account is wrong: fix those and rerun
         retryable = not isinstance(exc, Rejected) or exc.status in ACCOUNT_STATUSES
-        return results.failed(row, f"request: {exc}", exc.attempts, retryable), exc.status
+        return rows.failed(row, f"request: {exc}", exc.attempts, retryable), exc.status
 
     def _cost(self, reply: Reply) -> float | None:
         if reply.usage is None:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # jsonschema loads only when a schema is set: it costs every 
     from jsonschema import Draft202012Validator
 
 __all__ = ["Mode", "SchemaError", "Unusable", "OutputSchema", "json_schema", "strict_form", "arrow_fields",
-           "categories", "labels"]
+           "categories", "build_schema"]
 
 Mode = Literal["json_schema", "json_object", "prompt"]
 JSON = dict[str, Any]
@@ -352,6 +352,6 @@ class OutputSchema:
                                             "matching the schema."}]
 
 
-def labels(spec: Any, mode: Mode | None) -> OutputSchema | None:
+def build_schema(spec: Any, mode: Mode | None) -> OutputSchema | None:
     """The run's OutputSchema from the config's JSON Schema, or None when none is set."""
     return None if spec is None else OutputSchema(spec, mode or "json_schema")

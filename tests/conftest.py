@@ -14,6 +14,9 @@ from PIL import Image
 from pipeline import simulator
 from pipeline.config import SimulatorSettings
 
+from .benchmarks.sim_process import SimulatorProcess
+from .image_host import ImageHost, serving
+
 KEY_ENV = "ANNOTATE_TEST_KEY"
 KEY = "sk-test-0123456789abcdef-secret"
 
@@ -110,3 +113,24 @@ def write_config(tmp_path: Path, base_url: str, manifest: Path, **sections: Any)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def serve() -> Iterator[Any]:
+    """Starts a simulator process with the given settings; stopped after the test."""
+    started: list[SimulatorProcess] = []
+
+    def start(**settings: Any) -> SimulatorProcess:
+        started.append(SimulatorProcess(**settings))
+        return started[-1]
+
+    yield start
+    for sim in started:
+        sim.__exit__(None, None, None)
+
+
+@pytest.fixture
+def image_host() -> Iterator[ImageHost]:
+    """An image host on 127.0.0.1 that misbehaves as real ones do (tests/image_host.py)."""
+    with serving() as host:
+        yield host

@@ -15,7 +15,7 @@ __all__ = ["Budget", "Purse"]
 
 
 class Purse(Protocol):
-    """The budget as a sender sees it: in this process, or the cluster's (pipeline.ray_engine)."""
+    """The budget as a sender sees it: in this process, or the cluster's (pipeline.engines.ray)."""
 
     async def hold(self, worst_usd: float) -> bool: ...
 
@@ -31,7 +31,7 @@ class Budget:
         self.exhausted = False
         self._settled = asyncio.Event()
 
-    def reserve(self, worst_usd: float) -> bool:
+    def hold_now(self, worst_usd: float) -> bool:
         """Hold a request's worst case, or say False when it could pass the cap. While other
         requests are in flight their real cost may leave room, so only a request that cannot
         fit with nothing in flight exhausts the budget."""
@@ -42,22 +42,19 @@ class Budget:
         self.in_flight += 1
         return True
 
-    def settle(self, worst_usd: float, actual_usd: float) -> None:
-        self.held_usd -= worst_usd
-        self.in_flight -= 1
-        self.spent_usd += actual_usd
-
     async def hold(self, worst_usd: float) -> bool:
-        """Reserve a request's worst case, waiting while requests in flight may still leave
+        """Hold a request's worst case, waiting while requests in flight may still leave
         room; False when the budget is spent and the request must not be sent."""
-        while not self.reserve(worst_usd):
+        while not self.hold_now(worst_usd):
             if self.exhausted:
                 return False
             await self._settled.wait()
         return True
 
     def release(self, worst_usd: float, actual_usd: float) -> None:
-        """Settle a request held by `hold`, and wake those waiting for room."""
-        self.settle(worst_usd, actual_usd)
+        """A held request ended, costing `actual_usd`: wake those waiting for room."""
+        self.held_usd -= worst_usd
+        self.in_flight -= 1
+        self.spent_usd += actual_usd
         self._settled.set()
         self._settled = asyncio.Event()

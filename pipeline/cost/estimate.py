@@ -26,9 +26,9 @@ from ..errors import RowInputError
 from ..fetch import fetch_heads
 from ..manifest import ImageRef, Manifest, ManifestRow
 from ..payload import UNSET_MAX_TOKENS, input_texts
-from .pricing import PriceTable
 from ..store.parts import parts, scan
-from ..structured import labels
+from ..structured import build_schema
+from .pricing import PriceTable
 from .tokens import Detail, input_tokens
 
 __all__ = ["Estimate", "estimate", "TEXT_TOKENS_NOTE"]
@@ -115,7 +115,7 @@ class _Counter:
 
     def __init__(self, cfg: RunConfig, root: Path) -> None:
         self._model, self._prompt, self._root = cfg.request.model, cfg.prompt, root
-        self._schema = labels(cfg.output_schema, cfg.request.structured)
+        self._schema = build_schema(cfg.output_schema, cfg.request.structured)
         self._low_detail: Detail = "low" if cfg.prompt.detail == "auto" else cfg.prompt.detail
         self.by_refs: dict[tuple[ImageRef, ...], _Images | None] = {}
         self.by_length: dict[tuple[int, int], _Text] = {}

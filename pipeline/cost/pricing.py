@@ -10,8 +10,8 @@ import json
 import re
 from collections.abc import Mapping
 from importlib import resources
+from typing import Protocol
 
-from ..completion import Usage
 from ..config import Price
 
 __all__ = ["PriceTable"]
@@ -24,6 +24,19 @@ def _bundled() -> dict[str, Price]:
     raw = json.loads(resources.files(__package__).joinpath("prices.json").read_text(encoding="utf-8"))
     return {model: Price(input=p["input"], output=p["output"], cached_input=p.get("cached_input"))
             for model, p in raw["models"].items()}
+
+
+class Usage(Protocol):
+    """The token counts of one answer, as a reply's usage reports them."""
+
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def total_tokens(self) -> int: ...
+    @property
+    def cached_tokens(self) -> int | None: ...
 
 
 class PriceTable:

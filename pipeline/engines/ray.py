@@ -42,18 +42,17 @@ import pyarrow as pa
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .. import payload
-from ..store import columns as results
-from ..cost.budget import Budget
+from .. import payload, rows
 from ..config import EndpointConfig, LimitsConfig, RunConfig
+from ..cost.budget import Budget
 from ..errors import ConfigError, Halted, RowInputError
 from ..fetch import Fetcher, fetch_rows
 from ..images import is_remote
 from ..limits import OVERLAP_S, WINDOW_S, LocalLimits, Sent, Slots, Turn, roomiest
 from ..manifest import ManifestRow
-from .driver import NO_KEY, Driver, stopping_on_signals
 from ..sender import Outcome, Sender
-from ..structured import OutputSchema, labels
+from ..structured import OutputSchema, build_schema
+from .driver import NO_KEY, Driver, stopping_on_signals
 
 __all__ = ["run"]
 
@@ -265,7 +264,7 @@ class _RemotePurse:
 def _schema(cfg: RunConfig) -> OutputSchema | None:
     """The output schema, made again on each worker from the config: its validator does not
     pickle, so the driver's cannot be shipped (0.3 ms for the demo's, once a block)."""
-    return labels(cfg.output_schema, cfg.request.structured)
+    return build_schema(cfg.output_schema, cfg.request.structured)
 
 
 def _prepare(cfg: RunConfig, root: Path, coordinator: Any, batch: pa.Table) -> pa.Table:
@@ -275,10 +274,10 @@ def _prepare(cfg: RunConfig, root: Path, coordinator: Any, batch: pa.Table) -> p
     prepared: list[bytes | None] = []
     outcomes: list[bytes | None] = []
     stopping = ray.get(coordinator.is_stopping.remote())
-    rows: list[ManifestRow] = [pickle.loads(blob) for blob in batch.column("row").to_pylist()] if not stopping else []
-    inline = cfg.input.remote == "inline" and any(map(is_remote, (ref for row in rows for ref in row.images)))
-    fetched = fetch_rows(cfg.input.fetch, [row.images for row in rows]) if inline else [{}] * len(rows)
-    for row, remote in zip(rows, fetched):
+    todo: list[ManifestRow] = [pickle.loads(blob) for blob in batch.column("row").to_pylist()] if not stopping else []
+    inline = cfg.input.remote == "inline" and any(map(is_remote, (ref for row in todo for ref in row.images)))
+    fetched = fetch_rows(cfg.input.fetch, [row.images for row in todo]) if inline else [{}] * len(todo)
+    for row, remote in zip(todo, fetched):
         try:
             if isinstance(remote, RowInputError):
                 raise remote
@@ -286,8 +285,7 @@ def _prepare(cfg: RunConfig, root: Path, coordinator: Any, batch: pa.Table) -> p
             outcomes.append(None)
         except RowInputError as exc:
             prepared.append(None)
-            outcomes.append(pickle.dumps((results.failed(row, f"image: {exc}", attempts=0,
-                                                         retryable=exc.retryable), None)))
+            outcomes.append(pickle.dumps((rows.image_failed(row, exc), None)))
     if stopping:
         prepared = outcomes = [None] * batch.num_rows
     return batch.append_column("prepared", pa.array(prepared, pa.binary())).append_column(
@@ -358,7 +356,7 @@ class _Http:
                 return
             elif sender is None:
                 message = f"request: {self._missing_key} on node {socket.gethostname()}"
-                await deliver((results.failed(pickle.loads(row), message, attempts=0, retryable=True), NO_KEY))
+                await deliver((rows.failed(pickle.loads(row), message, attempts=0, retryable=True), NO_KEY))
             else:
                 request: ManifestRow = pickle.loads(row)
                 remote = self._cfg.input.remote == "pass" and any(map(is_remote, request.images))
@@ -399,7 +397,7 @@ def _waves(driver: Driver, limit: int | None, block_rows: int) -> Iterator[list[
 
 def _pipeline(cfg: RunConfig, wave: list[pa.Table], root: Path, endpoints: list[EndpointConfig],
               coordinator: Any) -> Any:
-    concurrency = [target.limits(cfg.limits).concurrency for target in cfg.targets]
+    concurrency = [limits.concurrency for limits in cfg.target_limits]
     # no more actors than blocks to work on, nor than an endpoint has slots to share out
     actors = min(cfg.ray.http_actors, len(wave), *concurrency)
     shares = [slots // actors for slots in concurrency]  # rounded down: never more in flight than allowed
@@ -466,7 +464,7 @@ async def run(driver: Driver, endpoints: list[EndpointConfig], schema: OutputSch
     coordinator = _CoordinatorActor.options(  # a node that leaves takes its actors with it: stay by the driver
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False), num_cpus=0,
         max_concurrency=10_000,
-    ).remote([target.limits(cfg.limits) for target in cfg.targets], driver.budget.limit_usd, driver.budget.spent_usd)
+    ).remote(cfg.target_limits, driver.budget.limit_usd, driver.budget.spent_usd)
     quit = threading.Event()
     work = _in_daemon_thread(_drive, driver, endpoints, limit, coordinator, quit)
     watch = asyncio.create_task(_watch(driver, coordinator))

@@ -20,11 +20,11 @@ import io
 import json
 import math
 import re
-import urllib.request
 import struct
 import threading
 import time
 import typing
+import urllib.request
 import uuid
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence

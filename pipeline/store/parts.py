@@ -29,7 +29,7 @@ from ..errors import StoreError
 from .journal import Journal
 from .lock import Lock
 
-__all__ = ["Store", "parts", "scan", "read_run_info", "RUN_FILE", "PARTS", "INTENT_FILE", "write_atomically", "sync_dir", "finish_interrupted"]
+__all__ = ["Store", "parts", "scan", "read_run_info", "RUN_FILE", "PARTS", "INTENT_FILE", "write_atomically", "hidden_copy", "part_stamp", "sync_dir", "finish_interrupted"]
 
 RUN_FILE = "_run.json"
 INTENT_FILE = "_compact.json"  # a compaction under way: which parts it replaces with which
@@ -46,12 +46,22 @@ def sync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+def part_stamp() -> str:
+    """What names a writer's parts: the time it started and a random tail, never an old name."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def hidden_copy(path: Path, write: Callable[[Path], Any]) -> Path:
+    """`write` to a hidden name beside `path`, synced to disk; that name is returned."""
     tmp = path.with_name(f".{path.name}.tmp")  # hidden and not *.parquet: readers never see it half-written
     write(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return tmp
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    os.replace(hidden_copy(path, write), path)
     sync_dir(path.parent)  # before the journal lets go of the rows this file holds
 
 
@@ -129,7 +139,7 @@ class Store:
         self._lock.acquire()
         finish_interrupted(directory)
         # time orders the parts of successive runs; the random tail keeps two runs in one second apart
-        self._stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+        self._stamp = part_stamp()
         self._seq = 0
         self._busy = threading.RLock()
         self._journal = Journal(directory) if journal else None
@@ -153,7 +163,7 @@ class Store:
         self.resumed = int(counts["ok"][0] or 0)
         self.spent_usd = float(counts["spent"][0] or 0.0)  # what earlier answers here were charged
         self.failed_for_good = int(counts["final"][0] or 0) - self.resumed  # earlier errors not asked again
-        self.failed_before = frozenset(self._errors)
+        self.failed_ids = frozenset(self._errors)
 
     def _read(self, query: pl.LazyFrame) -> pl.DataFrame:
         try:

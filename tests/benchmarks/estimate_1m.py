@@ -31,9 +31,9 @@ from typing import Any
 
 import polars as pl
 import yaml
+from common import ANNOTATE, HOST, KEY_ENV, Figure, Finished, run_to_exit, standalone
 from PIL import Image
 
-from common import ANNOTATE, Figure, Finished, HOST, KEY_ENV, run_to_exit, standalone
 from pipeline.cost.tokens import Detail, input_tokens
 
 STEP = 7919  # prime, so row i -> file (i * STEP) % files visits every file before repeating

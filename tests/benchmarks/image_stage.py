@@ -10,7 +10,7 @@ Beside it, two rows in rows per wall-clock second, with no target of their own:
   to JPEG; naive converts to RGB, then as above. Interleaved in this one thread as above.
 - Remote: the JPEGs above served by aiohttp on 127.0.0.1, from a thread of this process, with
   no latency added (a host across a network would favour fetching several at once further).
-  Ours as the local engine prepares rows (pipeline/runner.py `_Local`): rows at once, each
+  Ours as the local engine prepares rows (pipeline/engines/local.py `_Local`): rows at once, each
   fetched by `Fetcher.fetch_all` (FetchConfig's defaults: 8 at once per host), then `to_parts`
   in a thread. Naive: `requests`, one image at a time, then as above. Whole passes over the
   rows, alternating which side goes first.
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import requests
 from aiohttp import web
+from common import HOST, Figure, standalone
 from PIL import Image, ImageChops, ImageFilter
 
-from common import HOST, Figure, standalone
 from pipeline.config import FetchConfig, PromptConfig
 from pipeline.fetch import Fetcher
 from pipeline.images import _JPEG_QUALITY, to_parts

@@ -1,6 +1,6 @@
 """P8, image preparation on Ray: the Ray engine's preparation stage with 1, 2 and 4 tasks at once.
 
-The stage as `engine: ray` runs it (`pipeline.ray_engine._prepare` in Ray Data tasks, one
+The stage as `engine: ray` runs it (`pipeline.engines.ray._prepare` in Ray Data tasks, one
 block of 4 photos, each block first asking the run's coordinator actor whether the run is
 stopping) on 12-megapixel JPEGs downscaled to 1024 px, on a one-machine Ray that offers
 4 CPUs whatever the machine has, so 4 tasks can run at once. Each setting runs once to warm up
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 import image_stage
+import pyarrow as pa
 from common import HOST, Figure, standalone
 from image_stage import MAX_SIDE, photos
+
 from pipeline import config, payload
 from pipeline.manifest import ManifestRow
 

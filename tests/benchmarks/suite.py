@@ -48,20 +48,29 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-import polars as pl
-import yaml
-from PIL import Image
-
 import baselines
 import estimate_1m
 import image_stage
+import polars as pl
 import ray_prep
 import resume_1m
-from common import ANNOTATE, KEY_ENV, Figure, Finished, child_env, machine, results_table, run_to_exit
+import yaml
+from common import (
+    ANNOTATE,
+    KEY_ENV,
+    Figure,
+    Finished,
+    child_env,
+    machine,
+    results_table,
+    run_to_exit,
+)
+from PIL import Image
+from sim_process import SimulatorProcess
+
 from pipeline import simulator
 from pipeline.config import SimulatorSettings
 from pipeline.simulator import LogEntry
-from sim_process import SimulatorProcess
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent

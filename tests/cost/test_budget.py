@@ -14,14 +14,7 @@ from pipeline.cost.budget import Budget
 from pipeline.simulator import Simulator
 
 from ..conftest import write_config, write_manifest
-
-GPT_4O = (2.50, 10.00)  # USD per 1M input and output tokens, as bundled
-
-
-def billed(sim: Simulator) -> float:
-    """What the simulator's answers cost, from the usage it returned."""
-    return sum((e.usage["prompt_tokens"] * GPT_4O[0] + e.usage["completion_tokens"] * GPT_4O[1]) / 1e6
-               for e in sim.requests() if e.status == 200 and e.usage)
+from ..runs import billed
 
 
 def test_a_budget_of_half_the_estimate_stops_under_it_exits_3_and_a_larger_one_finishes(
@@ -60,21 +53,21 @@ def test_a_resumed_run_counts_what_earlier_runs_spent(sim: Simulator, tmp_path: 
 
 def test_budget_holds_worst_cases_in_flight_and_settles_to_what_was_billed() -> None:
     budget = Budget(1.0, spent_usd=0.25)
-    assert budget.reserve(0.5) and not budget.reserve(0.3)  # 0.25 + 0.5 + 0.3 > 1
+    assert budget.hold_now(0.5) and not budget.hold_now(0.3)  # 0.25 + 0.5 + 0.3 > 1
     assert not budget.exhausted  # the request in flight may cost less than it holds: wait for it
-    budget.settle(0.5, 0.1)
+    budget.release(0.5, 0.1)
     assert (budget.spent_usd, budget.held_usd) == pytest.approx((0.35, 0.0))
-    assert budget.reserve(0.3)  # now it fits
-    budget.settle(0.3, 0.3)
-    assert not budget.reserve(0.4) and budget.exhausted  # 0.65 + 0.4 > 1 with nothing in flight
-    assert Budget(None).reserve(1e9)
+    assert budget.hold_now(0.3)  # now it fits
+    budget.release(0.3, 0.3)
+    assert not budget.hold_now(0.4) and budget.exhausted  # 0.65 + 0.4 > 1 with nothing in flight
+    assert Budget(None).hold_now(1e9)
 
 
 def test_what_earlier_runs_were_charged_counts_even_without_a_reported_cost(tmp_path: Path) -> None:
-    from pipeline.store import columns as results
+    from pipeline.store import columns
     from pipeline.store.parts import Store
 
-    schema = results.schema(pl.Schema())
+    schema = columns.schema(pl.Schema())
     rows = [{"id": "a", "status": "ok", "cost_usd": 0.25, "charged_usd": 0.25},
             {"id": "b", "status": "ok", "cost_usd": None, "charged_usd": 0.5}]  # no usage: its worst case
     store = Store(tmp_path, schema)

@@ -12,13 +12,13 @@ import polars as pl
 import pytest
 
 from pipeline import cli, config
+from pipeline.cost.tokens import image_tokens, input_tokens
 from pipeline.errors import RowInputError
 from pipeline.images import sizes_as_sent
 from pipeline.manifest import Manifest
 from pipeline.payload import input_texts
 from pipeline.simulator import Simulator
-from pipeline.structured import labels
-from pipeline.cost.tokens import image_tokens, input_tokens
+from pipeline.structured import build_schema
 
 from ..conftest import image_bytes, write_config, write_manifest
 
@@ -88,7 +88,7 @@ def row_by_row(cfg_path: Path) -> dict[str, int]:
     """The estimate's counts worked out the plain way: every row, every image read again."""
     cfg = config.load(cfg_path)
     manifest = Manifest(cfg.input, cfg.prompt)
-    schema = labels(cfg.output_schema, cfg.request.structured)
+    schema = build_schema(cfg.output_schema, cfg.request.structured)
     model, detail = cfg.request.model, cfg.prompt.detail
     got = dict.fromkeys(["rows", "images", "unreadable_rows", "image", "text", "low", "max"], 0)
     for batch in manifest.batches():

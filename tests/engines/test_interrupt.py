@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,29 +12,12 @@ import pytest
 
 from pipeline import cli
 from pipeline.config import InputConfig, PromptConfig
-from pipeline.store.lock import LOCK_FILE
 from pipeline.manifest import Manifest
 from pipeline.simulator import Simulator
+from pipeline.store.lock import LOCK_FILE
 
 from ..conftest import write_config, write_manifest
-
-
-def wait_for(condition: Callable[[], bool], deadline_s: float = 30.0) -> None:
-    end = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < end, "condition not met before the deadline"
-        time.sleep(0.005)
-
-
-def start(cfg: Path) -> subprocess.Popen[str]:
-    # A shell's background job starts with SIGINT ignored; a terminal's Ctrl-C does not. Reset it.
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(cfg), "-q"], env=os.environ.copy(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def answered(sim: Simulator) -> int:
-    return sum(e.status == 200 for e in sim.requests())
+from ..runs import answered, start_run, wait_for
 
 
 def held(sim: Simulator) -> int:
@@ -53,7 +32,7 @@ def test_a_signal_finishes_what_is_in_flight_writes_it_and_a_rerun_asks_nothing_
     sim = faulty_sim(latency_s=0.2)
     cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": p} for p in images(30)]),
                        limits={"concurrency": 3})
-    run = start(cfg)
+    run = start_run(cfg)
     wait_for(lambda: answered(sim) >= 6)
     run.send_signal(sig)
     _, err = run.communicate(timeout=30)
@@ -95,7 +74,7 @@ def test_sigkill_at_moments_of_progress_loses_nothing_paid_for_and_duplicates_no
     moments = ["store open", "flowing", "flowing", "first request", "flowing", "flowing", "store open", "flowing",
                "flowing", "first request", "flowing", "flowing"]
     for moment in moments:
-        run = start(cfg)
+        run = start_run(cfg)
         reached = progress(moment, sim, tmp_path / "out", run.pid, chance)
         wait_for(lambda: reached() or run.poll() is not None)
         assert run.poll() is None, f"the run ended by itself before the {moment} kill"
@@ -118,7 +97,7 @@ def test_a_second_signal_stops_at_once_and_the_journal_keeps_what_was_received(
     sim = faulty_sim(latency_s=0.05)
     cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": p} for p in images(200)]),
                        limits={"concurrency": 4})
-    run = start(cfg)
+    run = start_run(cfg)
     wait_for(lambda: answered(sim) >= 10)
     sim.settings = sim.settings.model_copy(update={"rate_hang": 1.0, "hang_s": 60.0})
     wait_for(lambda: held(sim) >= 4)  # every request in flight hangs now

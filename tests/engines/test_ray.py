@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,21 @@ import pytest
 from pipeline import cli, simulator
 from pipeline.config import LimitsConfig
 
-from ..conftest import KEY, KEY_ENV, NAMED, named, write_config, write_manifest
-from ..cost.test_budget import billed
-from ..prepare.test_fetch import ImageHost, image_host  # noqa: F401 - a fixture
-from .test_interrupt import answered, start, wait_for
-from ..request.test_rate_fidelity import answered_once, finish, let_through, rate, refusals, serve, settles_at, small_images
-from ..request.test_rate_fidelity import start as start_run
+from ..conftest import NAMED, named, write_config, write_manifest
+from ..image_host import ImageHost
+from ..runs import (
+    answered,
+    answered_once,
+    billed,
+    finish,
+    let_through,
+    rate,
+    refusals,
+    settles_at,
+    small_images,
+    start_run,
+    wait_for,
+)
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -33,24 +41,6 @@ from pipeline.engines import ray as ray_engine  # noqa: E402
 pytestmark = pytest.mark.ray
 
 TOKEN_COLUMNS = ["prompt_tokens", "completion_tokens", "total_tokens"]
-
-
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[Cluster]:
-    """Nodes read the API key from their own environment, so it is set before they start."""
-    saved = dict(os.environ)
-    os.environ.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", KEY_ENV: KEY})
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, logging_level="WARNING")
-    try:
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def _run(config: Path, *args: str) -> int:
@@ -125,11 +115,6 @@ def test_the_actors_find_an_unstated_lower_limit_and_say_so(cluster: Cluster, se
     answered_once(tmp_path, rows)
 
 
-def _rate(starts: list[float]) -> float:
-    starts = sorted(starts)
-    return (len(starts) - 1) / (starts[-1] - starts[0])
-
-
 def test_one_429_makes_only_its_request_wait_its_retry_after(cluster: Cluster, sim: simulator.Simulator,
                                                              tmp_path: Path, images: Callable[..., list[str]]) -> None:
     # one 429 while others are answered says the pace was too high, not that the provider is
@@ -190,7 +175,7 @@ def test_a_killed_driver_then_a_rerun_finishes_with_every_id_once(
     config = write_config(tmp_path, sim.url, manifest, prompt=NAMED, engine="ray",
                           ray={"http_actors": 2, "block_rows": 8, "address": cluster.address},
                           limits={"concurrency": 8})
-    driver = start(config)
+    driver = start_run(config)
     wait_for(lambda: answered(sim) >= 100 or driver.poll() is not None)
     assert driver.poll() is None, "the run ended before the kill"
     driver.send_signal(signal.SIGKILL)
@@ -200,31 +185,6 @@ def test_a_killed_driver_then_a_rerun_finishes_with_every_id_once(
     # answered but not journalled when the driver died, at most: the actors' blocks in flight
     # (2 actors x 2 blocks x 8 rows) and the blocks the driver had fetched (4 x 8)
     assert answered(sim) <= 500 + 2 * 2 * 8 + 4 * 8
-
-
-@pytest.mark.parametrize("engine", ["local", "ray"])
-def test_two_endpoints_each_stay_under_their_own_limit(request: pytest.FixtureRequest, serve: Any,
-                                                      tmp_path: Path, images: Callable[..., list[str]],
-                                                      engine: str) -> None:
-    if engine == "ray":
-        request.getfixturevalue("cluster")
-    # each simulator in its own process, where no pause of the test process times arrivals as a burst
-    slow, fast = serve(requests_per_minute=600), serve(requests_per_minute=1800)  # 10/s and 30/s
-    manifest = write_manifest(tmp_path, named(images(240)))
-    endpoints = [{"base_url": sim.url, "api_key_env": KEY_ENV, "requests_per_minute": rpm}
-                 for sim, rpm in ((slow, 600), (fast, 1800))]
-    config = write_config(tmp_path, slow.url, manifest, prompt=NAMED, endpoint=None, endpoints=endpoints,
-                          engine=engine, ray={"http_actors": 4, "block_rows": 8}, limits={"concurrency": 8})
-    assert _run(config) == 0
-    _all_once(tmp_path / "out", 240)
-    for sim in (slow, fast):
-        assert [entry.status for entry in sim.requests()].count(429) == 0
-    assert _rate([entry.time for entry in slow.requests()]) <= 10.5
-    assert _rate([entry.time for entry in fast.requests()]) <= 31.5
-    shares = len(slow.requests()), len(fast.requests())
-    assert sum(shares) == 240 and min(shares) >= 40
-    if engine == "local":  # fast enough to keep both at their limits: rows go about 1 to 3
-        assert 2 <= shares[1] / shares[0] <= 4.5
 
 
 def test_the_budget_holds_over_the_whole_cluster(cluster: Cluster, sim: simulator.Simulator, tmp_path: Path,
@@ -284,7 +244,7 @@ def test_a_signal_stops_every_actor_keeps_what_was_in_flight_and_a_rerun_asks_no
     config = write_config(tmp_path, sim.url, manifest, prompt=NAMED, engine="ray",
                           ray={"http_actors": 2, "block_rows": 4, "address": cluster.address},
                           limits={"concurrency": 8})
-    driver = start(config)
+    driver = start_run(config)
     wait_for(lambda: answered(sim) >= 40 or driver.poll() is not None)
     signalled = time.monotonic()  # the simulator runs in this process: the same clock as its log
     driver.send_signal(signal.SIGINT)
@@ -351,23 +311,6 @@ def test_a_request_that_left_late_is_counted_in_the_cluster_window_from_when_it_
 
     granted, left, next_granted = asyncio.run(main())
     assert next_granted >= left + 1.0 > granted + 1 / 0.98 + 0.4
-
-
-@pytest.mark.parametrize("engine", ["local", "ray"])
-def test_the_limit_the_provider_states_lowers_ours(request: pytest.FixtureRequest, faulty_sim: Callable[..., Any],
-                                                   tmp_path: Path, images: Callable[..., list[str]],
-                                                   engine: str) -> None:
-    if engine == "ray":
-        request.getfixturevalue("cluster")
-    sim = faulty_sim(requests_per_minute=600)  # 10/s, stated in every answer's x-ratelimit-limit-requests
-    manifest = write_manifest(tmp_path, named(images(80)))
-    config = write_config(tmp_path, sim.url, manifest, prompt=NAMED, engine=engine,
-                          ray={"http_actors": 4, "block_rows": 4},
-                          limits={"requests_per_minute": 2400, "concurrency": 8})  # a config that says 40/s
-    assert _run(config) == 0
-    log = sim.requests()
-    assert sum(entry.status == 429 for entry in log) <= 2
-    assert _rate([entry.time for entry in log]) <= 10.5
 
 
 def test_both_engines_write_the_same_labels(cluster: Cluster, tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops, ImageFilter
 
-from pipeline.errors import RowInputError
 from pipeline.config import PromptConfig
+from pipeline.errors import RowInputError
 from pipeline.images import ImagePart, sizes_as_sent, sniff_mime, to_parts
 
 

@@ -11,7 +11,14 @@ import pytest
 from pipeline import payload
 from pipeline.config import PromptConfig, RequestConfig
 from pipeline.manifest import ManifestRow
-from pipeline.structured import OutputSchema, SchemaError, Unusable, categories, json_schema, strict_form
+from pipeline.structured import (
+    OutputSchema,
+    SchemaError,
+    Unusable,
+    categories,
+    json_schema,
+    strict_form,
+)
 
 SHORT = {
     "colour": {"type": "enum[red, green, blue]", "description": "the dominant colour"},

@@ -10,7 +10,17 @@ from typing import Any
 
 import pytest
 
-from pipeline.limits import CATCH_UP_S, CATCH_UP_TOKENS_S, CUT, GROWTH_PER_S, HEADROOM, MEASURE_S, LocalLimiter, Pace, roomiest
+from pipeline.limits import (
+    CATCH_UP_S,
+    CATCH_UP_TOKENS_S,
+    CUT,
+    GROWTH_PER_S,
+    HEADROOM,
+    MEASURE_S,
+    LocalLimiter,
+    Pace,
+    roomiest,
+)
 from pipeline.simulator.meters import FixedWindow, Meter, SlidingWindow
 
 

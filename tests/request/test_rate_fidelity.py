@@ -9,81 +9,23 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pytest
 
-from pipeline.simulator import LogEntry
-
-from ..conftest import KEY, image_bytes, write_config, write_manifest
-from ..benchmarks.sim_process import SimulatorProcess
-
-
-@pytest.fixture
-def serve() -> Iterator[Any]:
-    """Starts a simulator process with the given settings; stopped after the test."""
-    started: list[SimulatorProcess] = []
-
-    def start(**settings: Any) -> SimulatorProcess:
-        started.append(SimulatorProcess(**settings))
-        return started[-1]
-
-    yield start
-    for sim in started:
-        sim.__exit__(None, None, None)
-
-
-def start(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def finish(client: subprocess.Popen[bytes]) -> str:
-    out, err = client.communicate(timeout=300)
-    assert client.returncode == 0, err.decode()
-    return (out + err).decode()
-
-
-def answered_once(tmp_path: Path, rows: int) -> None:
-    out = pl.read_parquet(tmp_path / "out" / "*.parquet")
-    assert out.height == rows and out["id"].n_unique() == rows
-    assert out["status"].to_list() == ["ok"] * rows
-    for path in (tmp_path / "out").iterdir():
-        assert KEY.encode() not in path.read_bytes()
-
-
-def let_through(log: list[LogEntry]) -> list[float]:
-    return sorted(entry.time for entry in log if entry.status == 200)
-
-
-def refusals(log: list[LogEntry]) -> int:
-    return sum(entry.status == 429 for entry in log)
-
-
-def settled(log: list[LogEntry], since: float, until: float = float("inf")) -> list[LogEntry]:
-    """The requests that arrived in [since, until): a run that starts above what the provider
-    allows overshoots once, before its first 429 comes back; what it settles at is measured after."""
-    return [entry for entry in log if since <= entry.time < until]
-
-
-def rate(times: list[float], since: float = -1.0, until: float = float("inf")) -> float:
-    """Requests a second let through between the first and the last in [since, until)."""
-    inside = [t for t in times if since <= t < until]
-    return (len(inside) - 1) / (inside[-1] - inside[0])
-
-
-def settles_at(log: list[LogEntry], rpm: int, until: float = float("inf")) -> None:
-    """What a run let through once settled, until `until`: at least 90% of `rpm`, with 429s at most 2% of requests."""
-    times = let_through(log)
-    after = settled(log, since=times[0] + SETTLE_S, until=until)
-    assert rate(times, since=times[0] + SETTLE_S, until=until) >= 0.9 * rpm / 60
-    assert refusals(after) <= 0.02 * len(after)
+from ..conftest import image_bytes, write_config, write_manifest
+from ..runs import (
+    answered_once,
+    finish,
+    let_through,
+    rate,
+    refusals,
+    settles_at,
+    small_images,
+    start_run,
+)
 
 
 def mixed_images(tmp_path: Path, n: int) -> list[dict[str, str]]:
@@ -99,16 +41,7 @@ def mixed_images(tmp_path: Path, n: int) -> list[dict[str, str]]:
     return rows
 
 
-def small_images(tmp_path: Path, n: int) -> list[dict[str, str]]:
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(n):
-        (folder / f"img{i:04d}.png").write_bytes(image_bytes((32, 24), (i % 256, i // 256 * 40 % 256, 90)))
-    return [{"image": f"images/img{i:04d}.png"} for i in range(n)]
-
-
 RPM = 6000  # 100 a second
-SETTLE_S = 5.0
 LIMITS = {"concurrency": 32, "max_attempts": 8}
 
 
@@ -120,7 +53,7 @@ def test_requests_at_the_limit(serve: Any, tmp_path: Path, mode: dict[str, Any])
     rows = 1000
     sim = serve(latency_s=0.05, requests_per_minute=RPM, **mode)
     manifest = write_manifest(tmp_path, small_images(tmp_path, rows))
-    finish(start(write_config(tmp_path, sim.url, manifest, limits={**LIMITS, "requests_per_minute": RPM})))
+    finish(start_run(write_config(tmp_path, sim.url, manifest, limits={**LIMITS, "requests_per_minute": RPM})))
     log = sim.requests()
     assert refusals(log) == 0
     assert rate(let_through(log)) >= 0.97 * RPM / 60
@@ -131,7 +64,7 @@ def test_tokens_at_the_limit_with_images_of_mixed_sizes(serve: Any, tmp_path: Pa
     rows, tpm = 600, 1_500_000  # 25,000 a second; requests of 150 to 1,200 tokens
     sim = serve(latency_s=0.05, tokens_per_minute=tpm)
     manifest = write_manifest(tmp_path, mixed_images(tmp_path, rows))
-    finish(start(write_config(tmp_path, sim.url, manifest, limits={**LIMITS, "tokens_per_minute": tpm})))
+    finish(start_run(write_config(tmp_path, sim.url, manifest, limits={**LIMITS, "tokens_per_minute": tpm})))
     log = sim.requests()
     assert refusals(log) == 0
     counted = sorted((e.time, e.usage["prompt_tokens"] + 50) for e in log if e.status == 200 and e.usage)
@@ -145,7 +78,7 @@ def test_a_stalled_client_catches_up_no_further_than_the_window(serve: Any,
     rows = 1200
     sim = serve(latency_s=0.05, requests_per_minute=RPM)
     manifest = write_manifest(tmp_path, small_images(tmp_path, rows))
-    client = start(write_config(tmp_path, sim.url, manifest, limits={**LIMITS, "requests_per_minute": RPM}))
+    client = start_run(write_config(tmp_path, sim.url, manifest, limits={**LIMITS, "requests_per_minute": RPM}))
     for seen in (200, 500, 800):  # stopped three times, as a busy machine or a GC pause would
         while sim.seen() < seen and client.poll() is None:
             time.sleep(0.005)
@@ -163,7 +96,7 @@ def test_an_unstated_lower_limit_is_found(serve: Any, tmp_path: Path,
     rows, real = 1500, RPM // 2  # the provider allows half of what the config says, and does not say so
     sim = serve(latency_s=0.05, requests_per_minute=real, state_limits=stated)
     manifest = write_manifest(tmp_path, small_images(tmp_path, rows))
-    said = finish(start(write_config(tmp_path, sim.url, manifest, limits={**LIMITS, "requests_per_minute": RPM})))
+    said = finish(start_run(write_config(tmp_path, sim.url, manifest, limits={**LIMITS, "requests_per_minute": RPM})))
     settles_at(sim.requests(), real)
     if not stated:
         assert "held at" in said  # found from 429s; a stated limit is taken as it is
@@ -175,7 +108,7 @@ def test_a_neighbour_on_the_key_is_made_room_for_and_its_share_taken_back(
     rows, neighbour = 3000, RPM // 4
     sim = serve(latency_s=0.05, requests_per_minute=RPM, neighbour_rpm=neighbour)
     manifest = write_manifest(tmp_path, small_images(tmp_path, rows))
-    client = start(write_config(tmp_path, sim.url, manifest, limits={**LIMITS, "requests_per_minute": RPM}))
+    client = start_run(write_config(tmp_path, sim.url, manifest, limits={**LIMITS, "requests_per_minute": RPM}))
     while sim.seen() < 1200 and client.poll() is None:
         time.sleep(0.01)
     sim.update(neighbour_rpm=0)  # the other job ends

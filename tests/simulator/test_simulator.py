@@ -8,7 +8,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -20,6 +20,8 @@ from pipeline.cli import simulator_arguments, simulator_settings
 from pipeline.config import SimulatorSettings
 from pipeline.errors import ConfigError
 from pipeline.simulator import Simulator
+
+from ..runs import wait_for
 
 KEY = "sk-test-secret-123"
 PROMPT = "Describe this image."
@@ -40,13 +42,6 @@ def _body(*urls: str, prompt: str = PROMPT, detail: str = "auto", **extra: Any) 
     parts: list[dict[str, Any]] = [{"type": "text", "text": prompt}]
     parts += [{"type": "image_url", "image_url": {"url": url, "detail": detail}} for url in urls]
     return {"model": "gpt-4o", "messages": [{"role": "user", "content": parts}], "max_tokens": 300, **extra}
-
-
-def _until(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met before the deadline"
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -342,7 +337,7 @@ def test_hung_requests_do_not_hold_up_shutdown() -> None:
         started = time.monotonic()
     assert time.monotonic() - started < 5
     assert sim.log[0].fault == "hang"
-    _until(lambda: sim.log[0].status == 503)
+    wait_for(lambda: sim.log[0].status == 503)
 
 
 def test_faults_are_repeatable_and_retries_draw_again() -> None:

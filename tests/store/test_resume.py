@@ -11,9 +11,9 @@ import polars as pl
 import pytest
 
 from pipeline import cli
+from pipeline.simulator import Simulator
 from pipeline.store.journal import JOURNAL_FILE
 from pipeline.store.lock import LOCK_FILE
-from pipeline.simulator import Simulator
 
 from ..conftest import NAMED, named, write_config, write_manifest
 
