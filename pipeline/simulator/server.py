@@ -5,8 +5,9 @@ auth checks; request and token rate limits enforced as providers do (`meters`); 
 malformed bodies, dropped connections) and faults scripted per marker; seeded flaws of
 structured answers (invalid JSON, broken schema) per choice; refusing `response_format` as
 gateways without structured output do; a log of what it received; CLI flags for its settings.
-Never: computing an answer (validation, image facts, answers, usage, completion JSON, SSE
-events and error bodies are `answers`'s), an HTTP client (no httpx), hosts beyond loopback,
+Never: computing an answer (checks and what a request asks: `request`; image facts:
+`image_facts`; answer texts and usage: `answers`; completion JSON, SSE events and error bodies:
+`wire`), an HTTP client (no httpx), hosts beyond loopback,
 fetching image URLs, keeping API keys.
 """
 
@@ -37,9 +38,20 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ..config import SimulatorSettings
-from . import answers, meters
-from .answers import JSON
+from . import meters
+from .answers import answer_texts, count_usage
+from .image_facts import ImageCache
 from .meters import Meter, go_duration, seconds
+from .request import Parsed, parse
+from .wire import (
+    JSON,
+    Invalid,
+    chunk_events,
+    completion_body,
+    completion_head,
+    error_body,
+    models_body,
+)
 
 __all__ = ["LogEntry", "Simulator", "running", "serve"]
 
@@ -103,7 +115,7 @@ def _json(status: int, obj: JSON, headers: dict[str, str] | None = None) -> _Raw
 
 def _error(status: int, message: str | None = None, *, param: str | None = None, code: str | None = None,
            headers: dict[str, str] | None = None) -> _Raw:
-    return _json(status, answers.error_body(status, message, param=param, code=code), headers)
+    return _json(status, error_body(status, message, param=param, code=code), headers)
 
 
 def _not_a_drop(record: logging.LogRecord) -> bool:
@@ -127,7 +139,7 @@ class Simulator:
         self._plans: list[tuple[str, deque[Action], float | None]] = []
         self._seen: Counter[str] = Counter()
         self._meters: dict[str, tuple[tuple[Any, ...], Meter]] = {}
-        self._images = answers.ImageCache(self.settings.download_urls)
+        self._images = ImageCache(self.settings.download_urls)
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         # limits count requests in the order they arrived, as a gateway does, though their bodies
@@ -162,7 +174,7 @@ class Simulator:
     async def _models(self, request: Request) -> Response:
         if _auth_style(request.headers) is None:
             return _error(401)
-        return _json(200, answers.models_body())
+        return _json(200, models_body())
 
     async def _chat(self, request: Request) -> Response:
         self._loop = asyncio.get_running_loop()
@@ -184,10 +196,10 @@ class Simulator:
             return _error(401, "You didn't provide an API key.")
         try:
             body = json.loads(await request.body())
-            parsed = await asyncio.to_thread(answers.parse, body, self._images)
+            parsed = await asyncio.to_thread(parse, body, self._images)
         except (UnicodeDecodeError, json.JSONDecodeError):
             return _error(400, "We could not parse the JSON body of your request.")
-        except answers.Invalid as exc:
+        except Invalid as exc:
             return _error(400, exc.message, param=exc.param, code=exc.code)
         entry.body, entry.markers = parsed.logged, parsed.markers
         if (refusal := self._refusal(parsed)) is not None:
@@ -201,8 +213,8 @@ class Simulator:
         elif isinstance(action, int) and action != 200:
             return _error(action, headers={} if retry_after is None else {"retry-after": seconds(retry_after)})
         flaws = self._flaws(parsed, k)
-        texts = answers.answer_texts(parsed, flaws)
-        usage = answers.count_usage(parsed, texts)
+        texts = answer_texts(parsed, flaws)
+        usage = count_usage(parsed, texts)
         charged = parsed.prompt_tokens + (
             parsed.max_tokens * parsed.n if parsed.max_tokens else usage["completion_tokens"])
         await self._turn(order)
@@ -239,7 +251,7 @@ class Simulator:
         if (turn := self._waiting.pop(self._next_count, None)) is not None and not turn.done():
             turn.set_result(None)
 
-    def _refusal(self, parsed: answers.Parsed) -> _Raw | None:
+    def _refusal(self, parsed: Parsed) -> _Raw | None:
         """The 400 of a gateway that does not pass this response_format on, or None."""
         refuse, kind = self.settings.refuse_response_format, parsed.response_format
         if kind is None or refuse == "none" or (refuse == "json_schema" and kind != "json_schema"):
@@ -247,14 +259,14 @@ class Simulator:
         return _error(400, f"Invalid parameter: 'response_format' of type '{kind}' is not supported with this model.",
                       param="response_format")
 
-    def _count(self, parsed: answers.Parsed) -> int:
+    def _count(self, parsed: Parsed) -> int:
         """How often this request was seen before: its draws differ each time."""
         with self._lock:
             k = self._seen[parsed.digest]
             self._seen[parsed.digest] += 1
         return k
 
-    def _decide(self, parsed: answers.Parsed, k: int) -> tuple[str | None, Action | None, float | None]:
+    def _decide(self, parsed: Parsed, k: int) -> tuple[str | None, Action | None, float | None]:
         """(fault for the log, what to do, Retry-After): a plan first, else a seeded draw."""
         with self._lock:
             for plan in self._plans:
@@ -273,7 +285,7 @@ class Simulator:
                 return name, action, (settings.retry_after_s if action == 429 else None)
         return None, None, None
 
-    def _flaws(self, parsed: answers.Parsed, k: int) -> tuple[str | None, ...]:
+    def _flaws(self, parsed: Parsed, k: int) -> tuple[str | None, ...]:
         """Per choice of a structured answer, a seeded draw of its flaw: not JSON, breaks the schema, or none."""
         if parsed.schema is None:
             return (None,) * parsed.n
@@ -337,14 +349,14 @@ class Simulator:
             asked = {"retry-after": str(max(1, math.ceil(wait)))}
         return _error(429, message, headers={**asked, **limits})
 
-    def _completion(self, parsed: answers.Parsed, texts: list[tuple[str, str]], usage: JSON,
+    def _completion(self, parsed: Parsed, texts: list[tuple[str, str]], usage: JSON,
                     headers: dict[str, str]) -> tuple[_Raw, str]:
-        head = answers.completion_head(parsed.model)
+        head = completion_head(parsed.model)
         if parsed.stream:
-            events = answers.chunk_events(head, texts, usage if parsed.include_usage else None)
+            events = chunk_events(head, texts, usage if parsed.include_usage else None)
             return _Raw(200, events, {"content-type": "text/event-stream", "cache-control": "no-cache", **headers},
                         length=None), head["id"]
-        return _json(200, answers.completion_body(head, texts, usage), headers), head["id"]
+        return _json(200, completion_body(head, texts, usage), headers), head["id"]
 
 
 def _auth_style(headers: Headers) -> str | None:
