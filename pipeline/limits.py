@@ -7,7 +7,7 @@ request contains.
 
 The senders see two small interfaces, `Limiter` (one endpoint) and `Limits` (every endpoint of
 a run), so the same sending code runs against the in-process pacing here or against the
-cluster-wide one the Ray engine serves from a single actor (`pipeline.engines.ray`).
+cluster-wide one the Ray engine serves from a single actor (`pipeline.engines.ray.coordinator`).
 
 Providers enforce a per-minute limit over short windows (OpenAI over shorter periods such as a
 second, Azure over 1 or 10 s, gateways per fixed minute), so pacing here allows no burst: a

@@ -146,9 +146,8 @@ def _engine(cfg: RunConfig) -> Engine:
     if cfg.engine == "local":
         return local.run
     try:
-        from .engines.ray import (
-            run as on_ray,  # the only module that imports ray, an optional extra
-        )
+        # the only package that imports ray, an optional extra
+        from .engines.ray import run as on_ray
     except ImportError as exc:
         raise ConfigError(f"engine: ray needs Ray ({exc}); pip install 'annotate-pipeline[ray]'") from None
     return on_ray

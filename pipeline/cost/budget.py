@@ -15,7 +15,7 @@ __all__ = ["Budget", "Purse"]
 
 
 class Purse(Protocol):
-    """The budget as a sender sees it: in this process, or the cluster's (pipeline.engines.ray)."""
+    """The budget as a sender sees it: in this process, or the cluster's (pipeline.engines.ray.coordinator)."""
 
     async def hold(self, worst_usd: float) -> bool: ...
 

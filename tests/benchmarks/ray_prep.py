@@ -1,6 +1,6 @@
 """P8, image preparation on Ray: the Ray engine's preparation stage with 1, 2 and 4 tasks at once.
 
-The stage as `engine: ray` runs it (`pipeline.engines.ray._prepare` in Ray Data tasks, one
+The stage as `engine: ray` runs it (`pipeline.engines.ray.stages._prepare` in Ray Data tasks, one
 block of 4 photos, each block first asking the run's coordinator actor whether the run is
 stopping) on 12-megapixel JPEGs downscaled to 1024 px, on a one-machine Ray that offers
 4 CPUs whatever the machine has, so 4 tasks can run at once. Each setting runs once to warm up
@@ -89,17 +89,17 @@ def in_process(cfg: config.RunConfig, rows: list[ManifestRow], root: Path) -> tu
 
 def start_coordinator(cfg: config.RunConfig) -> Any:
     """The run's coordinator actor, started as `engine: ray` starts it (no budget)."""
-    from pipeline.engines.ray import _CoordinatorActor
+    from pipeline.engines.ray.coordinator import CoordinatorActor
 
     limits = [target.limits(cfg.limits) for target in cfg.targets]
-    return _CoordinatorActor.options(num_cpus=0, max_concurrency=10_000).remote(limits, None, 0.0)
+    return CoordinatorActor.options(num_cpus=0, max_concurrency=10_000).remote(limits, None, 0.0)
 
 
 def on_ray(cfg: config.RunConfig, rows: list[ManifestRow], root: Path, workers: int,
            coordinator: Any) -> tuple[float, float]:
     import ray
 
-    from pipeline.engines.ray import _prepare
+    from pipeline.engines.ray.stages import _prepare
 
     blocks = [pa.table({"row": pa.array([pickle.dumps(row) for row in rows[i:i + BLOCK_ROWS]], pa.binary())})
               for i in range(0, len(rows), BLOCK_ROWS)]

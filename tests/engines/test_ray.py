@@ -36,7 +36,7 @@ from ..runs import (
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from pipeline.engines import ray as ray_engine  # noqa: E402
+from pipeline.engines.ray.coordinator import Coordinator  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -259,7 +259,7 @@ def test_a_signal_stops_every_actor_keeps_what_was_in_flight_and_a_rerun_asks_no
 
 
 def test_the_budget_held_by_an_actor_ray_restarted_counts_as_spent_and_frees_the_waiters() -> None:
-    coordinator = ray_engine.Coordinator([LimitsConfig()], limit_usd=1.0, spent_usd=0.0)
+    coordinator = Coordinator([LimitsConfig()], limit_usd=1.0, spent_usd=0.0)
     a1, a2, b1 = ("actor-a", "life-1"), ("actor-a", "life-2"), ("actor-b", "life-1")
 
     async def main() -> None:
@@ -280,7 +280,7 @@ def test_the_budget_held_by_an_actor_ray_restarted_counts_as_spent_and_frees_the
 
 
 def test_the_budget_held_by_an_actor_that_never_came_back_is_spent_at_the_wave_end() -> None:
-    coordinator = ray_engine.Coordinator([LimitsConfig()], limit_usd=1.0, spent_usd=0.0)
+    coordinator = Coordinator([LimitsConfig()], limit_usd=1.0, spent_usd=0.0)
     lost = ("actor-a", "life-1")
 
     async def main() -> None:
@@ -298,7 +298,7 @@ def test_the_budget_held_by_an_actor_that_never_came_back_is_spent_at_the_wave_e
 def test_a_request_that_left_late_is_counted_in_the_cluster_window_from_when_it_left() -> None:
     # one request a second at most in any second: a request that left half a second after its
     # moment keeps the next one back until a second after it really left
-    coordinator = ray_engine.Coordinator([LimitsConfig(requests_per_minute=60)], limit_usd=None, spent_usd=0.0)
+    coordinator = Coordinator([LimitsConfig(requests_per_minute=60)], limit_usd=None, spent_usd=0.0)
 
     async def main() -> tuple[float, float, float]:
         first = await coordinator.pace(0, 0)

@@ -1,4 +1,4 @@
-"""The Ray engine: the same run spread over a Ray cluster. The only module that imports ray.
+"""The Ray engine's stages: the same run spread over a Ray cluster.
 
 The driver (the `annotate run` process) reads the manifest and subtracts the done ids as the
 local engine does, then hands the rows still to do to Ray Data in waves. Image preparation runs
@@ -7,11 +7,9 @@ from a small pool of async HTTP actors running the local engine's `Sender` and `
 outcomes stream back to the driver, which alone writes the store. The journal's primary key keeps
 one row per id however often Ray re-runs a task after losing a node, so no merge step is needed.
 
-One coordinator actor, pinned to the driver's node, holds the limiters of every endpoint and
-the budget: each request start is one call to it, so a 429's cool-down pauses every actor on
-the cluster, and the run's RPM, TPM and budget are global, not per actor. Each actor keeps its
-share of the concurrency itself. Every row-level failure is an error row, never an exception:
-an exception in a Ray Data function aborts the whole dataset.
+One coordinator actor (`coordinator.py`) holds the run's limits and budget for the whole
+cluster. Every row-level failure is an error row, never an exception: an exception in a Ray
+Data function aborts the whole dataset.
 
 Ray Data's own LLM processor and checkpointing are not used: its request rate is per actor and
 knows no Retry-After or token limit, and its checkpoints are per block and only for plans that
@@ -32,9 +30,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -42,223 +38,33 @@ import pyarrow as pa
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .. import payload, rows
-from ..config import EndpointConfig, LimitsConfig, RunConfig
-from ..cost.budget import Budget
-from ..errors import ConfigError, Halted, RowInputError
-from ..fetch import Fetcher, fetch_rows
-from ..images import is_remote
-from ..limits import OVERLAP_S, WINDOW_S, LocalLimits, Sent, Slots, Turn, roomiest
-from ..manifest import ManifestRow
-from ..sender import Outcome, Sender
-from ..structured import OutputSchema, build_schema
-from .driver import NO_KEY, Driver, stopping_on_signals
+from ... import payload, rows
+from ...config import EndpointConfig, RunConfig
+from ...cost.budget import Budget
+from ...errors import ConfigError, RowInputError
+from ...fetch import Fetcher, fetch_rows
+from ...images import is_remote
+from ...manifest import ManifestRow
+from ...sender import Outcome, Sender
+from ...structured import OutputSchema, build_schema
+from ..driver import NO_KEY, Driver, stopping_on_signals
+from .coordinator import (
+    CoordinatorActor,
+    RemoteLimiter,
+    RemoteLimits,
+    RemotePurse,
+)
 
 __all__ = ["run"]
 
 log = logging.getLogger(__name__)
 
-# How far ahead of its moment a start is granted: longer than a reply from the coordinator takes
-# to reach an actor, so requests leave as evenly as they were paced.
-LEAD_S = 0.05
-# A request that leaves later than its moment by more than this (its actor was busy) tells the
-# coordinator, whose window then counts it from when it left; earlier lateness is in OVERLAP_S.
-LATE_S = OVERLAP_S / 2
 HELD_EVERY_S = 1.0  # how often the driver asks what holds the pace, for the progress bar
 QUIT_WAIT_S = 10.0  # after a stop that cannot wait, how long the driver's thread may take to let go
 WAVE_ROWS = 20_000  # rows handed to Ray Data at a time: bounds what the driver and the object store hold
 # An HTTP actor mostly waits on the network, and reserves no CPU: a fraction on each node would
 # leave no node a whole CPU for a preparation task on small nodes, and the run would stall.
 _HTTP_ACTOR_CPUS = 0
-
-
-Owner = tuple[str, str]  # an HTTP actor's id, and which life of it (Ray restarts actors under the same id)
-
-
-class Coordinator:
-    """The run's limiters and budget, for the whole cluster (an async actor: one event loop).
-
-    Budget holds are booked to the actor's life that took them. When Ray starts an actor again
-    (its node was lost), the holds of its earlier life count as spent at their worst, since
-    those requests may have been paid, and a hold that life still had waiting is refused when
-    it comes through; otherwise they would hold the budget, and near the cap the run, forever.
-    `end_wave` does the same for every life once a wave's actors are gone."""
-
-    def __init__(self, limits: list[LimitsConfig], limit_usd: float | None, spent_usd: float) -> None:
-        # paced LEAD_S ahead of the wall clock: a start is granted that much early, with the
-        # moment to send, so the actor sends on time however long the reply took to reach it
-        self.limits = LocalLimits.from_config(limits, self.clock)
-        self.budget = Budget(limit_usd, spent_usd)
-        self.lives: dict[str, str] = {}  # actor id -> its current life
-        self.holds: dict[Owner, Counter[float]] = defaultdict(Counter)
-        self.stopping = asyncio.Event()
-        self.tickets = itertools.count()
-        self.turns: dict[int, tuple[float, Sent]] = {}  # ticket -> when granted, what restamps its window
-
-    @staticmethod
-    def clock() -> float:
-        return time.time() + LEAD_S
-
-    async def waits(self, tokens: int) -> list[float]:
-        return self.limits.waits(tokens)
-
-    async def pace(self, endpoint: int, tokens: int) -> tuple[int, float, int] | None:
-        """Wait for a request's turn; the cut of the pace it was given under, when to send it
-        (wall clock) and its ticket for `sent`; None when the run is stopping (also while it
-        waited) and the request must not be sent."""
-        turn = asyncio.ensure_future(self.limits[endpoint].pace(tokens))
-        stop = asyncio.ensure_future(self.stopping.wait())
-        await asyncio.wait([turn, stop], return_when=asyncio.FIRST_COMPLETED)
-        for waiting in (turn, stop):
-            waiting.cancel()
-        if self.stopping.is_set() or not turn.done() or turn.cancelled():
-            return None
-        granted = self.clock()
-        ticket = next(self.tickets)
-        self.turns[ticket] = (granted, turn.result().sent)
-        while next(iter(self.turns.values()))[0] < granted - 2 * WINDOW_S:
-            del self.turns[next(iter(self.turns))]  # its window has forgotten it
-        return turn.result().epoch, granted, ticket
-
-    async def sent(self, ticket: int, at: float) -> None:
-        """The request of `ticket` left late, at `at` (wall clock): windows count it from then."""
-        if (turn := self.turns.pop(ticket, None)) is not None:
-            turn[1](at)
-
-    async def answered(self, endpoint: int, reserved: int, counted: int) -> None:
-        self.limits[endpoint].answered(reserved, counted)
-
-    async def refused(self, endpoint: int, retry_after_s: float | None, epoch: int) -> None:
-        self.limits[endpoint].refused(retry_after_s, epoch)
-
-    async def held(self) -> list[str]:
-        """What each endpoint's pace is held at below its limit, where it is."""
-        return [str(held) for limiter in self.limits.limiters if (held := limiter.held())]
-
-    async def lower(self, endpoint: int, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
-        self.limits[endpoint].lower(requests_per_minute, tokens_per_minute)
-
-    async def begin(self, owner: Owner) -> None:
-        """An HTTP actor starts a life: what an earlier one of it held counts as spent."""
-        actor, life = owner
-        if (earlier := self.lives.get(actor)) is not None:
-            self._spend_holds((actor, earlier))
-        self.lives[actor] = life
-
-    async def hold(self, owner: Owner, worst_usd: float) -> bool:
-        if self.stopping.is_set() or not await self.budget.hold(worst_usd):
-            return False
-        if self.lives.get(owner[0]) != owner[1]:  # a life that ended while this waited: nothing is sent
-            self.budget.release(worst_usd, 0.0)
-            return False
-        self.holds[owner][worst_usd] += 1
-        return True
-
-    async def release(self, owner: Owner, worst_usd: float, actual_usd: float) -> None:
-        held = self.holds[owner]
-        held[worst_usd] -= 1
-        if held[worst_usd] <= 0:
-            del held[worst_usd]
-        if not held:
-            del self.holds[owner]
-        self.budget.release(worst_usd, actual_usd)
-
-    async def end_wave(self) -> None:
-        """Every actor of a wave is gone: any hold still booked was a lost request's."""
-        for owner in list(self.holds):
-            self._spend_holds(owner)
-        self.lives.clear()
-
-    def _spend_holds(self, owner: Owner) -> None:
-        for worst_usd, count in self.holds.pop(owner, Counter()).items():
-            for _ in range(count):
-                self.budget.release(worst_usd, worst_usd)
-
-    async def stop(self) -> None:
-        """No request starts from now on, on any actor, not even one waiting its turn."""
-        self.stopping.set()
-
-    async def is_stopping(self) -> bool:
-        return self.stopping.is_set()
-
-    async def spending(self) -> tuple[float, bool]:
-        return self.budget.spent_usd, self.budget.exhausted
-
-
-_CoordinatorActor: Any = ray.remote(Coordinator)
-
-
-class _RemoteLimiter:
-    """One endpoint's limits on the coordinator; this actor's share of its concurrency here.
-    Each request start is one call to the coordinator, and each answer one more (not waited
-    for): the pace learns from answers and 429s alike. A request that leaves late (this actor
-    was busy) says so too, so the cluster's window counts it from when it really left."""
-
-    def __init__(self, coordinator: Any, endpoint: int, slots: int) -> None:
-        self._coordinator = coordinator
-        self._endpoint = endpoint
-        self.slots = Slots(slots)
-        self._stated: tuple[int | None, int | None] = (None, None)
-
-    def slot(self) -> AbstractAsyncContextManager[None]:
-        return self.slots.taken()
-
-    async def pace(self, tokens: int) -> Turn:
-        """The coordinator's window counts the moment it names, when this actor sends."""
-        turn: tuple[int, float, int] | None = await self._coordinator.pace.remote(self._endpoint, tokens)
-        if turn is None:
-            raise Halted("the run is stopping")
-        epoch, send_at, ticket = turn
-        await asyncio.sleep(max(0.0, send_at - time.time()))
-
-        def sent(at: float | None = None) -> None:
-            if (left := time.time() if at is None else at) > send_at + LATE_S:
-                self._coordinator.sent.remote(ticket, left)
-
-        return Turn(epoch, sent)
-
-    def answered(self, reserved: int, counted: int) -> None:
-        self._coordinator.answered.remote(self._endpoint, reserved, counted)
-
-    def refused(self, retry_after_s: float | None, epoch: int) -> None:
-        self._coordinator.refused.remote(self._endpoint, retry_after_s, epoch)
-
-    def lower(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
-        """Passed on to the coordinator when they change, not with every answer."""
-        if (requests_per_minute, tokens_per_minute) != self._stated:
-            self._stated = (requests_per_minute, tokens_per_minute)
-            self._coordinator.lower.remote(self._endpoint, requests_per_minute, tokens_per_minute)
-
-
-class _RemoteLimits:
-    def __init__(self, coordinator: Any, limiters: list[_RemoteLimiter]) -> None:
-        self._coordinator = coordinator
-        self._limiters = limiters
-
-    def __getitem__(self, endpoint: int) -> _RemoteLimiter:
-        return self._limiters[endpoint]
-
-    async def pick(self, tokens: int) -> int:
-        """The endpoint whose cluster-wide buckets allow a request soonest; of those, the one
-        with most free slots in this actor."""
-        if len(self._limiters) == 1:
-            return 0
-        waits = await self._coordinator.waits.remote(tokens)
-        return roomiest(waits, [limiter.slots.free for limiter in self._limiters])
-
-
-class _RemotePurse:
-    """The budget on the coordinator, held in the name of this actor."""
-
-    def __init__(self, coordinator: Any, owner: Owner) -> None:
-        self._coordinator = coordinator
-        self._owner = owner
-
-    async def hold(self, worst_usd: float) -> bool:
-        return bool(await self._coordinator.hold.remote(self._owner, worst_usd))
-
-    def release(self, worst_usd: float, actual_usd: float) -> None:
-        self._coordinator.release.remote(self._owner, worst_usd, actual_usd)
 
 
 def _schema(cfg: RunConfig) -> OutputSchema | None:
@@ -313,9 +119,9 @@ class _Http:
         """Made in the actor's event loop; keys come from this node's environment (ConfigError
         when one is unset here)."""
         cfg = self._cfg
-        limiters = [_RemoteLimiter(self._coordinator, i, share) for i, share in enumerate(self._shares)]
-        purse = _RemotePurse(self._coordinator, self._owner) if cfg.limits.max_cost_usd is not None else Budget(None)
-        return Sender(cfg, self._endpoints, self._shares, _RemoteLimits(self._coordinator, limiters), purse,
+        limiters = [RemoteLimiter(self._coordinator, i, share) for i, share in enumerate(self._shares)]
+        purse = RemotePurse(self._coordinator, self._owner) if cfg.limits.max_cost_usd is not None else Budget(None)
+        return Sender(cfg, self._endpoints, self._shares, RemoteLimits(self._coordinator, limiters), purse,
                       _schema(cfg), lambda: False)
 
     async def _inline(self, row: ManifestRow, sender: Sender) -> payload.Prepared:
@@ -461,7 +267,7 @@ async def run(driver: Driver, endpoints: list[EndpointConfig], schema: OutputSch
     cfg = driver.cfg
     _connect(cfg)  # in the main thread, where Ray can set its signal handlers
     here = ray.get_runtime_context().get_node_id()
-    coordinator = _CoordinatorActor.options(  # a node that leaves takes its actors with it: stay by the driver
+    coordinator = CoordinatorActor.options(  # a node that leaves takes its actors with it: stay by the driver
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False), num_cpus=0,
         max_concurrency=10_000,
     ).remote(cfg.target_limits, driver.budget.limit_usd, driver.budget.spent_usd)
