@@ -169,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="annotate", description="Batch image annotation with OpenAI-compatible vision models.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each retry and warning")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each request, retry and warning")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run, or resume, the job", epilog=_EPILOG,

@@ -127,7 +127,7 @@ def retry_policy(max_attempts: int, sleep: Callable[[float], Awaitable[None]] = 
         retry=retry_if_exception_type(Retryable),
         stop=stop_after_attempt(max_attempts),
         wait=_retry_after_or(wait_random_exponential(multiplier=0.5, max=60)),
-        before_sleep=before_sleep_log(log, logging.DEBUG),
+        before_sleep=before_sleep_log(log, logging.INFO),
         sleep=sleep,
         reraise=True,  # callers handle our RequestFailed, never tenacity's RetryError wrapper
     )
@@ -195,6 +195,7 @@ class Client:
                 status, headers = resp.status, resp.headers
         except _TRANSPORT_ERRORS as exc:  # timeouts, refused and dropped connections, bad encodings
             raise Retryable(f"{type(exc).__name__} talking to {self._base_url}") from exc
+        log.info('HTTP Request: POST %s "%d"', self._completions, status)  # one line a request, as httpx logs
         requests, tokens = _stated_limits(headers)
         if requests or tokens:
             self._pacer.lower(requests, tokens)

@@ -1,4 +1,5 @@
-"""The chat-completions request body for one row. Pure: same inputs, same body."""
+"""The chat-completions request body for one row: the same row, files and config give the same
+body. A plain function over a row (it reads the row's image files), so every engine runs it."""
 
 from __future__ import annotations
 

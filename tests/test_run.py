@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -192,7 +193,7 @@ def test_each_auth_style_reaches_the_server_and_the_key_is_written_nowhere(
     cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, named(images(2))), prompt=NAMED,
                        endpoint={"auth": auth, "headers": {"x-team": "vision"}})
 
-    cli.main(["-v", "run", str(cfg), "-q"])
+    assert cli.main(["-v", "run", str(cfg), "-q"]) == 1  # the row answered 400 failed
 
     assert {e.auth for e in sim.log} == {auth}
     assert all(e.headers.get("x-team") == "vision" for e in sim.log)
@@ -222,3 +223,17 @@ def test_in_process_simulator_from_the_config(tmp_path: Path, images: Callable[.
                        endpoint={"simulator": {"latency_s": 0.01}})
     assert cli.main(["run", str(cfg), "-q"]) == 0
     assert read_out(tmp_path)["status"].to_list() == ["ok"] * 3
+
+
+def test_verbose_logs_one_line_a_request_and_each_retry_at_info(
+        sim: Simulator, tmp_path: Path, images: Callable[..., list[str]], caplog: pytest.LogCaptureFixture) -> None:
+    sim.plan("img0001", [503])
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, named(images(2))), prompt=NAMED)
+
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        assert cli.main(["-v", "run", str(cfg), "-q"]) == 0
+
+    requests = [r.getMessage() for r in caplog.records if r.getMessage().startswith("HTTP Request: POST")]
+    assert len(requests) == len(sim.log) == 3 and sum('"503"' in line for line in requests) == 1
+    retries = [r for r in caplog.records if r.getMessage().startswith("Retrying")]
+    assert len(retries) == 1 and retries[0].levelno == logging.INFO and "503" in retries[0].getMessage()

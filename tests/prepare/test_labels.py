@@ -143,9 +143,10 @@ def test_n_choices_fill_the_columns_from_the_first_valid_one(
     sim = faulty_sim(rate_schema_break=0.5, seed=1)
     cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, named(images(12))), prompt=NAMED,
                        output_schema=LABELS, request={"n": 3, "parse_retries": 0})
-    cli.main(["run", str(cfg), "-q"])
+    code = cli.main(["run", str(cfg), "-q"])
 
     out = read_out(tmp_path / "out")
+    assert code == (1 if (out["status"] == "error").any() else 0)
     flaws = {e.response_id: e.flaws for e in sim.log}
     picked_later = 0
     for row in out.iter_rows(named=True):
