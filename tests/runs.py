@@ -96,3 +96,11 @@ def small_images(tmp_path: Path, n: int) -> list[dict[str, str]]:
     for i in range(n):
         (folder / f"img{i:04d}.png").write_bytes(image_bytes((32, 24), (i % 256, i // 256 * 40 % 256, 90)))
     return [{"image": f"images/img{i:04d}.png"} for i in range(n)]
+
+
+
+def before_each_refusal(log: list[LogEntry]) -> list[list[int]]:
+    """For each 429, how long before it (ms) each request let through in the second before
+    it arrived: what to read when a run was refused that should not have been."""
+    return [[round((entry.time - t) * 1000) for t in let_through(log) if entry.time - 1.0 <= t <= entry.time]
+            for entry in log if entry.status == 429]
