@@ -32,6 +32,7 @@ from ..runs import (
     start_run,
     wait_for,
 )
+from . import cases
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -187,6 +188,11 @@ def test_a_killed_driver_then_a_rerun_finishes_with_every_id_once(
     assert answered(sim) <= 500 + 2 * 2 * 8 + 4 * 8
 
 
+def test_two_endpoints_each_stay_under_their_own_limit(cluster: Cluster, serve: Any, tmp_path: Path,
+                                                      images: Callable[..., list[str]]) -> None:
+    cases.two_endpoints_each_stay_under_their_own_limit("ray", serve, tmp_path, images)
+
+
 def test_the_budget_holds_over_the_whole_cluster(cluster: Cluster, sim: simulator.Simulator, tmp_path: Path,
                                                  images: Callable[..., list[str]],
                                                  capsys: pytest.CaptureFixture[str]) -> None:
@@ -311,6 +317,11 @@ def test_a_request_that_left_late_is_counted_in_the_cluster_window_from_when_it_
 
     granted, left, next_granted = asyncio.run(main())
     assert next_granted >= left + 1.0 > granted + 1 / 0.98 + 0.4
+
+
+def test_the_limit_the_provider_states_lowers_ours(cluster: Cluster, faulty_sim: Callable[..., Any], tmp_path: Path,
+                                                   images: Callable[..., list[str]]) -> None:
+    cases.the_limit_the_provider_states_lowers_ours("ray", faulty_sim, tmp_path, images)
 
 
 def test_both_engines_write_the_same_labels(cluster: Cluster, tmp_path: Path) -> None:
