@@ -125,21 +125,15 @@ def opened(buf: Buffer, label: str, notes: list[str], file: BinaryIO | None = No
     are added to `notes`. (An mmap is not handed to Pillow: some formats seek past its end.)"""
     with _caught(notes):
         try:
-            image = Image.open(file or io.BytesIO(buf[:]))
+            with Image.open(file or io.BytesIO(buf[:])) as image:
+                if 0 in image.size or isinstance(image, ImageFile.StubImageFile):
+                    raise RowInputError(f"{label} is {image.format}, which Pillow can name but not decode")
+                yield image
         except UnidentifiedImageError:
             raise _unknown(buf[:64], label) from None
         except RowInputError:
             raise
         except Exception as exc:  # noqa: BLE001 - any of Pillow's failures is this row's error
-            raise _cause(exc, label) from None
-        try:
-            with image:
-                if 0 in image.size or isinstance(image, ImageFile.StubImageFile):
-                    raise RowInputError(f"{label} is {image.format}, which Pillow can name but not decode")
-                yield image
-        except RowInputError:
-            raise
-        except Exception as exc:  # noqa: BLE001
             raise _cause(exc, label) from None
 
 

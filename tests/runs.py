@@ -54,9 +54,15 @@ def billed(sim: Simulator) -> float:
                for e in sim.requests() if e.status == 200 and e.usage)
 
 
-def answered_once(tmp_path: Path, rows: int) -> None:
-    out = pl.read_parquet(tmp_path / "out" / "*.parquet")
+def all_once(directory: Path, rows: int) -> pl.DataFrame:
+    """The output of `directory`: every one of `rows` ids once."""
+    out = pl.read_parquet(directory / "*.parquet").sort("id")
     assert out.height == rows and out["id"].n_unique() == rows
+    return out
+
+
+def answered_once(tmp_path: Path, rows: int) -> None:
+    out = all_once(tmp_path / "out", rows)
     assert out["status"].to_list() == ["ok"] * rows
     for path in (tmp_path / "out").iterdir():
         assert KEY.encode() not in path.read_bytes()

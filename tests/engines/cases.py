@@ -8,21 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-
 from pipeline import cli
 
 from ..conftest import KEY_ENV, NAMED, named, write_config, write_manifest
-from ..runs import before_each_refusal, rate, refusals
+from ..runs import all_once, before_each_refusal, rate, refusals
 
 
 def _run(config: Path) -> int:
     return cli.main(["run", str(config), "-q"])
-
-
-def _all_once(directory: Path, rows: int) -> None:
-    out = pl.read_parquet(directory / "*.parquet")
-    assert out.height == rows and out["id"].n_unique() == rows
 
 
 def two_endpoints_each_stay_under_their_own_limit(engine: str, serve: Any, tmp_path: Path,
@@ -35,7 +28,7 @@ def two_endpoints_each_stay_under_their_own_limit(engine: str, serve: Any, tmp_p
     config = write_config(tmp_path, slow.url, manifest, prompt=NAMED, endpoint=None, endpoints=endpoints,
                           engine=engine, ray={"http_actors": 4, "block_rows": 8}, limits={"concurrency": 8})
     assert _run(config) == 0
-    _all_once(tmp_path / "out", 240)
+    all_once(tmp_path / "out", 240)
     for sim in (slow, fast):
         assert refusals(sim.requests()) == 0, before_each_refusal(sim.requests())
     assert rate(sorted([entry.time for entry in slow.requests()])) <= 10.5

@@ -20,6 +20,7 @@ from pipeline.config import LimitsConfig
 from ..conftest import NAMED, named, write_config, write_manifest
 from ..image_host import ImageHost
 from ..runs import (
+    all_once,
     answered,
     answered_once,
     billed,
@@ -141,12 +142,6 @@ def per_second(times: list[float]) -> list[int]:
     return counts
 
 
-def _all_once(directory: Path, rows: int) -> pl.DataFrame:
-    out = _read(directory)
-    assert out.height == rows and out["id"].n_unique() == rows
-    return out
-
-
 def test_losing_a_worker_node_mid_run_leaves_every_id_once(cluster: Cluster, faulty_sim: Callable[..., Any],
                                                          tmp_path: Path, images: Callable[..., list[str]]) -> None:
     sim = faulty_sim(latency_s=0.05)
@@ -162,7 +157,7 @@ def test_losing_a_worker_node_mid_run_leaves_every_id_once(cluster: Cluster, fau
     cluster.remove_node(doomed, allow_graceful=False)
     run.join(timeout=300)
     assert codes == [0]
-    _all_once(tmp_path / "out", 600)  # whatever the lost node held (blocks, an actor, requests in flight)
+    all_once(tmp_path / "out", 600)  # whatever the lost node held (blocks, an actor, requests in flight)
     # until the cluster has seen the node die, it places tasks and actors of later runs there
     wait_for(lambda: not any(node["NodeID"] == doomed.node_id and node["Alive"] for node in ray.nodes()), 120)
 
@@ -182,7 +177,7 @@ def test_a_killed_driver_then_a_rerun_finishes_with_every_id_once(
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     assert _run(config, "--engine", rerun_engine) == 0
-    _all_once(tmp_path / "out", 500)
+    all_once(tmp_path / "out", 500)
     # answered but not journalled when the driver died, at most: the actors' blocks in flight
     # (2 actors x 2 blocks x 8 rows) and the blocks the driver had fetched (4 x 8)
     assert answered(sim) <= 500 + 2 * 2 * 8 + 4 * 8
@@ -260,7 +255,7 @@ def test_a_signal_stops_every_actor_keeps_what_was_in_flight_and_a_rerun_asks_no
     first = _read(tmp_path / "out")
     assert first.height == answered(sim) < 300  # what was in flight was journalled
     assert _run(config) == 0
-    _all_once(tmp_path / "out", 300)
+    all_once(tmp_path / "out", 300)
     assert answered(sim) == 300  # nothing answered before the signal was asked again
 
 
