@@ -7,7 +7,7 @@ deciding what a row's outcome means. Only this module sees the HTTP library.
 aiohttp is used directly, not through httpx: httpx's request and response layer cost 0.4 to
 0.7 ms of CPU a request on top of aiohttp's (bare loops against the simulator: 1.0-1.3 ms a
 row against 0.62-0.64), and a run at the provider's limits is CPU-bound on one event loop.
-httpx-sse still parses event streams, over the bytes aiohttp read.
+An event stream is read as its bytes arrive (`events`).
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import os
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
-import httpx
-from httpx_sse import EventSource, SSEError
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -38,6 +36,7 @@ from tenacity import (
 from .completion import Reply, assemble_chunks, error_message, parse_body
 from .config import AuthStyle, EndpointConfig
 from .errors import ConfigError, Rejected, RequestFailed, Retryable
+from .events import event_data
 from .limits import Limiter, Turn
 
 __all__ = ["AUTH_HEADERS", "Client", "read_key", "retry_policy", "ACCOUNT_STATUSES"]
@@ -191,20 +190,18 @@ class Client:
     async def _attempt(self, body: dict[str, Any], turn: Turn) -> Reply:
         try:
             async with self._http.post(self._completions, json=body, proxy=self._proxy, trace_request_ctx=turn) as resp:
-                content = await resp.read()
-                status, headers = resp.status, resp.headers
+                self._heard(resp.status, resp.headers)
+                if resp.status >= 400:
+                    raise self._failure(resp.status, resp.headers, await resp.read(), turn.epoch)
+                return await _answer(resp)
         except _TRANSPORT_ERRORS as exc:  # timeouts, refused and dropped connections, bad encodings
             raise Retryable(f"{type(exc).__name__} talking to {self._base_url}") from exc
+
+    def _heard(self, status: int, headers: Mapping[str, str]) -> None:
         log.info('HTTP Request: POST %s "%d"', self._completions, status)  # one line a request, as httpx logs
         requests, tokens = _stated_limits(headers)
         if requests or tokens:
             self._pacer.lower(requests, tokens)
-        if status >= 400:
-            raise self._failure(status, headers, content, turn.epoch)
-        try:
-            return _read_stream(headers, content) if body.get("stream") else parse_body(content)
-        except (SSEError, ValueError, TypeError, AttributeError) as exc:
-            raise Retryable(f"200 with a body that is not a chat completion ({exc})", status=200) from exc
 
     def _failure(self, status: int, headers: Mapping[str, str], content: bytes, epoch: int) -> RequestFailed:
         message = f"{status} {_provider_words(content)}".strip()
@@ -235,14 +232,24 @@ def _proxy(url: str) -> str | None:
     return urllib.request.getproxies().get(parts.scheme)
 
 
-def _read_stream(headers: Mapping[str, str], content: bytes) -> Reply:
+async def _answer(resp: aiohttp.ClientResponse) -> Reply:
+    """The completion in a 200: an event stream read as it arrives, or one JSON body (also
+    when a stream was asked for and the server answered whole)."""
+    try:
+        if resp.content_type == "text/event-stream":
+            return await _read_stream(resp.content.iter_any())
+        return parse_body(await resp.read())
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise Retryable(f"200 with a body that is not a chat completion ({exc})", status=200) from exc
+
+
+async def _read_stream(chunks: AsyncIterable[bytes]) -> Reply:
     """The chunks of a whole event stream; ValueError when it is broken or ends before [DONE]."""
-    sse = EventSource(httpx.Response(200, headers={"content-type": headers.get("content-type", "")}, content=content))
-    chunks: list[dict[str, Any]] = []
-    for event in sse.iter_sse():
-        if event.data.strip() == "[DONE]":
-            return assemble_chunks(chunks)
-        chunks.append(json.loads(event.data))
+    parsed: list[dict[str, Any]] = []
+    async for data in event_data(chunks):
+        if data.strip() == "[DONE]":
+            return assemble_chunks(parsed)
+        parsed.append(json.loads(data))
     raise ValueError("the event stream ended before [DONE]")
 
 
