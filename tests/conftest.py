@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
@@ -13,9 +13,16 @@ from PIL import Image
 
 from pipeline import simulator
 from pipeline.config import SimulatorSettings
+from pipeline.simulator import LogEntry
 
-from .benchmarks.sim_process import SimulatorProcess
 from .image_host import ImageHost, serving
+
+if TYPE_CHECKING:
+    # mypy knows tests/benchmarks/*.py by the bare names the benchmark scripts import them by
+    # (pyproject.toml [tool.mypy]); one file may not be two modules to it
+    from sim_process import SimulatorProcess
+else:
+    from .benchmarks.sim_process import SimulatorProcess
 
 KEY_ENV = "ANNOTATE_TEST_KEY"
 KEY = "sk-test-0123456789abcdef-secret"
@@ -41,7 +48,7 @@ def sim(sim_server: simulator.Simulator) -> simulator.Simulator:
 
 
 @pytest.fixture
-def faulty_sim() -> Callable[..., Any]:
+def faulty_sim() -> Iterator[Callable[..., simulator.Simulator]]:
     """A simulator of its own with the given settings, stopped after the test."""
     stack: list[Any] = []
 
@@ -55,7 +62,8 @@ def faulty_sim() -> Callable[..., Any]:
         context.__exit__(None, None, None)
 
 
-def image_bytes(size: tuple[int, int] = (64, 48), colour: str = "red", fmt: str = "PNG") -> bytes:
+def image_bytes(size: tuple[int, int] = (64, 48), colour: str | tuple[int, int, int] = "red",
+                fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, fmt)
     return buffer.getvalue()
@@ -78,6 +86,18 @@ def images(tmp_path: Path) -> Callable[..., list[str]]:
     return make
 
 
+def body_of(entry: LogEntry) -> dict[str, Any]:
+    """The body of a request the simulator logged; only one it could not read has none."""
+    assert entry.body is not None, entry
+    return entry.body
+
+
+def usage_of(entry: LogEntry) -> dict[str, Any]:
+    """The usage the simulator answered a request with; one it did not answer has none."""
+    assert entry.usage is not None, entry
+    return entry.usage
+
+
 NAMED = {"user": "Describe {name}."}  # a prompt that carries each image's name, so sim.plan() can find it
 
 
@@ -91,7 +111,9 @@ def write_manifest(tmp_path: Path, rows: list[dict[str, Any]], name: str = "mani
 
     path = tmp_path / name
     frame = pl.DataFrame(rows)
-    {".csv": frame.write_csv, ".parquet": frame.write_parquet, ".jsonl": frame.write_ndjson}[path.suffix](path)
+    writers: dict[str, Callable[[Path], object]] = {
+        ".csv": frame.write_csv, ".parquet": frame.write_parquet, ".jsonl": frame.write_ndjson}
+    writers[path.suffix](path)
     return path
 
 

@@ -50,8 +50,9 @@ GPT_4O = (2.50, 10.00)  # USD per 1M input and output tokens, as bundled
 
 def billed(sim: Simulator) -> float:
     """What the simulator's answers cost, from the usage it returned."""
-    return sum((e.usage["prompt_tokens"] * GPT_4O[0] + e.usage["completion_tokens"] * GPT_4O[1]) / 1e6
-               for e in sim.requests() if e.status == 200 and e.usage)
+    cost: float = sum((e.usage["prompt_tokens"] * GPT_4O[0] + e.usage["completion_tokens"] * GPT_4O[1]) / 1e6
+                      for e in sim.requests() if e.status == 200 and e.usage)
+    return cost
 
 
 def all_once(directory: Path, rows: int) -> pl.DataFrame:

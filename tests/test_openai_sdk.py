@@ -16,7 +16,9 @@ from pydantic import BaseModel
 
 from .conftest import KEY, image_bytes
 
-openai = pytest.importorskip("openai")
+pytest.importorskip("openai")
+import openai  # noqa: E402
+from openai.types.chat import ChatCompletionMessageParam  # noqa: E402
 
 
 def _free_port() -> int:
@@ -57,7 +59,7 @@ def client(simulate: Callable[..., str]) -> openai.OpenAI:
     return openai.OpenAI(base_url=simulate(), api_key=KEY, max_retries=0)
 
 
-def _messages(text: str = "Describe this image.") -> list[dict[str, object]]:
+def _messages(text: str = "Describe this image.") -> list[ChatCompletionMessageParam]:
     import base64
 
     url = "data:image/png;base64," + base64.b64encode(image_bytes((96, 64), "red")).decode()
@@ -121,6 +123,7 @@ def test_errors_reach_the_sdk_as_its_own_exceptions(client: openai.OpenAI, simul
                                        extra_headers={"Authorization": openai.Omit()})
     limited = openai.OpenAI(base_url=simulate("--requests-per-minute", "60"), api_key=KEY, max_retries=0)
     limited.chat.completions.create(model="gpt-4o-mini", messages=_messages())  # the second's whole allowance
-    with pytest.raises(openai.RateLimitError) as refused:
+    with pytest.raises(openai.RateLimitError) as throttled:
         limited.chat.completions.create(model="gpt-4o-mini", messages=_messages())
-    assert refused.value.code == "rate_limit_exceeded" and int(refused.value.response.headers["retry-after"]) >= 1
+    assert (throttled.value.code == "rate_limit_exceeded"
+            and int(throttled.value.response.headers["retry-after"]) >= 1)

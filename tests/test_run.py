@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import duckdb
 import polars as pl
@@ -13,7 +14,7 @@ import pytest
 from pipeline import cli
 from pipeline.simulator import Simulator
 
-from .conftest import KEY, NAMED, image_bytes, named, write_config, write_manifest
+from .conftest import KEY, NAMED, body_of, image_bytes, named, write_config, write_manifest
 
 
 def read_out(tmp_path: Path) -> pl.DataFrame:
@@ -36,11 +37,14 @@ def test_run_writes_one_ok_row_per_image_with_the_simulators_usage(
     answered = {e.response_id: e.usage for e in sim.log if e.status == 200}
     for row in out.iter_rows(named=True):
         usage = answered[row["response_id"]]
+        assert usage is not None
         assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (
             usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"])
         assert row["cost_usd"] == pytest.approx((usage["prompt_tokens"] * 2.5 + usage["completion_tokens"] * 10) / 1e6)
     assert sorted(out["label"]) == sorted(f"thing {i}" for i in range(20))
-    assert duckdb.sql(f"select count(*) from '{tmp_path}/out/*.parquet' where status = 'ok'").fetchall() == [(20,)]
+    counted = duckdb.sql(f"select count(*) from '{tmp_path}/out/*.parquet' where status = 'ok'")
+    assert counted is not None  # a SELECT has a result
+    assert counted.fetchall() == [(20,)]
 
 
 def test_fault_mix_ends_with_every_row_ok_once_and_usage_as_answered(
@@ -60,10 +64,11 @@ def test_fault_mix_ends_with_every_row_ok_once_and_usage_as_answered(
     assert out["status"].unique().to_list() == ["ok"]
     faults = {e.fault for e in sim.log}
     assert {"500", "503", "429", "hang", "malformed", "drop"} <= faults
-    assert out["attempts"].max() > 1
+    assert cast(int, out["attempts"].max()) > 1
     answered = {e.response_id: e.usage for e in sim.log if e.status == 200 and e.fault is None}
     for row in out.select("response_id", "prompt_tokens", "completion_tokens", "total_tokens").iter_rows():
         usage = answered[row[0]]
+        assert usage is not None
         assert row[1:] == (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"])
 
 
@@ -73,7 +78,8 @@ def test_bad_rows_are_error_rows_and_the_run_goes_on(
     good = images(2)
     (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     (tmp_path / "images" / "empty.jpg").write_bytes(b"")
-    rows = [{"image": p} for p in [*good, "images/missing.png", "images/broken.png", "images/empty.jpg"]]
+    rows: list[dict[str, str | None]] = [
+        {"image": p} for p in [*good, "images/missing.png", "images/broken.png", "images/empty.jpg"]]
     rows.append({"image": None})
     cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, rows))
 
@@ -154,7 +160,7 @@ def test_several_images_per_row_go_in_one_message(sim: Simulator, tmp_path: Path
     assert cli.main(["run", str(cfg), "-q"]) == 0
 
     for entry in sim.log:
-        content = entry.body["messages"][-1]["content"]
+        content = body_of(entry)["messages"][-1]["content"]
         assert [part["type"] for part in content] == ["text", "image_url", "image_url"]
 
 
@@ -165,7 +171,7 @@ def test_hugging_face_image_struct_and_binary_columns(sim: Simulator, tmp_path: 
         cfg = write_config(tmp_path, sim.url, manifest, input={"image_column": column},
                            output={"dir": str(tmp_path / column)})
         assert cli.main(["run", str(cfg), "-q"]) == 0
-    answers = [entry.body["messages"][-1]["content"][1]["image_url"]["url"][:22] for entry in sim.log]
+    answers = [body_of(entry)["messages"][-1]["content"][1]["image_url"]["url"][:22] for entry in sim.log]
     assert answers == ["data:image/png;base64,"] * 2
 
 
@@ -179,9 +185,9 @@ def test_stream_and_n_assemble_every_choice_with_usage(sim: Simulator, tmp_path:
     out = read_out(tmp_path)
     assert out["answers"].list.len().to_list() == [2, 2, 2]
     assert (out["answer"] == out["answers"].list.first()).all()
-    assert out["prompt_tokens"].min() > 0 and out["completion_tokens"].min() > 0
+    assert cast(int, out["prompt_tokens"].min()) > 0 and cast(int, out["completion_tokens"].min()) > 0
     for entry in sim.log:
-        assert entry.body["stream"] is True and entry.body["stream_options"] == {"include_usage": True}
+        assert body_of(entry)["stream"] is True and body_of(entry)["stream_options"] == {"include_usage": True}
 
 
 @pytest.mark.parametrize("auth", ["bearer", "x-api-key", "x-goog-api-key"])

@@ -13,6 +13,7 @@ Run it standalone with `.venv/bin/python tests/benchmarks/ray_prep.py [--smoke]`
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import pickle
 import sys
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import image_stage
 import pyarrow as pa
@@ -108,7 +109,8 @@ def on_ray(cfg: config.RunConfig, rows: list[ManifestRow], root: Path, workers: 
         dataset = ray.data.from_arrow(blocks).map_batches(
             functools.partial(_prepare, cfg, root, coordinator), batch_format="pyarrow", batch_size=None, num_cpus=1,
             concurrency=workers)
-        prepared = sum(batch.num_rows for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+        prepared: int = sum(cast(pa.Table, batch).num_rows
+                            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
         assert prepared == len(rows)
         return prepared
 
@@ -125,7 +127,7 @@ def measure(work: Path, scale: Scale = FULL) -> Measured:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # "local": a Ray of its own, never a cluster already running here, whose CPUs could not be set;
     # its processes talk to each other on 127.0.0.1
-    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False, _node_ip_address=HOST)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:

@@ -599,12 +599,13 @@ def main() -> int:
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="annotate-bench-") as tmp:
         work = Path(tmp)
-        measures = [lambda: overhead(work, sizes, checks), lambda: fidelity(work, sizes, checks),
-                    lambda: latency_bound(work, sizes, checks), lambda: memory(work, sizes, checks),
-                    lambda: resume_1m.figures(work / "resume", sizes.resume),
-                    lambda: image_stage.figures(work / "images", sizes.images),
-                    lambda: estimate_1m.figures(work / "estimate", sizes.estimate),
-                    lambda: ray_prep.to_figures(ray_prep.measure(work / "ray", sizes.ray))]
+        measures: list[Callable[[], list[Figure]]] = [
+            lambda: overhead(work, sizes, checks), lambda: fidelity(work, sizes, checks),
+            lambda: latency_bound(work, sizes, checks), lambda: memory(work, sizes, checks),
+            lambda: resume_1m.figures(work / "resume", sizes.resume),
+            lambda: image_stage.figures(work / "images", sizes.images),
+            lambda: estimate_1m.figures(work / "estimate", sizes.estimate),
+            lambda: ray_prep.to_figures(ray_prep.measure(work / "ray", sizes.ray))]
         for i, measure in enumerate(measures, 1):
             try:
                 done = measure()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import polars as pl
 import pytest
@@ -44,7 +45,7 @@ def test_a_resumed_run_counts_what_earlier_runs_spent(sim: Simulator, tmp_path: 
     manifest = write_manifest(tmp_path, [{"image": p} for p in images(10)])
     cfg = write_config(tmp_path, sim.url, manifest, limits={"concurrency": 2})
     assert cli.main(["run", str(cfg), "-q", "--limit", "5"]) == 0
-    spent = pl.read_parquet(tmp_path / "out" / "*.parquet")["cost_usd"].sum()
+    spent = cast(float, pl.read_parquet(tmp_path / "out" / "*.parquet")["cost_usd"].sum())  # a Float64 column
     sim.reset()
 
     assert cli.main(["run", str(cfg), "-q", "--set", f"limits.max_cost_usd={spent * 1.01}"]) == 3
@@ -68,8 +69,9 @@ def test_what_earlier_runs_were_charged_counts_even_without_a_reported_cost(tmp_
     from pipeline.store.parts import Store
 
     schema = columns.schema(pl.Schema())
-    rows = [{"id": "a", "status": "ok", "cost_usd": 0.25, "charged_usd": 0.25},
-            {"id": "b", "status": "ok", "cost_usd": None, "charged_usd": 0.5}]  # no usage: its worst case
+    rows: list[dict[str, Any]] = [
+        {"id": "a", "status": "ok", "cost_usd": 0.25, "charged_usd": 0.25},
+        {"id": "b", "status": "ok", "cost_usd": None, "charged_usd": 0.5}]  # no usage: its worst case
     store = Store(tmp_path, schema)
     store.record(rows)
     store.close()

@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 import pytest
@@ -65,7 +65,7 @@ def test_sample_answers_n_rows_for_real_and_a_run_does_not_pay_for_them_again(
 
     assert guess["sampled_rows"] == 3 and len(sim.log) == 3
     sampled = pl.read_parquet(tmp_path / "out" / "*.parquet")
-    assert guess["output_tokens"]["expected"] == round(sampled["completion_tokens"].mean() * 12)
+    assert guess["output_tokens"]["expected"] == round(cast(float, sampled["completion_tokens"].mean()) * 12)
     assert cli.main(["run", str(cfg), "-q"]) == 0
     assert len(sim.log) == 12
 

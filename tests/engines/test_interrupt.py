@@ -102,8 +102,9 @@ def test_a_second_signal_stops_at_once_and_the_journal_keeps_what_was_received(
     sim.settings = sim.settings.model_copy(update={"rate_hang": 1.0, "hang_s": 60.0})
     wait_for(lambda: held(sim) >= 4)  # every request in flight hangs now
     run.send_signal(signal.SIGINT)
-    assert run.stderr is not None
-    wait_for(lambda: "stopping" in run.stderr.readline())  # the first is handled (two at once are one)
+    stderr = run.stderr
+    assert stderr is not None
+    wait_for(lambda: "stopping" in stderr.readline())  # the first is handled (two at once are one)
     run.send_signal(signal.SIGINT)
     run.communicate(timeout=20)  # far less than the 30 s grace: the second signal did not wait
 

@@ -21,7 +21,7 @@ from pipeline.errors import RowInputError
 from pipeline.fetch import Fetcher
 from pipeline.simulator import Simulator
 
-from ..conftest import write_config, write_manifest
+from ..conftest import body_of, write_config, write_manifest
 from ..image_host import HUGE, PHOTO, ImageHost, jpeg
 
 
@@ -112,7 +112,7 @@ def test_a_run_inlines_remote_images_and_names_each_failure(sim: Simulator, imag
     assert cli.main(["run", str(cfg), "-q"]) == 1
     out = {row["image"]: row for row in pl.read_parquet(tmp_path / "out" / "*.parquet").iter_rows(named=True)}
     assert [out[urls[k]]["status"] for k in ("ok", "moved")] == ["ok", "ok"]
-    sent = [e.body["messages"][0]["content"][1]["image_url"]["url"] for e in sim.log]
+    sent = [body_of(e)["messages"][0]["content"][1]["image_url"]["url"] for e in sim.log]
     assert len(sent) == 2 and all(url.startswith("data:image/jpeg;base64,") for url in sent)  # inlined
     expected = {"nowhere": ("HTTP 404 Not Found", False), "html": ("is not an image (it is HTML or XML text)", False),
                 "noai": ("X-Robots-Tag says noai", False), "down": ("HTTP 503 Service Unavailable (2 attempts)", True)}
@@ -152,7 +152,8 @@ def test_with_remote_pass_an_image_the_provider_cannot_download_is_asked_again_i
     assert cli.main(["run", str(cfg), "-q"]) == 1
     out = {row["image"]: row for row in pl.read_parquet(tmp_path / "out" / "*.parquet").iter_rows(named=True)}
     assert out[urls["ok"]]["status"] == out[urls["hotlink"]]["status"] == "ok"
-    answered = sorted(e.body["messages"][0]["content"][1]["image_url"]["url"][:23] for e in sim.log if e.status == 200)
+    answered = sorted(body_of(e)["messages"][0]["content"][1]["image_url"]["url"][:23]
+                      for e in sim.log if e.status == 200)
     assert answered == ["data:image/jpeg;base64,", urls["ok"][:23]]  # hotlink inlined once refused; ok fetched there
     assert sorted(e.status for e in sim.log) == [200, 200, 400, 400]  # hotlink and nowhere could not be downloaded
     assert out[urls["nowhere"]]["error"] == f"image: {urls['nowhere']}: HTTP 404 Not Found"

@@ -7,6 +7,7 @@ import io
 import math
 import random
 from pathlib import Path
+from typing import cast
 
 import pytest
 from PIL import Image, ImageChops, ImageFilter
@@ -154,7 +155,8 @@ def test_max_side_keeps_palette_transparency_as_png(tmp_path: Path) -> None:
     mime, data = decode(part)
     with Image.open(io.BytesIO(data)) as image:  # resampled in RGBA: a palette resizes by nearest pixel only
         assert (mime, image.mode, image.size) == ("image/png", "RGBA", (150, 100))
-        assert image.getextrema()[3] == (0, 0)
+        bands = cast(tuple[tuple[int, int], ...], image.getextrema())  # RGBA: (min, max) of each band
+        assert bands[3] == (0, 0)
 
 
 @pytest.mark.parametrize("max_side", [64, 65, 1000])
@@ -277,7 +279,7 @@ def test_a_downscaled_photo_is_sent_upright_as_its_exif_orientation_says(
     (part,) = to_parts([path.name], tmp_path, PromptConfig(max_side=100))  # a re-encode drops the tag: the pixels turn
     sent = Image.open(io.BytesIO(base64.b64decode(part.url.partition(",")[2]))).convert("RGB")
     assert sent.size == part.size == upright == size_as_sent(path.name, tmp_path, max_side=100)
-    r, g, b = sent.getpixel(red_at)
+    r, g, b = cast(tuple[int, ...], sent.getpixel(red_at))  # an RGB pixel: one value per band
     assert r > 200 and b < 60
 
 

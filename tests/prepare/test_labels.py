@@ -15,7 +15,7 @@ import pytest
 from pipeline import cli
 from pipeline.simulator import Simulator
 
-from ..conftest import NAMED, image_bytes, named, write_config, write_manifest
+from ..conftest import NAMED, body_of, image_bytes, named, usage_of, write_config, write_manifest
 
 PALETTE = "black, white, grey, red, orange, yellow, green, cyan, blue, purple, pink, brown"
 LABELS: dict[str, Any] = {
@@ -63,11 +63,15 @@ def test_a_labelling_run_writes_typed_columns_read_back_alike_by_polars_and_duck
     assert set(out["shape"].struct.field("size")) == {"small"}
     assert out["shape"].struct.field("ratio").dtype == pl.Float64
 
-    ducked = duckdb.sql(f"SELECT * FROM read_parquet('{tmp_path / 'out'}/*.parquet')").pl().sort("id")
+    selected = duckdb.sql(f"SELECT * FROM read_parquet('{tmp_path / 'out'}/*.parquet')")
+    assert selected is not None  # a SELECT has a result
+    ducked = selected.pl().sort("id")
     assert ducked.select(list(LABELS)).equals(out.select(list(LABELS)))
-    types = dict(zip(*duckdb.sql(f"DESCRIBE SELECT shapes, photo, tags, colour FROM "
-                                 f"read_parquet('{tmp_path / 'out'}/*.parquet')").pl()
-                     .select("column_name", "column_type").to_dict(as_series=False).values()))
+    described = duckdb.sql(f"DESCRIBE SELECT shapes, photo, tags, colour FROM "
+                           f"read_parquet('{tmp_path / 'out'}/*.parquet')")
+    assert described is not None
+    types: dict[str, str] = dict(zip(*described.pl().select("column_name", "column_type")
+                                     .to_dict(as_series=False).values()))
     assert types == {"shapes": "BIGINT", "photo": "BOOLEAN", "tags": "VARCHAR[]", "colour": "VARCHAR"}
 
 
@@ -78,7 +82,7 @@ def test_the_fallback_modes_give_the_same_columns(sim: Simulator, tmp_path: Path
     assert cli.main(["run", str(labelled(tmp_path, sim.url, manifest)), "-q"]) == 0
     assert cli.main(["run", str(labelled(tmp_path, sim.url, manifest, structured=mode)), "-q",
                      "-o", str(tmp_path / mode)]) == 0
-    sent = [e.body for e in sim.log[3:]]
+    sent = [body_of(e) for e in sim.log[3:]]
     if mode == "json_object":
         assert all(b["response_format"] == {"type": "json_object"} for b in sent)
     else:  # the schema goes in the user's text, and no response_format
@@ -97,8 +101,8 @@ def test_bad_answers_are_asked_again_and_every_row_ends_ok_or_as_a_parse_error(
 
     out = read_out(tmp_path / "out")
     assert out.height == 80 and out["id"].n_unique() == 80
-    first = [e for e in sim.log if len(e.body["messages"]) == 1]
-    again = [e for e in sim.log if len(e.body["messages"]) == 3]  # the question, the answer, what was wrong
+    first = [e for e in sim.log if len(body_of(e)["messages"]) == 1]
+    again = [e for e in sim.log if len(body_of(e)["messages"]) == 3]  # the question, the answer, what was wrong
     assert len(first) == 80 and len(first) + len(again) == len(sim.log)
     assert again, "the simulator sent no bad answer: the test proves nothing"
     assert len(again) == sum(1 for e in first if e.flaws[0])  # one re-ask per bad answer (parse_retries 1)
@@ -127,9 +131,9 @@ def test_an_answer_that_stays_invalid_is_a_parse_error_row_with_the_raw_answer_a
     assert out["error"].str.starts_with("parse_error: the answer is not valid JSON").all()
     assert out["answer"].null_count() == 0 and out["colour"].null_count() == 3
     assert len(sim.log) == 9 and out["attempts"].to_list() == [3] * 3
-    follow_up = sim.log[-1].body["messages"]
+    follow_up = body_of(sim.log[-1])["messages"]
     assert follow_up[-2]["role"] == "assistant" and "not valid JSON" in follow_up[-1]["content"]
-    assert out["prompt_tokens"].sum() == sum(e.usage["prompt_tokens"] for e in sim.log)
+    assert out["prompt_tokens"].sum() == sum(usage_of(e)["prompt_tokens"] for e in sim.log)
     assert out["cost_usd"].null_count() == 0 and out["cost_usd"].sum() > 0
 
     assert cli.main(["run", str(cfg), "-q"]) == 1  # a parse error is final ...
@@ -224,7 +228,7 @@ def test_re_asks_stay_within_the_budget_and_keep_what_was_paid_for(
 
     out = read_out(tmp_path / "out")
     assert out["charged_usd"].sum() <= 0.02
-    assert out["prompt_tokens"].sum() == sum(e.usage["prompt_tokens"] for e in sim.log)  # every answer is kept
+    assert out["prompt_tokens"].sum() == sum(usage_of(e)["prompt_tokens"] for e in sim.log)  # every answer is kept
     assert len(sim.log) > out.height  # re-asks were sent before the budget ran out
 
 
@@ -235,7 +239,7 @@ def test_a_full_json_schema_goes_out_strict_and_its_answers_land_in_typed_column
     config = write_config(tmp_path, sim.url, coloured(tmp_path, ["red", "blue", "green"]), prompt=NAMED,
                           output_schema=FULL)
     assert cli.main(["run", str(config), "-q"]) == 0  # the simulator refuses a strict schema that breaks the rules
-    sent = sim.log[0].body["response_format"]["json_schema"]
+    sent = body_of(sim.log[0])["response_format"]["json_schema"]
     assert sent["strict"] is True and set(sent["schema"]["required"]) == set(FULL["properties"])
     arrow = pq.read_schema(next((tmp_path / "out").glob("*.parquet")))
     assert {name: str(arrow.field(name).type) for name in FULL["properties"]} == {
@@ -254,6 +258,6 @@ def test_a_schema_with_no_strict_form_goes_out_with_strict_false_and_one_warning
     assert cli.main(["run", str(config), "-q"]) == 0
     warned = [r.getMessage() for r in caplog.records if "output_schema is asked for with strict: false" in r.getMessage()]
     assert len(warned) == 1 and "(an object open to more properties has no strict form)" in warned[0]
-    assert {entry.body["response_format"]["json_schema"]["strict"] for entry in sim.log} == {False}
+    assert {body_of(entry)["response_format"]["json_schema"]["strict"] for entry in sim.log} == {False}
     out = read_out(tmp_path / "out")
     assert out["status"].to_list() == ["ok"] * 2 and out.schema["colour"] == pl.String

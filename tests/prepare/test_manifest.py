@@ -134,7 +134,8 @@ def test_list_of_hugging_face_structs(tmp_path: Path) -> None:
 
 
 def test_prompt_is_filled_from_columns_and_null_renders_empty(tmp_path: Path) -> None:
-    rows = [{"image": "a.png", "label": "cat", "n": 3}, {"image": "b.png", "label": None, "n": 4}]
+    rows: list[dict[str, Any]] = [{"image": "a.png", "label": "cat", "n": 3},
+                                  {"image": "b.png", "label": None, "n": 4}]
     path = write(tmp_path / "m.parquet", rows)
     got = all_rows(open_manifest(path, "Count the {label}s ({n} expected). {{literal}}"))
     assert [r.prompt for r in got] == ["Count the cats (3 expected). {literal}", "Count the s (4 expected). {literal}"]
@@ -229,7 +230,9 @@ def test_unreadable_file_is_a_manifest_error(tmp_path: Path) -> None:
 def test_keep_schema_holds_the_kept_dtypes(tmp_path: Path) -> None:
     frame = pl.DataFrame({"image": ["a.png"], "score": [1.5], "n": [3], "tags": [["x", "y"]], "extra": ["z"]})
     manifest = open_manifest(write(tmp_path / "m.parquet", frame), keep_columns=("tags", "score", "n"))
-    assert manifest.keep_schema == pl.Schema({"tags": pl.List(pl.String), "score": pl.Float64, "n": pl.Int64})
+    kept: dict[str, pl.DataType | pl.datatypes.DataTypeClass] = {
+        "tags": pl.List(pl.String), "score": pl.Float64, "n": pl.Int64}
+    assert manifest.keep_schema == pl.Schema(kept)
     (row,) = all_rows(manifest)
     assert dict(row.keep) == {"tags": ["x", "y"], "score": 1.5, "n": 3}
 

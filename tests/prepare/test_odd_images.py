@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import polars as pl
 import pytest
@@ -138,7 +139,9 @@ def test_exif_orientation_is_applied_for_every_format_and_sizes_agree(tmp_path: 
             assert image.size == (60, 120) and image.getexif()[0x0112] == 6
             return
         assert image.size == ((120, 60) if max_side is None else (40, 20))
-        left, right = image.convert("RGB").getpixel((2, image.height // 2)), image.getpixel((image.width - 3, 2))
+        # pixels of colour images: one value per band
+        left = cast(tuple[int, ...], image.convert("RGB").getpixel((2, image.height // 2)))
+        right = cast(tuple[int, ...], image.getpixel((image.width - 3, 2)))
         assert left[0] > 200 > left[2] and right[2] > 200 > right[0]  # red on the left: upright
 
 

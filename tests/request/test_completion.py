@@ -216,13 +216,13 @@ def test_reasoning_tokens_are_inside_completion_and_not_billed_twice() -> None:
 
 
 def test_content_given_as_parts_is_joined_and_odd_types_are_refused() -> None:
-    body = {"id": "x", "model": "m", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+    body: dict[str, Any] = {"id": "x", "model": "m", "choices": [{"index": 0, "finish_reason": "stop", "message": {
         "role": "assistant", "content": [{"type": "text", "text": "a red "}, {"type": "text", "text": "square"}]}}]}
     assert parse_body(json.dumps(body).encode()).answers == ("a red square",)
-    body["choices"][0]["message"]["content"] = {"text": "nested"}  # type: ignore[index]
+    body["choices"][0]["message"]["content"] = {"text": "nested"}
     with pytest.raises(ValueError):
         parse_body(json.dumps(body).encode())
-    body["choices"][0]["message"]["content"] = "fine"  # type: ignore[index]
+    body["choices"][0]["message"]["content"] = "fine"
     body["usage"] = {"prompt_tokens": 1, "completion_tokens": 1, "completion_tokens_details": {"reasoning_tokens": "x"}}
     with pytest.raises(ValueError):
         parse_body(json.dumps(body).encode())

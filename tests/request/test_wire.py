@@ -11,7 +11,7 @@ import pytest
 from pipeline import cli
 from pipeline.simulator import Simulator
 
-from ..conftest import write_config, write_manifest
+from ..conftest import body_of, write_config, write_manifest
 
 OPTIONAL = ("temperature", "top_p", "n", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "user",
             "stream", "stream_options")
@@ -74,7 +74,7 @@ def test_http_urls_are_sent_as_is_with_remote_pass(sim: Simulator, tmp_path: Pat
     url = "https://example.com/cat.jpg"  # never fetched: the simulator describes it unseen
     cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, [{"image": url}]), input={"remote": "pass"})
     assert cli.main(["run", str(cfg), "-q"]) == 0
-    assert sim.log[0].body["messages"][0]["content"][1]["image_url"]["url"] == url
+    assert body_of(sim.log[0])["messages"][0]["content"][1]["image_url"]["url"] == url
 
 
 @pytest.mark.parametrize("model", ["o4-mini", "o3-2025-04-16", "gpt-5-mini", "openai/gpt-5"])
