@@ -216,7 +216,7 @@ class Manifest:
         )
 
 
-def ids_of_last_run(run_info: Mapping[str, Any] | None) -> list[str] | None:
+def ids_of_last_run(run_info: Mapping[str, Any] | None) -> pl.Series | None:
     """The ids of the manifest a run read (as its `_run.json` names it), in the manifest's
     order; None when that manifest cannot be read any more."""
     if run_info is None:
@@ -224,6 +224,6 @@ def ids_of_last_run(run_info: Mapping[str, Any] | None) -> list[str] | None:
     try:
         source = InputConfig.model_validate(run_info["config"]["input"] | {"manifest": run_info["manifest"]["path"]})
         manifest = Manifest(source, PromptConfig.model_validate(run_info["config"]["prompt"]))
-        return [row.id for batch in manifest.batches() for row in batch]
+        return pl.concat([pl.Series("id", [row.id for row in batch], pl.String) for batch in manifest.batches()])
     except (OSError, ValueError, KeyError, TypeError, ManifestError):
         return None

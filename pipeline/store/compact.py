@@ -5,13 +5,19 @@ file lists the old and new parts, then the new ones are renamed into place and t
 removed. A crash in between is finished (or undone) by `store.finish_interrupted` when the
 directory is next opened, so readers see the duplicates of an interrupted compaction only
 until the next command runs on it.
+
+Memory holds the ids (tens of bytes a row) and PILE_ROWS rows, never the whole dataset: a first
+pass over the ids alone decides where each kept row goes; a second reads the old parts
+PILE_ROWS rows at a time and deals them into piles of PILE_ROWS rows of the new order; each new
+part is then written pile by pile, each pile put in order on its own.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
-from collections.abc import Sequence
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +28,7 @@ from .parts import (
     INTENT_FILE,
     Store,
     finish_interrupted,
+    columns_of,
     hidden_copy,
     part_stamp,
     parts,
@@ -33,6 +40,8 @@ from .parts import (
 __all__ = ["compact", "Compacted"]
 
 ROWS_PER_PART = 1_000_000
+PILE_ROWS = 100_000  # rows read, sorted and written at a time; also the new parts' row groups
+PILES = ".compact-piles-"  # a hidden folder of piles, removed when the rewrite ends
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,7 @@ class Compacted:
     in_manifest_order: bool
 
 
-def compact(directory: Path, ids: Sequence[str] | None, rows_per_part: int = ROWS_PER_PART) -> Compacted:
+def compact(directory: Path, ids: pl.Series | None, rows_per_part: int = ROWS_PER_PART) -> Compacted:
     """Rewrite the parts, one row per id, in the order of `ids` (the manifest's) when given."""
     store = Store(directory, pq.read_schema(parts(directory, required=True)[0]))  # the lock, and a leftover journal made a part
     try:
@@ -52,22 +61,77 @@ def compact(directory: Path, ids: Sequence[str] | None, rows_per_part: int = ROW
         store.close()
 
 
-def _rewrite(directory: Path, ids: Sequence[str] | None, rows_per_part: int) -> Compacted:
+def _rewrite(directory: Path, ids: pl.Series | None, rows_per_part: int) -> Compacted:
+    for leftover in directory.glob(f"{PILES}*"):  # from a compaction killed while dealing
+        shutil.rmtree(leftover)
     old = parts(directory)
-    rows = scan(old).unique(subset="id", keep="last", maintain_order=True)
-    if ids is not None:
-        order = pl.LazyFrame({"id": ids, "_order": range(len(ids))}, schema={"id": pl.String, "_order": pl.Int64})
-        rows = rows.join(order, on="id", how="left").sort("_order", nulls_last=True, maintain_order=True).drop("_order")
-    table = rows.collect().to_arrow()
+    per_part = -(-rows_per_part // PILE_ROWS)  # piles in a whole new part
+    plan = _plan(old, ids, rows_per_part, per_part)
     stamp = part_stamp()
-    new = [directory / f"part-{stamp}-compact-{i:05d}.parquet"
-           for i in range(max(1, -(-table.num_rows // rows_per_part)))]
-    hidden = [hidden_copy(path, functools.partial(pq.write_table, table.slice(i * rows_per_part, rows_per_part)))
-              for i, path in enumerate(new)]
+    folder = directory / f"{PILES}{stamp}"
+    folder.mkdir()
+    try:
+        piles = _deal(old, plan, folder)
+        new = [directory / f"part-{stamp}-compact-{i:05d}.parquet"
+               for i in range(max(1, -(-plan.height // rows_per_part)))]
+        hidden = [hidden_copy(path, functools.partial(_write_in_order, piles[i * per_part:(i + 1) * per_part], old))
+                  for i, path in enumerate(new)]
+    finally:
+        shutil.rmtree(folder)
     intent = {"old": [p.name for p in old], "new": [p.name for p in new]}
     write_atomically(directory / INTENT_FILE, lambda p: p.write_text(json.dumps(intent), encoding="utf-8"))
     for tmp, path in zip(hidden, new):
         tmp.rename(path)
     sync_dir(directory)
     finish_interrupted(directory)
-    return Compacted(table.num_rows, len(old), len(new), ids is not None)
+    return Compacted(plan.height, len(old), len(new), ids is not None)
+
+
+def _plan(old: list[Path], ids: pl.Series | None, rows_per_part: int, per_part: int) -> pl.DataFrame:
+    """Each kept row's place in the old parts read one after another (`_at`: an id's last row
+    wins), its place in the new order (`_to`) and its pile (`_pile`: per_part to a new part);
+    ordered by `_at`."""
+    kept = scan(old).select("id").with_row_index("_at").unique(subset="id", keep="last")
+    if ids is not None:  # the manifest's order; ids it no longer has go last, as they were
+        order = ids.rename("id").to_frame().with_row_index("_order").lazy()
+        kept = kept.join(order, on="id", how="left").sort("_order", "_at", nulls_last=True)
+    else:
+        kept = kept.sort("_at")
+    to = pl.int_range(pl.len(), dtype=pl.UInt64)
+    pile = to // rows_per_part * per_part + to % rows_per_part // PILE_ROWS
+    return kept.select("_at", to.alias("_to"), pile.alias("_pile")).sort("_at").collect(engine="streaming")
+
+
+def _deal(old: list[Path], plan: pl.DataFrame, folder: Path) -> list[Path]:
+    """The kept rows of the old parts, appended to their piles; the piles' files, by number."""
+    columns = columns_of(old)
+    writers: dict[int, pq.ParquetWriter] = {}
+    at = 0
+    try:
+        for part in old:
+            for start in range(0, pq.ParquetFile(part).metadata.num_rows, PILE_ROWS):
+                rows = scan([part], columns).slice(start, PILE_ROWS).collect().with_row_index("_at", offset=at)
+                lo, hi = (plan["_at"].search_sorted(at + skip) for skip in (0, rows.height))
+                at += rows.height
+                for (pile,), share in rows.join(plan[lo:hi], on="_at").partition_by("_pile", as_dict=True).items():
+                    table = share.drop("_at", "_pile").to_arrow()
+                    if pile not in writers:
+                        writers[pile] = pq.ParquetWriter(folder / f"{pile:05d}.parquet", table.schema)
+                    writers[pile].write_table(table)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return [folder / f"{pile:05d}.parquet" for pile in sorted(writers)]  # 0, 1, ...: `_to` has no gaps
+
+
+def _write_in_order(piles: list[Path], old: list[Path], path: Path) -> None:
+    """A new part at `path`: its piles one after another, each put in order on its own (with no
+    piles, no rows in the old parts' columns)."""
+    if not piles:
+        pq.write_table(scan(old).head(0).collect().to_arrow(), path)
+        return
+    tables = (pl.read_parquet(pile).sort("_to").drop("_to").to_arrow() for pile in piles)
+    first = next(tables)
+    with pq.ParquetWriter(path, first.schema) as writer:
+        for table in itertools.chain([first], tables):
+            writer.write_table(table, row_group_size=PILE_ROWS)

@@ -110,13 +110,18 @@ def parts(directory: Path, required: bool = False) -> list[Path]:
     return found
 
 
-def scan(files: list[Path], **options: Any) -> pl.LazyFrame:
-    """The rows of these parts as one frame, in every column any of them has: a part written by
-    an older version, before a column was added, reads it as null. (Only the footers are read.)"""
+def columns_of(files: list[Path]) -> dict[str, pl.DataType]:
+    """Every column any of these parts has, from their footers."""
     columns: dict[str, pl.DataType] = {}
     for file in files:
         columns |= {name: kind for name, kind in pl.read_parquet_schema(file).items() if name not in columns}
-    return pl.scan_parquet(files, schema=columns, missing_columns="insert", **options)
+    return columns
+
+
+def scan(files: list[Path], columns: dict[str, pl.DataType] | None = None, **options: Any) -> pl.LazyFrame:
+    """The rows of these parts as one frame, in every column any of them has (or `columns`): a
+    part written by an older version, before a column was added, reads it as null."""
+    return pl.scan_parquet(files, schema=columns or columns_of(files), missing_columns="insert", **options)
 
 
 class Store:

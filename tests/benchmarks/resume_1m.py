@@ -17,6 +17,9 @@ schema, `_run.json` with the config's fingerprint, and an empty `_journal.sqlite
    request it sent must ask about that one new row. (A fresh address space starts VmHWM at
    zero, so it needs no launcher.)
 3. Interpreter + imports alone: `python -c "import pipeline.cli"`, shown beside 1 and 2.
+4. Compaction, last (it rewrites the directory): `annotate compact DIR` once, wall seconds and
+   peak RSS (wait4), beside the size of the whole dataset as one Arrow table in memory. It must
+   exit 0 and leave every id once, in the manifest's order, in parts of at most 1,000,000 rows.
 
 The P5 target (≤ 2 s) is held against the medians of 1 and 2 as they are: the whole
 process, interpreter start and imports included, nothing subtracted. The run's own clock
@@ -284,8 +287,8 @@ def write_output_dir(out: Path, table: pa.Table, cfg: config.RunConfig, manifest
     for seq, start in enumerate(range(0, table.num_rows, part_rows), 1):
         pq.write_table(table.slice(start, part_rows), out / f"part-{stamp}-{seq:05d}.parquet")
         parts += 1
-    info = {"fingerprint": config.fingerprint(cfg),
-            "manifest": {"path": str(manifest.resolve()), "rows": table.num_rows}, "runs": [], "config": {}}
+    info = {"fingerprint": config.fingerprint(cfg), "manifest": {"path": str(manifest.resolve()), "rows": table.num_rows},
+            "runs": [], "config": {"input": cfg.input.model_dump(mode="json"), "prompt": cfg.prompt.model_dump(mode="json")}}
     (out / RUN_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
     Journal(out).close()  # a finished run leaves an empty journal behind
     return parts
@@ -302,6 +305,8 @@ class Setup:
     seconds: float
     ids_seconds: float
     parts_mb: float
+    table_mb: float  # the done rows as one Arrow table in memory
+    ids: list[str]  # in the manifest's order
 
 
 def prepare(work: Path, scale: Scale) -> Setup:
@@ -316,14 +321,16 @@ def prepare(work: Path, scale: Scale) -> Setup:
     ids_seconds = time.perf_counter() - ids_started
     if len(ids) != rows or len(set(ids)) != rows:
         raise RuntimeError(f"expected {rows} distinct ids, got {len(set(ids))} of {len(ids)}")
-    parts = write_output_dir(out, done_rows(ids, schema), cfg, manifest, scale.part_rows)
-    del ids
+    table = done_rows(ids, schema)
+    parts = write_output_dir(out, table, cfg, manifest, scale.part_rows)
+    table_mb = table.nbytes / 1e6
+    del table
 
     more = write_manifest(work / "images" / "manifest-plus-1.csv", images, rows + 1)
     more_config, _ = write_config(work / "more.yaml", more, f"http://{HOST}:9/v1", out)
     parts_mb = sum(p.stat().st_size for p in out.glob(PARTS)) / 1e6
     return Setup(scale, out, done_config, more_config, f"item {rows}", parts, time.perf_counter() - started,
-                 ids_seconds, parts_mb)
+                 ids_seconds, parts_mb, table_mb, ids)
 
 
 # --- the measurements -----------------------------------------------------------------------
@@ -400,12 +407,26 @@ def to_first_request(work: Path, setup: Setup) -> tuple[list[FirstRequest], str 
     return runs, None
 
 
+def compacted(work: Path, setup: Setup) -> tuple[Finished, str | None]:
+    """The compaction, and what went wrong (None: every id once, in manifest order, parts of at
+    most 1,000,000 rows)."""
+    done = run_to_exit([ANNOTATE, "compact", str(setup.out)], work / "compact.log")
+    files = sorted(setup.out.glob(PARTS))
+    ids = pl.read_parquet(files, columns=["id"])["id"].to_list()
+    largest = max(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if done.returncode != 0 or ids != setup.ids or largest > 1_000_000 or "in manifest order" not in done.output:
+        return done, (f"compact: exit {done.returncode}, {len(ids)} ids, in manifest order: {ids == setup.ids}, "
+                      f"largest part {largest} rows; it said {done.output[-300:]!r}")
+    return done, None
+
+
 @dataclass
 class Measured:
     setup: Setup
     imports_s: list[float]
     nothing: list[Finished]
     first: list[FirstRequest]
+    compact: Finished
     problems: list[str]  # checks that did not hold
 
     @property
@@ -423,7 +444,9 @@ def measure(work: Path, scale: Scale = FULL) -> Measured:
     imports_s = [import_seconds() for _ in range(scale.repeats)]
     nothing, nothing_problem = nothing_to_do(work, setup)
     first, first_problem = to_first_request(work, setup)
-    return Measured(setup, imports_s, nothing, first, [p for p in (nothing_problem, first_problem) if p])
+    compact, compact_problem = compacted(work, setup)
+    return Measured(setup, imports_s, nothing, first, compact,
+                    [p for p in (nothing_problem, first_problem, compact_problem) if p])
 
 
 # --- the results table ----------------------------------------------------------------------
@@ -459,6 +482,10 @@ def to_figures(m: Measured) -> list[Figure]:
         Figure("P5 resume: peak RSS", "- (informational)",
                f"nothing to do {median_max([r.peak_rss_mb for r in m.nothing], 'MB', 0)} (wait4); "
                f"to the first request {median_max([r.peak_rss_mb for r in m.first], 'MB', 0)} (VmHWM before SIGKILL)"),
+        Figure("P5 compact", f"`annotate compact` of those {s.parts} parts; the whole dataset as one Arrow table "
+               f"would take {s.table_mb:.0f} MB",
+               f"{m.compact.wall_s:.1f} s, peak RSS {m.compact.peak_rss_mb:.0f} MB (wait4), "
+               f"{m.compact.peak_rss_mb / s.table_mb:.2f}× the whole table"),
         Figure("P5 resume: interpreter + imports", "- (informational; part of both P5 figures)",
                f"`python -c \"import pipeline.cli\"` {median_max(m.imports_s, 's', 2)}"),
         Figure("P5 setup (not timed)",

@@ -8,10 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import cli
 from pipeline.simulator import Simulator
+from pipeline.store import compact
+from pipeline.store.columns import COLUMNS
 from pipeline.store.journal import JOURNAL_FILE
 from pipeline.store.lock import LOCK_FILE
 
@@ -146,6 +149,29 @@ def test_compact_keeps_one_row_per_id_in_manifest_order(
         row["answer"].split('"Describe ')[1][:7] for row in after.iter_rows(named=True)]
     assert after.sort("id").equals(before.sort("id"))
     assert not list(out.glob(".*tmp")) and not (out / "_compact.json").exists()
+
+
+def test_compact_in_piles_gives_what_one_table_in_memory_would(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Piles of 7 rows, parts of 10 and old parts of 30 read 7 at a time: every boundary falls
+    inside a pile, a part or an old part somewhere."""
+    monkeypatch.setattr(compact, "PILE_ROWS", 7)
+    out = tmp_path / "out"
+    out.mkdir()
+    for n, ids in enumerate([range(0, 30), range(20, 50), range(5, 35, 2)]):  # later parts answer again
+        pl.DataFrame(COLUMNS.empty_table()).clear(len(ids)).with_columns(
+            id=pl.Series([f"r{i:02d}" for i in ids]), answer=pl.lit(f"part {n}")).write_parquet(out / f"part-x-{n}.parquet")
+    old = pl.read_parquet(sorted(out.glob("part-*.parquet")))
+    manifest = pl.Series([f"r{i:02d}" for i in range(45, -1, -1)])  # r46..r49 are not in it any more
+    want = (old.unique("id", keep="last", maintain_order=True).join(manifest.to_frame("id").with_row_index("o"), on="id", how="left")
+            .sort("o", nulls_last=True, maintain_order=True).drop("o"))
+
+    done = compact.compact(out, manifest, rows_per_part=10)
+
+    files = sorted(out.glob("part-*.parquet"))
+    assert (done.rows, done.parts_after, len(files)) == (50, 5, 5)
+    assert pl.read_parquet(files).equals(want)
+    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [10] * 5
+    assert not list(out.glob(".*"))  # no piles or hidden parts left behind
 
 
 def test_compacting_twice_in_a_row_keeps_every_row(job: Path, tmp_path: Path) -> None:
