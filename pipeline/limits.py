@@ -82,9 +82,10 @@ class Pace:
 
     def __init__(self, per_s: float, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
                  window_share: float = WINDOW_SHARE, catch_up_s: float = CATCH_UP_TOKENS_S,
-                 window_per_s: float | None = None) -> None:
+                 window_at_ceiling: bool = False) -> None:
         self.per_s = per_s  # math.inf: no limit, only counting
-        self.window_per_s = window_per_s  # the pace a window is held to; None: per_s, wherever it is
+        self.ceiling = per_s  # the known limit's pace: cuts go below it, regrowth stops at it
+        self._window_at_ceiling = window_at_ceiling  # False: the window follows per_s, wherever it is
         self._window_share = window_share
         self._clock = clock
         self._sleep = sleep
@@ -137,7 +138,7 @@ class Pace:
         """Seconds until the last WINDOW_S of starts leave room for `amount` (a taker larger than
         the whole window waits for an empty one)."""
         self._expire(now)
-        cap = (self.per_s if self.window_per_s is None else self.window_per_s) * WINDOW_S * self._window_share
+        cap = (self.ceiling if self._window_at_ceiling else self.per_s) * WINDOW_S * self._window_share
         need = self._in_window + min(amount, cap) - cap
         wait = 0.0
         for when, taken in self._window:  # oldest first, but a restamped one may be later than the next
@@ -167,8 +168,7 @@ class Pace:
     def lower_to(self, per_s: float) -> None:
         """A lower limit became known: neither the pace nor its window goes above it."""
         self.per_s = min(self.per_s, per_s)
-        if self.window_per_s is not None:
-            self.window_per_s = min(self.window_per_s, per_s)
+        self.ceiling = min(self.ceiling, per_s)
 
     def pause(self, until: float) -> None:
         """Nothing may be taken before `until`, and the allowance starts from nothing then, so
@@ -291,7 +291,6 @@ class LocalLimiter:
         self._paces: dict[str, Pace] = {"requests": self._pace("requests", requests_per_minute)}
         if tokens_per_minute is not None:
             self._paces["tokens"] = self._pace("tokens", tokens_per_minute)
-        self._ceilings = {kind: pace.per_s for kind, pace in self._paces.items()}
         self._resume_at = 0.0
         self._epoch = 0
         self._cut_at = -math.inf
@@ -304,7 +303,7 @@ class LocalLimiter:
         per_s * (w + CATCH_UP_S) of them, rounded up, which is within the limit."""
         per_s = math.inf if per_minute is None else per_minute / 60 * HEADROOM
         if kind == "requests":
-            return Pace(per_s, self._clock, self._sleep, REQUESTS_WINDOW_SHARE, CATCH_UP_S, window_per_s=per_s)
+            return Pace(per_s, self._clock, self._sleep, REQUESTS_WINDOW_SHARE, CATCH_UP_S, window_at_ceiling=True)
         return Pace(per_s, self._clock, self._sleep)
 
     @classmethod
@@ -351,13 +350,10 @@ class LocalLimiter:
         for kind, per_minute in (("requests", requests_per_minute), ("tokens", tokens_per_minute)):
             if per_minute is None:
                 continue
-            per_s = per_minute / 60 * HEADROOM
-            if kind not in self._paces:
+            if kind in self._paces:
+                self._paces[kind].lower_to(per_minute / 60 * HEADROOM)
+            else:
                 self._paces[kind] = self._pace(kind, per_minute)
-                self._ceilings[kind] = per_s
-            elif per_s < self._ceilings[kind]:
-                self._ceilings[kind] = per_s
-                self._paces[kind].lower_to(per_s)
 
     def refused(self, retry_after_s: float | None, epoch: int) -> None:
         """A 429 to a request paced under `epoch`, naming `retry_after_s` or no wait."""
@@ -385,9 +381,9 @@ class LocalLimiter:
         if since <= 0:
             return
         self._grown_at = now
-        for kind, pace in self._paces.items():
-            if pace.per_s < self._ceilings[kind]:
-                pace.per_s = min(self._ceilings[kind], pace.per_s * math.exp(GROWTH_PER_S * since))
+        for pace in self._paces.values():
+            if pace.per_s < pace.ceiling:
+                pace.per_s = min(pace.ceiling, pace.per_s * math.exp(GROWTH_PER_S * since))
 
     def _pause(self, until: float) -> None:
         """No request starts before `until` (a later pause wins), not even one already waiting
@@ -400,8 +396,7 @@ class LocalLimiter:
         """The pace kept below the configured limit after 429s, if it is."""
         for kind, pace in self._paces.items():
             configured = self._configured.get(kind)
-            ceiling = self._ceilings[kind]
-            if pace.per_s < ceiling * 0.999:
+            if pace.per_s < pace.ceiling * 0.999:
                 return Held(pace.per_s * 60, configured if configured else None, kind, self.refusals)
         return None
 
