@@ -74,7 +74,15 @@ Inline = Callable[[], Awaitable[payload.Prepared]]
 _COULD_NOT_DOWNLOAD = re.compile(r"download", re.IGNORECASE)
 
 
-async def _noted(deliver: Callable[[Outcome], Awaitable[None]], notes: str, outcome: Outcome) -> None:
+Deliver = Callable[[Outcome], Awaitable[None]]
+
+
+def _noting(deliver: Deliver, notes: str | None) -> Deliver:
+    """`deliver` with the images' notes (converted, downscaled, ...) put in the row, if any."""
+    return functools.partial(_noted, deliver, notes) if notes else deliver
+
+
+async def _noted(deliver: Deliver, notes: str, outcome: Outcome) -> None:
     row, kind = outcome
     await deliver(({**row, "image_notes": notes}, kind))
 
@@ -101,7 +109,7 @@ class Sender:
             await client.aclose()
 
     async def annotate(self, row: ManifestRow, prepared: payload.Prepared,
-                       deliver: Callable[[Outcome], Awaitable[None]], inline: Inline | None = None) -> None:
+                       deliver: Deliver, inline: Inline | None = None) -> None:
         """Send one row and hand its outcome to `deliver`, within the endpoint's concurrency slot:
         the slot is held until `deliver` returns, so an engine that delivers to disk loses at
         most `concurrency` answers to a kill. Nothing is delivered for a row that was not sent
@@ -115,12 +123,11 @@ class Sender:
             try:
                 paid, prepared = await self._send_first(client, endpoint, prepared, inline)
             except (RequestFailed, RowInputError) as exc:
-                await deliver(self._failed(row, exc))
+                await _noting(deliver, prepared.image_notes)(self._failed(row, exc))
                 return
             if paid is None:
                 return
-            if prepared.image_notes:
-                deliver = functools.partial(_noted, deliver, prepared.image_notes)
+            deliver = _noting(deliver, prepared.image_notes)
             answer = await self._read(row, client, endpoint, prepared.body, prepared.tokens, paid) if self.schema \
                 else paid.row(row)
             await deliver((answer, None))

@@ -24,7 +24,7 @@ from pipeline.errors import RowInputError
 from pipeline.images import ImagePart, sizes_as_sent, to_parts
 from pipeline.simulator import Simulator
 
-from ..conftest import KEY, KEY_ENV, write_config, write_manifest
+from ..conftest import KEY, KEY_ENV, NAMED, named, write_config, write_manifest
 
 ODD = Path(__file__).parents[1] / "data" / "odd"
 
@@ -201,6 +201,15 @@ def test_a_run_over_every_odd_file_finishes_and_the_estimate_agrees(sim: Simulat
         assert out[name]["error"].startswith(f"image: {ODD / name} {cause}") and out[name]["retryable"] is False
     assert {name: out[name]["image_notes"] for name in SENT} == {name: note for name, (_, _, note) in SENT.items()}
     assert (estimate["rows"], estimate["unreadable_rows"], estimate["images"]) == (len(SENT), len(REFUSED), len(SENT))
+
+
+def test_a_refused_row_still_says_how_its_image_was_changed(sim: Simulator, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, named([str(ODD / "hopper.tif")])), prompt=NAMED)
+    sim.plan("hopper", [400])
+    assert cli.main(["run", str(cfg), "-q"]) == 1
+    (row,) = pl.read_parquet(tmp_path / "out" / "*.parquet").iter_rows(named=True)
+    assert row["status"] == "error" and row["error"].startswith("request: 400")
+    assert row["image_notes"] == "converted from TIFF"
 
 
 def test_pillows_warnings_go_to_image_notes_not_the_terminal(sim: Simulator, tmp_path: Path) -> None:
