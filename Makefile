@@ -24,11 +24,13 @@ $(VENV)/.bench: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 demo: $(VENV)/.base
-	rm -rf out/demo out/demo-labels
+	rm -rf out/demo out/demo-labels out/demo-batch
 	$(BIN)/annotate run configs/demo.yaml
 	$(BIN)/annotate report out/demo
 	$(BIN)/annotate run configs/demo-labels.yaml
 	$(BIN)/annotate report out/demo-labels
+	$(BIN)/annotate run configs/demo-batch.yaml
+	$(BIN)/annotate report out/demo-batch
 
 test: $(VENV)/.dev
 	$(BIN)/python -m mypy

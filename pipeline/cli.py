@@ -20,6 +20,7 @@ from .config import SimulatorSettings
 from .cost import estimate
 from .errors import ConfigError, Interrupted, ManifestError, RunStopped, StoreError
 from .manifest import ids_of_last_run
+from .engines import batch
 from .store import compact
 from .store.parts import read_run_info
 
@@ -72,7 +73,8 @@ def _in_loop(job: Coroutine[Any, Any, T]) -> T:
 
 def _run(args: argparse.Namespace) -> int:
     engine = [f"engine={args.engine}"] if args.engine else []
-    cfg = config.load(args.config, overrides=[*args.set, *engine], output_dir=args.output)
+    no_wait = ["batch.wait=false"] if args.no_wait else []
+    cfg = config.load(args.config, overrides=[*args.set, *engine, *no_wait], output_dir=args.output)
     summary = _in_loop(runner.run(cfg, limit=args.limit, progress=not args.quiet,
                                   retry_failed=args.retry_failed, force=args.force))
     print(_summary_text(summary))
@@ -93,7 +95,9 @@ def _estimate_text(e: dict[str, Any]) -> str:
         f"  input tokens: {tokens_in['total']} expected ({tokens_in['image']} image + {tokens_in['text']} text), "
         f"{tokens_in['low']} to {tokens_in['max']}",
         f"  output tokens: {tokens_out['expected']} expected ({basis}), at most {tokens_out['max']}",
-        f"  cost: low {usd(cost['low'])}, expected {usd(cost['expected'])}, high {usd(cost['high'])}",
+        f"  cost: low {usd(cost['low'])}, expected {usd(cost['expected'])}, high {usd(cost['high'])}"
+        + (f" at the Batch API's price (online: {usd(e['online_expected_usd'])} expected)"
+           if e["engine"] == "batch" else ""),
         f"  text tokens {e['text_tokens_note']}",
         *(["  detail 'auto' is estimated as 'high'; the low end assumes the model picks 'low'"]
           if e["detail_auto_as_high"] else []),
@@ -104,7 +108,7 @@ def _estimate_text(e: dict[str, Any]) -> str:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config, overrides=args.set)
+    cfg = config.load(args.config, overrides=[*args.set, *([f"engine={args.engine}"] if args.engine else [])])
     sampled = None
     if args.sample:
         _in_loop(runner.run(cfg, limit=args.sample, progress=False))
@@ -124,6 +128,21 @@ def _compact(args: argparse.Namespace) -> int:
     done = compact.compact(args.dir, ids_of_last_run(read_run_info(args.dir)))
     order = "in manifest order" if done.in_manifest_order else "in their earlier order (manifest not readable)"
     print(f"annotate: {args.dir}: {done.rows} rows, {done.parts_before} parts -> {done.parts_after}, {order}")
+    return EXIT_OK
+
+
+def _batch(args: argparse.Namespace) -> int:
+    if args.batch_command == "status":
+        lines = _in_loop(batch.status(args.dir))
+        print("\n".join(map(str, lines)) if lines else f"annotate: {args.dir}: no batches")
+        return EXIT_OK
+    cfg = batch.last_run_config(args.dir)
+    cfg = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"wait": True})})  # a --no-wait run's too
+    cancelled = _in_loop(batch.cancel(args.dir))
+    print(f"annotate: {args.dir}: asked to cancel {len(cancelled)} batches "
+          f"({', '.join(cancelled) or 'none under way'}); collecting what they finished")
+    summary = _in_loop(runner.run(cfg, limit=0, progress=False))  # no new rows: only what the batches hold
+    print(_summary_text(summary))
     return EXIT_OK
 
 
@@ -177,8 +196,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path)
     run.add_argument("-o", "--output", type=Path, help="output directory (overrides output.dir)")
     run.add_argument("--limit", type=int, help="answer at most N more rows")
-    run.add_argument("--engine", choices=["local", "ray"],
-                     help="run in this process (local) or on a Ray cluster (ray); overrides engine:")
+    run.add_argument("--engine", choices=["local", "ray", "batch"],
+                     help="run in this process (local), on a Ray cluster (ray) or through the provider's Batch API "
+                          "(batch); overrides engine:")
+    run.add_argument("--no-wait", action="store_true",
+                     help="engine batch: submit the batches and exit; a later run collects them")
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a config key; the value is read as YAML (repeatable)")
     run.add_argument("--retry-failed", action="store_true",
@@ -194,6 +216,8 @@ def _parser() -> argparse.ArgumentParser:
     est.add_argument("--sample", type=int, metavar="N",
                      help="first answer N rows for real (into output.dir) and scale the estimate by their usage")
     est.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config key")
+    est.add_argument("--engine", choices=["local", "ray", "batch"],
+                     help="price for this engine (batch: the Batch API's price); overrides engine:")
     est.set_defaults(handler=_estimate)
 
     rep = commands.add_parser("report", help="what a run produced: rows by status, tokens, cost, latency")
@@ -204,6 +228,14 @@ def _parser() -> argparse.ArgumentParser:
     com = commands.add_parser("compact", help="rewrite many small parts into a few large ones, one row per id")
     com.add_argument("dir", type=Path)
     com.set_defaults(handler=_compact)
+
+    bat = commands.add_parser("batch", help="the Batch API batches of an output directory (engine: batch)")
+    bat_commands = bat.add_subparsers(dest="batch_command", required=True)
+    for name, words in (("status", "list them: id, status, counts, age, expiry"),
+                        ("cancel", "cancel those under way and collect what they finished")):
+        one = bat_commands.add_parser(name, help=words)
+        one.add_argument("dir", type=Path)
+        one.set_defaults(handler=_batch)
 
     sim = commands.add_parser("simulate", help="the bundled OpenAI-compatible simulator, on loopback")
     sim.add_argument("--host", default="127.0.0.1")

@@ -39,7 +39,8 @@ from .errors import ConfigError, Rejected, RequestFailed, Retryable
 from .events import event_data
 from .limits import Limiter, Turn
 
-__all__ = ["AUTH_HEADERS", "Client", "read_key", "retry_policy", "ACCOUNT_STATUSES"]
+__all__ = ["ACCOUNT_STATUSES", "AUTH_HEADERS", "TRANSPORT_ERRORS", "Client", "failure_of", "proxy_for", "read_key",
+           "retry_policy"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ SIMULATOR_KEY = "simulator"  # what the bundled simulator is sent when no key is
 MAX_RETRY_AFTER_S = 600.0
 # timeout_s bounds each wait for bytes; a whole attempt may take this many times that.
 DEADLINE_FACTOR = 4
-_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, UnicodeError)
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, UnicodeError)
 
 
 def _stated_limits(headers: Mapping[str, str]) -> tuple[int | None, int | None]:
@@ -158,7 +159,7 @@ class Client:
             connector=aiohttp.TCPConnector(limit=concurrency),
             trace_configs=[_SENT],
         )
-        self._proxy = _proxy(self._completions)
+        self._proxy = proxy_for(self._completions)
 
     async def aclose(self) -> None:
         await self._http.close()
@@ -194,7 +195,7 @@ class Client:
                 if resp.status >= 400:
                     raise self._failure(resp.status, resp.headers, await resp.read(), turn.epoch)
                 return await _answer(resp)
-        except _TRANSPORT_ERRORS as exc:  # timeouts, refused and dropped connections, bad encodings
+        except TRANSPORT_ERRORS as exc:  # timeouts, refused and dropped connections, bad encodings
             raise Retryable(f"{type(exc).__name__} talking to {self._base_url}") from exc
 
     def _heard(self, status: int, headers: Mapping[str, str]) -> None:
@@ -204,14 +205,10 @@ class Client:
             self._pacer.lower(requests, tokens)
 
     def _failure(self, status: int, headers: Mapping[str, str], content: bytes, epoch: int) -> RequestFailed:
-        message = f"{status} {_provider_words(content)}".strip()
-        if status == 429:
-            wait = _retry_after(headers)
-            self._pacer.refused(wait, epoch)
-            return Retryable(message, status=status, retry_after_s=wait)
-        if status in _RETRIED or status >= 500:
-            return Retryable(message, status=status, retry_after_s=_retry_after(headers))
-        return Rejected(message, status=status)
+        failure = failure_of(status, headers, content)
+        if isinstance(failure, Retryable) and status == 429:
+            self._pacer.refused(failure.retry_after_s, epoch)
+        return failure
 
 
 async def _headers_sent(session: aiohttp.ClientSession, context: Any, params: Any) -> None:
@@ -223,7 +220,7 @@ _SENT.on_request_headers_sent.append(_headers_sent)
 _SENT.freeze()
 
 
-def _proxy(url: str) -> str | None:
+def proxy_for(url: str) -> str | None:
     """The proxy HTTP(S)_PROXY names for url, unless NO_PROXY spares its host; looked up once,
     not per request as aiohttp's trust_env does."""
     parts = urllib.parse.urlsplit(url)
@@ -251,6 +248,15 @@ async def _read_stream(chunks: AsyncIterable[bytes]) -> Reply:
             return assemble_chunks(parsed)
         parsed.append(json.loads(data))
     raise ValueError("the event stream ended before [DONE]")
+
+
+def failure_of(status: int, headers: Mapping[str, str], content: bytes) -> RequestFailed:
+    """What an error answer means: Retryable (408, 409, 429, 5xx; with the wait the provider
+    asks), else Rejected; with the provider's own words."""
+    message = f"{status} {_provider_words(content)}".strip()
+    if status in _RETRIED or status >= 500:
+        return Retryable(message, status=status, retry_after_s=_retry_after(headers))
+    return Rejected(message, status=status)
 
 
 def _provider_words(content: bytes) -> str:

@@ -125,6 +125,16 @@ class SimulatorSettings(_Model):
     download_urls: bool = Field(False, description="fetch http(s) image URLs as OpenAI does, a 400 'Timeout while "
                                                    "downloading' or 'Error while downloading' when one cannot be; "
                                                    "off: they are described unseen")
+    batch_validating_s: NonNegativeFloat = Field(0.2, description="how long a new batch stays validating")
+    batch_lines_per_s: PositiveFloat = Field(200.0, description="how fast a batch in progress answers its lines")
+    batch_expire_share: Rate = Field(0.0, ge=0, le=1, description="share of each batch's lines never answered: "
+                                                                   "the batch ends expired, keeping the rest")
+    batch_rate_500: Rate = Field(0.0, ge=0, le=1, description="share of batch lines answered 500 in the error file")
+    batch_refuse_creates: NonNegativeInt = Field(0, description="the first N batch creations are answered 429 "
+                                                                "with Retry-After")
+    batch_max_lines: PositiveInt = Field(50_000, description="lines a batch may hold; more fail its validation")
+    batch_max_bytes: PositiveInt = Field(200_000_000, description="bytes an uploaded batch file may hold; a larger "
+                                                                  "one is refused with a 400")
     seed: int = 0
 
 
@@ -253,12 +263,28 @@ class RayConfig(_Model):
     block_rows: PositiveInt = Field(32, description="rows per block handed between stages")
 
 
+class BatchConfig(_Model):
+    """How a run uses the provider's Batch API (engine: batch)."""
+
+    max_requests: PositiveInt = Field(50_000, le=50_000, description="lines in one batch file (OpenAI: 50,000 at most)")
+    max_bytes: PositiveInt = Field(200_000_000, le=200_000_000,
+                                   description="bytes of one batch file, as its lines are written (OpenAI: 200 MB)")
+    poll_s: PositiveFloat = Field(30.0, description="seconds between looks at the batches under way")
+    resubmit: NonNegativeInt = Field(2, description="times a row that expired, was cancelled or met a 429 or 5xx "
+                                                    "is put in a new batch before it stays a retryable error")
+    wait: bool = Field(True, description="wait for the batches and collect them; false (--no-wait): submit "
+                                         "and exit, a later run collects")
+
+
 class Price(_Model):
-    """USD per 1M tokens."""
+    """USD per 1M tokens; the batch_ prices are the provider's Batch API's (engine: batch)."""
 
     input: NonNegativeFloat
     output: NonNegativeFloat
     cached_input: NonNegativeFloat | None = None
+    batch_input: NonNegativeFloat | None = None
+    batch_output: NonNegativeFloat | None = None
+    batch_cached_input: NonNegativeFloat | None = None
 
 
 class RunConfig(_Model):
@@ -267,8 +293,9 @@ class RunConfig(_Model):
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
     endpoints: tuple[EndpointConfig, ...] = Field(
         (), description="several endpoints or keys, each under its own limits, instead of endpoint:")
-    engine: Literal["local", "ray"] = "local"
+    engine: Literal["local", "ray", "batch"] = "local"
     ray: RayConfig = RayConfig()
+    batch: BatchConfig = BatchConfig()
     request: RequestConfig
     limits: LimitsConfig = LimitsConfig()
     output: OutputConfig = OutputConfig()

@@ -1,18 +1,21 @@
 """What a run produced, read back from its output directory with Polars.
 
 Owns: the summary of an output directory: rows by status, requests sent (retries included),
-tokens and cost in total and by model, cost per 1,000 images, latency percentiles, throughput, the commonest errors, and value
+tokens and cost in total and by model, cost per 1,000 images, what the Batch API saved, latency percentiles, throughput, the commonest errors, and value
 counts of the output schema's enum and boolean fields.
 Never: writing to it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from .config import Price
+from .cost.pricing import PriceTable
 from .store.parts import parts, read_run_info, scan
 from .structured import categories
 
@@ -58,7 +61,37 @@ def summarize(directory: Path) -> dict[str, Any]:
         "rows_per_s": totals["rows"] / seconds if seconds else None,
         "errors": [{"error": e, "rows": n} for e, n in errors.iter_rows()],
         "labels": _value_counts(directory, ok),
+        "batch": _batch_savings(directory, answered),
     }
+
+
+@dataclass(frozen=True)
+class _Sums:
+    """Token sums of many answers, as one usage record (a price is linear in tokens)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cached_tokens: int | None
+
+
+def _batch_savings(directory: Path, answered: pl.LazyFrame) -> dict[str, Any] | None:
+    """Rows answered through the Batch API, what they cost, and what they would have online."""
+    if "batch_id" not in answered.collect_schema():
+        return None
+    sums = (answered.filter(pl.col("batch_id").is_not_null()).group_by("model")
+            .agg(pl.len().alias("rows"), pl.col("cost_usd").sum(),
+                 *(pl.col(f"{name}_tokens").sum() for name in ("prompt", "completion", "total", "cached")))
+            .collect())
+    if sums.is_empty():
+        return None
+    prices = PriceTable({name: Price(**p) for name, p in ((read_run_info(directory) or {}).get("config") or {})
+                         .get("pricing", {}).items()})
+    online = [prices.cost_usd(m["model"], _Sums(m["prompt_tokens"], m["completion_tokens"], m["total_tokens"],
+                                                m["cached_tokens"])) for m in sums.iter_rows(named=True)]
+    cost = float(sums["cost_usd"].sum())
+    return {"rows": int(sums["rows"].sum()), "cost_usd": cost,
+            "online_cost_usd": None if None in online else sum(c for c in online if c is not None)}
 
 
 def _value_counts(directory: Path, ok: pl.LazyFrame) -> dict[str, list[dict[str, Any]]]:
@@ -96,6 +129,11 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  latency ms: p50 {lat['p50']:.0f}, p95 {lat['p95']:.0f}, p99 {lat['p99']:.0f}")
     if report["rows_per_s"]:
         lines.append(f"  throughput: {report['rows_per_s']:.1f} rows/s (first to last outcome)")
+    if batch := report["batch"]:
+        online = batch["online_cost_usd"]
+        lines.append(f"  through the Batch API: {batch['rows']} rows, ${batch['cost_usd']:.4f}"
+                     + (f"; online they would have cost ${online:.4f}, saved ${online - batch['cost_usd']:.4f}"
+                        if online is not None else ""))
     lines += [f"  {e['rows']} x {e['error']}" for e in report["errors"]]
     lines += [f"  {field}: " + ", ".join(f"{_shown(c['value'])} {c['rows']}" for c in counts)
               for field, counts in report["labels"].items()]

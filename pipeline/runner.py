@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .client import read_key
 from .config import EndpointConfig, RunConfig, fingerprint, fingerprint_changes
 from .cost.pricing import PriceTable
-from .engines import local
+from .engines import batch, local
 from .engines.driver import Driver, Summary
 from .errors import ConfigError, Interrupted, RunStopped, StoreError
 from .manifest import Manifest
@@ -145,6 +145,10 @@ Engine = Callable[[Driver, list[EndpointConfig], OutputSchema | None, int | None
 def _engine(cfg: RunConfig) -> Engine:
     if cfg.engine == "local":
         return local.run
+    if cfg.engine == "batch":
+        if len(cfg.targets) > 1:
+            raise ConfigError("endpoints: engine: batch sends through one endpoint; name it under endpoint:")
+        return batch.run
     try:
         # the only package that imports ray, an optional extra
         from .engines.ray import run as on_ray

@@ -29,7 +29,7 @@ from .structured import OutputSchema, Unusable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Outcome", "Sender"]
+__all__ = ["Outcome", "Sender", "first_fit"]
 
 # an output row, and what makes its failure alike others (an account-level status, or
 # "response_format"), so an engine can stop when every row would fail the same way
@@ -55,7 +55,7 @@ class _Paid:
         return rows.answered(row, self.reply, self.cost, self.charged, values, choice)
 
 
-def _first_fit(schema: OutputSchema, reply: Reply) -> tuple[int, dict[str, Any] | None, str]:
+def first_fit(schema: OutputSchema, reply: Reply) -> tuple[int, dict[str, Any] | None, str]:
     """The first choice that fits the schema and its values, or what was wrong with the first."""
     problem = ""
     for i, text in enumerate(reply.answers):
@@ -177,7 +177,7 @@ class Sender:
         assert self.schema is not None
         retries = self.request.parse_retries
         while True:
-            choice, values, problem = _first_fit(self.schema, paid.reply)
+            choice, values, problem = first_fit(self.schema, paid.reply)
             if values is not None:
                 return paid.row(row, values, choice)
             if retries == 0 or paid.reply.refusal:

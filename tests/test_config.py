@@ -53,7 +53,7 @@ def good(sim: Simulator, tmp_path: Path, images: Callable[..., list[str]]) -> Pa
         (["--set", "request.structured=xml", "--set", "output_schema={a: int}"], "request.structured"),
         (["--set", "output_schema={a: int}", "--set", "request.extra={response_format: {type: text}}"],
          "request.extra.response_format: output_schema builds it"),
-        (["--set", "engine=spark"], "engine: Input should be 'local' or 'ray'"),
+        (["--set", "engine=spark"], "engine: Input should be 'local', 'ray' or 'batch'"),
         (["--set", "endpoints=[{base_url: 'http://127.0.0.1:9/v1'}]"], "endpoint, endpoints: set one of them"),
         (["--set", "endpoints=[{requests_per_minute: 0}]"], "endpoints.0.requests_per_minute"),
         (["--set", "ray.http_actors=0"], "ray.http_actors"),

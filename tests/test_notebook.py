@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(("demo", "figures"), [
     ("demo.yaml", 3),  # the grid, the histograms, the costs
     ("demo-labels.yaml", 5),  # ... and the label distribution, the images per label
+    ("demo-batch.yaml", 4),  # the first three, and what the batch rows cost beside online
 ])
 def test_explore_results_notebook_runs_on_a_demo_output_and_draws_its_figures(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo: str, figures: int

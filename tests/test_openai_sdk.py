@@ -4,6 +4,8 @@ structured answers, errors), the SDK reads."""
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 import subprocess
 import sys
@@ -127,3 +129,56 @@ def test_errors_reach_the_sdk_as_its_own_exceptions(client: openai.OpenAI, simul
         limited.chat.completions.create(model="gpt-4o-mini", messages=_messages())
     assert (throttled.value.code == "rate_limit_exceeded"
             and int(throttled.value.response.headers["retry-after"]) >= 1)
+
+
+def _batch_file(lines: list[dict[str, object]]) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+def _caption_line(custom_id: str, colour: str) -> dict[str, object]:
+    url = "data:image/png;base64," + base64.b64encode(image_bytes((64, 48), colour)).decode()
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "max_tokens": 20, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": f"Describe {custom_id}."}, {"type": "image_url", "image_url": {"url": url}}]}]}}
+
+
+def _until_ended(client: openai.OpenAI, batch_id: str) -> openai.types.Batch:
+    deadline = time.monotonic() + 30
+    while (batch := client.batches.retrieve(batch_id)).status not in ("completed", "expired", "cancelled", "failed"):
+        assert time.monotonic() < deadline, batch.status
+        time.sleep(0.05)
+    return batch
+
+
+def test_the_sdk_runs_a_batch_from_upload_to_results(simulate: Callable[..., str]) -> None:
+    client = openai.OpenAI(base_url=simulate("--batch-validating-s", "0", "--batch-lines-per-s", "500",
+                                             "--batch-expire-share", "0.3"), api_key=KEY, max_retries=0)
+    lines = [_caption_line(f"row-{i}", colour) for i, colour in enumerate(["red", "green", "blue", "white"] * 3)]
+    file = client.files.create(file=("rows.jsonl", _batch_file(lines)), purpose="batch")
+    assert file.purpose == "batch" and file.bytes > 0
+    created = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                    metadata={"annotate_shard": "one"})
+    assert created.metadata == {"annotate_shard": "one"}
+    batch = _until_ended(client, created.id)
+    assert batch.request_counts is not None and batch.request_counts.total == 12
+    assert batch.status == "expired" and batch.output_file_id and batch.error_file_id  # some answered, some not
+    answered = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    expired = [json.loads(line) for line in client.files.content(batch.error_file_id).text.splitlines()]
+    assert {line["custom_id"] for line in answered + expired} == {line["custom_id"] for line in lines}
+    assert all(e["response"] is None and e["error"]["code"] == "batch_expired" for e in expired)
+    for line in answered:
+        completion = openai.types.chat.ChatCompletion.model_validate(line["response"]["body"])
+        assert completion.usage is not None and completion.usage.prompt_tokens > 0
+    assert created.id in [b.id for b in client.batches.list(limit=5)]
+    assert client.files.delete(file.id).deleted
+
+
+def test_a_file_of_too_many_lines_fails_validation_as_openai_reports_it(simulate: Callable[..., str]) -> None:
+    client = openai.OpenAI(base_url=simulate("--batch-validating-s", "0", "--batch-max-lines", "2"),
+                           api_key=KEY, max_retries=0)
+    file = client.files.create(file=("rows.jsonl", _batch_file([_caption_line(f"r{i}", "red") for i in range(3)])),
+                               purpose="batch")
+    batch = _until_ended(client, client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
+                                                       completion_window="24h").id)
+    assert batch.status == "failed" and batch.output_file_id is None
+    assert batch.errors is not None and [e.code for e in batch.errors.data or []] == ["too_many_tasks"]

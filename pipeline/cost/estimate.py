@@ -230,9 +230,10 @@ def estimate(cfg: RunConfig, sampled_dir: Path | None = None) -> dict[str, Any]:
         _scale_by_sample(out, sampled_dir, out.input_expected / out.rows)
     prices, model = PriceTable(cfg.pricing), cfg.request.model
     price = prices.find(model)
+    batch = cfg.engine == "batch"
 
-    def usd(inputs: float, outputs: float) -> float | None:
-        return prices.list_usd(model, inputs, outputs)
+    def usd(inputs: float, outputs: float, at_batch_price: bool = batch) -> float | None:
+        return prices.list_usd(model, inputs, outputs, batch=at_batch_price)
 
     low_output = out.rows * cfg.request.choices  # at least a token a choice
     return {
@@ -251,4 +252,7 @@ def estimate(cfg: RunConfig, sampled_dir: Path | None = None) -> dict[str, Any]:
                      "expected": usd(out.input_expected, out.output_expected),
                      "high": usd(max(out.input_max, out.input_expected), out.output_max)},
         "price_per_1m_tokens": None if price is None else price.model_dump(),
+        "engine": cfg.engine,
+        # what the expected cost would be online, beside a batch price
+        "online_expected_usd": usd(out.input_expected, out.output_expected, False) if batch else None,
     }

@@ -10,7 +10,7 @@ import json
 import re
 from collections.abc import Mapping
 from importlib import resources
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..config import Price
 
@@ -22,8 +22,8 @@ _VERSION_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
 
 def _bundled() -> dict[str, Price]:
     raw = json.loads(resources.files(__package__).joinpath("prices.json").read_text(encoding="utf-8"))
-    return {model: Price(input=p["input"], output=p["output"], cached_input=p.get("cached_input"))
-            for model, p in raw["models"].items()}
+    fields = set(Price.model_fields)
+    return {model: Price(**{k: v for k, v in p.items() if k in fields}) for model, p in raw["models"].items()}
 
 
 class Usage(Protocol):
@@ -52,20 +52,38 @@ class PriceTable:
                                   or self._prices.get(_VERSION_SUFFIX.sub("", name)))
         return self._found[model]
 
-    def list_usd(self, model: str, input_tokens: float, output_tokens: float) -> float | None:
-        """Tokens at the list price, none of the input cached: a request's worst case, or an
-        estimate's figures."""
-        price = self.find(model)
-        if price is None:
+    def list_usd(self, model: str, input_tokens: float, output_tokens: float, batch: bool = False) -> float | None:
+        """Tokens at the list price (the Batch API's when `batch`), none of the input cached: a
+        request's worst case, or an estimate's figures."""
+        rates = self._rates(model, batch)
+        if rates is None:
             return None
-        return (input_tokens * price.input + output_tokens * price.output) / 1e6
+        return (input_tokens * rates.input + output_tokens * rates.output) / 1e6
 
-    def cost_usd(self, model: str, usage: Usage) -> float | None:
-        price = self.find(model)
-        if price is None:
+    def cost_usd(self, model: str, usage: Usage, batch: bool = False) -> float | None:
+        rates = self._rates(model, batch)
+        if rates is None:
             return None
         cached = usage.cached_tokens or 0
         # Some gateways leave thinking tokens out of completion_tokens but in total_tokens.
         output = max(usage.completion_tokens, usage.total_tokens - usage.prompt_tokens)
-        cached_price = price.input if price.cached_input is None else price.cached_input
-        return ((usage.prompt_tokens - cached) * price.input + cached * cached_price + output * price.output) / 1e6
+        return ((usage.prompt_tokens - cached) * rates.input + cached * rates.cached + output * rates.output) / 1e6
+
+    def _rates(self, model: str, batch: bool) -> _Rates | None:
+        """A model's rates; for a batch, its batch prices or None when they are not known (a
+        cached token then costs what an uncached one does, which never under-reports)."""
+        price = self.find(model)
+        if price is None:
+            return None
+        if not batch:
+            return _Rates(price.input, price.output, price.input if price.cached_input is None else price.cached_input)
+        if price.batch_input is None or price.batch_output is None:
+            return None
+        cached = price.batch_input if price.batch_cached_input is None else price.batch_cached_input
+        return _Rates(price.batch_input, price.batch_output, cached)
+
+
+class _Rates(NamedTuple):
+    input: float
+    output: float
+    cached: float

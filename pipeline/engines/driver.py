@@ -26,6 +26,7 @@ from ..cost.budget import Budget
 from ..errors import ManifestError
 from ..manifest import Manifest, ManifestRow
 from ..sender import Outcome
+from ..store.ledger import Ledger
 from ..store.parts import Store
 
 __all__ = ["Driver", "NO_KEY", "Summary", "stopping_on_signals"]
@@ -79,9 +80,9 @@ class Summary:
 
 
 @contextlib.contextmanager
-def stopping_on_signals(driver: Driver) -> Iterator[None]:
-    """A first SIGINT or SIGTERM lets requests in flight finish for up to GRACE_S and starts no
-    new ones; a second cancels the running task at once (the journal holds every outcome the
+def stopping_on_signals(driver: Driver, grace_s: float = GRACE_S) -> Iterator[None]:
+    """A first SIGINT or SIGTERM lets requests in flight finish for up to `grace_s` and starts
+    no new ones; a second cancels the running task at once (the journal holds every outcome the
     engine handed over). Main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -98,8 +99,9 @@ def stopping_on_signals(driver: Driver) -> Iterator[None]:
             main.cancel()
             return
         driver.signalled = True
-        log.warning("stopping: waiting up to %.0f s for requests in flight (signal again to stop now)", GRACE_S)
-        timers.append(loop.call_later(GRACE_S, main.cancel))
+        if grace_s:
+            log.warning("stopping: waiting up to %.0f s for requests in flight (signal again to stop now)", grace_s)
+        timers.append(loop.call_later(grace_s, main.cancel))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, handle)
@@ -132,6 +134,7 @@ class Driver:
         self._alike: tuple[int | str | None, int] = (None, 0)
         self._writing = threading.Lock()  # an engine may still record from a thread while the run closes
         self._closed = False
+        self._ledger: Ledger | None = None
 
     def stopped(self) -> bool:
         """True once no new request may start."""
@@ -154,10 +157,18 @@ class Driver:
             if not self._closed:
                 self._record(outcomes)
 
+    def ledger(self) -> Ledger:
+        """The batch engine's shards, in the store's journal (opened on first use)."""
+        if self._ledger is None:
+            self._ledger = Ledger(self.store.dir)
+        return self._ledger
+
     def close(self) -> None:
         """The last part; a kill before this leaves it in the journal for next time."""
         with self._writing:
             self._closed = True
+            if self._ledger is not None:
+                self._ledger.close()
             self.store.close()
 
     def _record(self, outcomes: Sequence[Outcome]) -> None:

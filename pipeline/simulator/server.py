@@ -4,7 +4,8 @@ Owns: a real HTTP server on loopback (starlette + uvicorn, in a thread or in the
 auth checks; request and token rate limits enforced as providers do (`meters`); seeded faults (429, 5xx, hangs,
 malformed bodies, dropped connections) and faults scripted per marker; seeded flaws of
 structured answers (invalid JSON, broken schema) per choice; refusing `response_format` as
-gateways without structured output do; a log of what it received; CLI flags for its settings.
+gateways without structured output do; a log of what it received; CLI flags for its settings;
+the Batch API (`batches`), whose lines are answered as the same requests online.
 Never: computing an answer (checks and what a request asks: `request`; image facts:
 `image_facts`; answer texts and usage: `answers`; completion JSON, SSE events and error bodies:
 `wire`), an HTTP client (no httpx), hosts beyond loopback,
@@ -40,6 +41,7 @@ from starlette.types import Receive, Scope, Send
 from ..config import SimulatorSettings
 from . import meters
 from .answers import answer_texts, count_usage
+from .batches import BatchDesk
 from .image_facts import ImageCache
 from .meters import Meter, go_duration, seconds
 from .request import Parsed, parse
@@ -79,6 +81,7 @@ class LogEntry:
     usage: JSON | None = None
     markers: tuple[str, ...] = ()
     flaws: tuple[str | None, ...] = ()  # per choice of the answer sent: "invalid_json", "schema_break" or None
+    batch_id: str | None = None  # a line of this batch, not a request of its own
 
 
 class _Raw(Response):
@@ -133,8 +136,9 @@ class Simulator:
         self.settings = settings or SimulatorSettings.model_validate({})
         self.url = ""
         self.log: list[LogEntry] = []
+        self.batches = BatchDesk(lambda: self.settings, self.answer_line)
         self.app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"]),
-                                     Route("/v1/models", self._models, methods=["GET"])])
+                                     Route("/v1/models", self._models, methods=["GET"]), *self.batches.routes()])
         self._lock = threading.Lock()
         self._plans: list[tuple[str, deque[Action], float | None]] = []
         self._seen: Counter[str] = Counter()
@@ -232,6 +236,38 @@ class Simulator:
             return raw.cut()
         entry.response_id, entry.usage, entry.flaws = response_id, usage, flaws
         return raw
+
+    def answer_line(self, body: JSON, batch_id: str, fault_500: bool = False) -> tuple[int, JSON]:
+        """One line of a batch, answered as the same request online (plans and seeded faults
+        included; a fault that is not a status is a 500), without the online limits: a batch
+        has its own pool; `fault_500`: a 500 whatever it asks. Logged with its batch."""
+        entry = LogEntry(time=time.monotonic(), auth="batch", batch_id=batch_id)
+        with self._lock:
+            self.log.append(entry)
+        if fault_500:
+            entry.status, entry.fault = 500, "batch_500"
+            return 500, error_body(500, "The server had an error processing your request (simulated).")
+        try:
+            parsed = parse(body, self._images)
+        except Invalid as exc:
+            entry.status = 400
+            return 400, error_body(400, exc.message, param=exc.param, code=exc.code)
+        entry.body, entry.markers = parsed.logged, parsed.markers
+        if (refusal := self._refusal(parsed)) is not None:
+            entry.status = refusal.status_code
+            return entry.status, json.loads(b"".join(refusal.pieces))
+        k = self._count(parsed)
+        entry.fault, action, _ = self._decide(parsed, k)
+        if action is not None and action != 200:
+            entry.status = action if isinstance(action, int) else 500
+            return entry.status, error_body(entry.status)
+        flaws = self._flaws(parsed, k)
+        texts = answer_texts(parsed, flaws)
+        usage = count_usage(parsed, texts)
+        head = completion_head(parsed.model)
+        entry.status, entry.response_id, entry.usage, entry.flaws = 200, head["id"], usage, flaws
+        entry.answered_at = time.monotonic()
+        return 200, completion_body(head, texts, usage)
 
     async def _turn(self, order: int) -> None:
         """Wait until every request that arrived before this one was counted or left."""

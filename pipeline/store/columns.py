@@ -25,6 +25,7 @@ COLUMNS = pa.schema(
         ("refusal", pa.string()),
         ("model", pa.string()),
         ("response_id", pa.string()),
+        ("batch_id", pa.string()),  # the provider's batch that answered the row (engine: batch)
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
         ("total_tokens", pa.int64()),

@@ -261,6 +261,7 @@ def done_rows(ids: list[str], schema: pa.Schema) -> pa.Table:
         refusal=pl.lit(None, pl.String),
         model=pl.lit("gpt-4o-2024-08-06"),
         response_id=pl.format("chatcmpl-bench{}", pl.col("i")),
+        batch_id=pl.lit(None, pl.String),
         prompt_tokens=pl.lit(prompt_tokens, pl.Int64),
         completion_tokens=pl.lit(completion_tokens, pl.Int64),
         total_tokens=pl.lit(prompt_tokens + completion_tokens, pl.Int64),

@@ -173,8 +173,19 @@ def test_dated_names_resolve_to_their_family(model: str, family: str) -> None:
 
 def test_family_prices_are_the_bundled_ones() -> None:
     table = PriceTable()
-    assert table.find("gpt-4o-mini-2024-07-18") == Price(input=0.15, output=0.60, cached_input=0.075)
-    assert table.find("claude-sonnet-4-20250514") == Price(input=3.00, output=15.00, cached_input=0.30)
+    assert table.find("gpt-4o-mini-2024-07-18") == Price(input=0.15, output=0.60, cached_input=0.075,
+                                                         batch_input=0.075, batch_output=0.30)
+    assert table.find("claude-sonnet-4-20250514") == Price(input=3.00, output=15.00, cached_input=0.30,
+                                                           batch_input=1.50, batch_output=7.50)
+
+
+def test_a_batch_answer_costs_the_batch_price_and_an_unknown_batch_price_is_none() -> None:
+    table = PriceTable({"my-model": Price(input=1.0, output=2.0)})
+    usage = Usage(1_000_000, 1_000_000, 2_000_000)
+    assert table.cost_usd("gpt-4o", usage, batch=True) == pytest.approx(1.25 + 5.00)
+    assert table.cost_usd("gpt-4o", usage) == pytest.approx(2.50 + 10.00)
+    assert table.cost_usd("my-model", usage) == pytest.approx(3.0)
+    assert table.cost_usd("my-model", usage, batch=True) is None  # never a guessed discount
 
 
 def test_unknown_model_costs_none() -> None:

@@ -144,12 +144,12 @@ def test_a_huge_retry_after_is_capped() -> None:
 
 def test_the_proxy_comes_from_the_environment_once_and_no_proxy_spares_loopback(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.client import _proxy
+    from pipeline.client import proxy_for
 
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    assert _proxy("https://api.openai.com/v1/chat/completions") == "http://proxy.invalid:3128"
-    assert _proxy("http://127.0.0.1:8000/v1/chat/completions") is None
+    assert proxy_for("https://api.openai.com/v1/chat/completions") == "http://proxy.invalid:3128"
+    assert proxy_for("http://127.0.0.1:8000/v1/chat/completions") is None
     monkeypatch.delenv("HTTPS_PROXY")
     monkeypatch.delenv("https_proxy", raising=False)
-    assert _proxy("https://api.openai.com/v1/chat/completions") is None
+    assert proxy_for("https://api.openai.com/v1/chat/completions") is None

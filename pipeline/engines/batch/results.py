@@ -1,0 +1,101 @@
+"""A batch's output and error files as rows: each line classified as an online reply would be.
+
+Owns: matching result lines to rows by `custom_id` (in any order), and what each means: a 200 is
+an answer at the batch price (typed columns read from it under a schema), a 429, 5xx, expired
+or cancelled line is asked again in a new batch while the row has tries left, any other status
+is a final row error with the provider's words, and a row with no line at all is asked again.
+Never: HTTP, the ledger, the journal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ... import rows
+from ...client import ACCOUNT_STATUSES, failure_of
+from ...completion import Reply, parse_body
+from ...cost.pricing import PriceTable
+from ...errors import Rejected
+from ...manifest import ManifestRow
+from ...sender import Outcome, first_fit
+from ...structured import OutputSchema
+
+__all__ = ["Verdict", "by_custom_id", "errors_of", "verdict"]
+
+_UNFINISHED = ("batch_expired", "batch_cancelled")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A row's fate in a batch: an outcome to record, or None to ask again in a new batch
+    (`why`, when it has no tries left, is its retryable error)."""
+
+    outcome: Outcome | None
+    why: str = ""
+    charged_usd: float = 0.0
+
+
+def by_custom_id(files: Iterable[bytes]) -> dict[str, dict[str, Any]]:
+    """The result lines of a batch's output and error files, by custom_id (a later line wins)."""
+    found: dict[str, dict[str, Any]] = {}
+    for content in files:
+        for raw in content.splitlines():
+            if raw.strip():
+                line = json.loads(raw)
+                found[str(line["custom_id"])] = line
+    return found
+
+
+def verdict(row: ManifestRow, line: Mapping[str, Any] | None, batch: Mapping[str, Any], tries: int,
+            prices: PriceTable, model: str, schema: OutputSchema | None) -> Verdict:
+    """What one row's result line (None: the batch has none for it) makes of the row."""
+    if line is None:
+        return Verdict(None, f"batch {batch['id']} ended {batch.get('status')} without an answer for this row"
+                             + (f" ({errors_of(batch)})" if batch.get("status") == "failed" else ""))
+    response, error = line.get("response"), line.get("error")
+    if response is None:
+        code = (error or {}).get("code") or "no_response"
+        message = (error or {}).get("message") or ""
+        if code in _UNFINISHED:
+            return Verdict(None, f"{code} in batch {batch['id']}")
+        return Verdict((rows.failed(row, f"request: {code} {message}".strip(), tries, retryable=False), code))
+    status = int(response.get("status_code") or 0)
+    body = json.dumps(response.get("body")).encode()
+    if status != 200:
+        failure = failure_of(status, {}, body)
+        if not isinstance(failure, Rejected):
+            return Verdict(None, f"request: {failure} (batch {batch['id']})")
+        retryable = status in ACCOUNT_STATUSES
+        return Verdict((rows.failed(row, f"request: {failure}", tries, retryable), status))
+    reply = parse_body(body).timed(_waited_ms(batch), tries)
+    return _answered(row, reply, prices, model, schema)
+
+
+def _answered(row: ManifestRow, reply: Reply, prices: PriceTable, model: str,
+              schema: OutputSchema | None) -> Verdict:
+    priced = reply.model if reply.model and prices.find(reply.model) else model
+    cost = prices.cost_usd(priced, reply.usage, batch=True) if reply.usage else None
+    if schema is None:
+        return Verdict((rows.answered(row, reply, cost, cost), None), charged_usd=cost or 0.0)
+    choice, values, problem = first_fit(schema, reply)
+    if values is not None:
+        return Verdict((rows.answered(row, reply, cost, cost, values, choice), None), charged_usd=cost or 0.0)
+    if reply.refusal:
+        problem = f"is a refusal: {reply.refusal}"
+    return Verdict((rows.unparsed(row, reply, cost, cost, problem), None), charged_usd=cost or 0.0)
+
+
+def _waited_ms(batch: Mapping[str, Any]) -> float:
+    """From the batch's creation to its end: what its rows waited for their answers."""
+    ended = next((batch[k] for k in ("completed_at", "expired_at", "cancelled_at", "failed_at") if batch.get(k)), None)
+    return max(0.0, (ended - batch["created_at"]) * 1000.0) if ended and batch.get("created_at") else 0.0
+
+
+def errors_of(batch: Mapping[str, Any]) -> str:
+    """The provider's words on why a batch failed."""
+    found = (batch.get("errors") or {}).get("data") or []
+    return "; ".join(f"{e.get('code')}: {e.get('message')}" + (f" (line {e['line']})" if e.get("line") else "")
+                     for e in found) or "no reason given"
