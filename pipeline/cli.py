@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from . import config, report, runner
 from .config import SimulatorSettings
 from .cost import estimate
-from .errors import ConfigError, Interrupted, ManifestError, RunStopped, StoreError
+from .errors import ConfigError, Interrupted, ManifestError, RequestFailed, RunStopped, StoreError
 from .manifest import ids_of_last_run
 from .engines import batch
 from .store import compact
@@ -132,6 +132,13 @@ def _compact(args: argparse.Namespace) -> int:
 
 
 def _batch(args: argparse.Namespace) -> int:
+    try:
+        return _batch_command(args)
+    except RequestFailed as exc:
+        raise RunStopped(f"{args.dir}: the Batch API: {exc}") from None
+
+
+def _batch_command(args: argparse.Namespace) -> int:
     if args.batch_command == "status":
         lines = _in_loop(batch.status(args.dir))
         print("\n".join(map(str, lines)) if lines else f"annotate: {args.dir}: no batches")

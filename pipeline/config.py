@@ -132,6 +132,8 @@ class SimulatorSettings(_Model):
     batch_rate_500: Rate = Field(0.0, ge=0, le=1, description="share of batch lines answered 500 in the error file")
     batch_refuse_creates: NonNegativeInt = Field(0, description="the first N batch creations are answered 429 "
                                                                 "with Retry-After")
+    batch_lose_creates: NonNegativeInt = Field(0, description="the first N batches created are answered 500, as "
+                                                              "when the answer is lost: the batch exists")
     batch_max_lines: PositiveInt = Field(50_000, description="lines a batch may hold; more fail its validation")
     batch_max_bytes: PositiveInt = Field(200_000_000, description="bytes an uploaded batch file may hold; a larger "
                                                                   "one is refused with a 400")

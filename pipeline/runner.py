@@ -146,8 +146,7 @@ def _engine(cfg: RunConfig) -> Engine:
     if cfg.engine == "local":
         return local.run
     if cfg.engine == "batch":
-        if len(cfg.targets) > 1:
-            raise ConfigError("endpoints: engine: batch sends through one endpoint; name it under endpoint:")
+        _check_batch(cfg)
         return batch.run
     try:
         # the only package that imports ray, an optional extra
@@ -155,3 +154,14 @@ def _engine(cfg: RunConfig) -> Engine:
     except ImportError as exc:
         raise ConfigError(f"engine: ray needs Ray ({exc}); pip install 'annotate-pipeline[ray]'") from None
     return on_ray
+
+
+def _check_batch(cfg: RunConfig) -> None:
+    """What engine: batch needs before anything is sent."""
+    if len(cfg.targets) > 1:
+        raise ConfigError("endpoints: engine: batch sends through one endpoint; name it under endpoint:")
+    if not cfg.output.journal:
+        raise ConfigError("output.journal: engine: batch keeps its batches in the journal; leave it on")
+    if cfg.limits.max_cost_usd is not None and PriceTable(cfg.pricing).list_usd(cfg.request.model, 1, 1, batch=True) is None:
+        raise ConfigError(f"limits.max_cost_usd: no batch price is known for {cfg.request.model}, so a budget cannot "
+                          "be kept; add batch_input and batch_output under pricing:")

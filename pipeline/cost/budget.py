@@ -42,6 +42,16 @@ class Budget:
         self.in_flight += 1
         return True
 
+    def hold_committed(self, worst_usd: float) -> None:
+        """Hold what is committed already (a batch the provider has, found by a run after a
+        kill): it counts whether or not it fits."""
+        self.held_usd += worst_usd
+        self.in_flight += 1
+
+    def spent(self) -> None:
+        """No more requests: nothing in flight could give back room for one more."""
+        self.exhausted = self.in_flight == 0
+
     async def hold(self, worst_usd: float) -> bool:
         """Hold a request's worst case, waiting while requests in flight may still leave
         room; False when the budget is spent and the request must not be sent."""

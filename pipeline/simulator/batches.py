@@ -94,6 +94,7 @@ class BatchDesk:
         self.uploaded: list[_File] = []  # every upload, deleted or not
         self.batches: dict[str, _Batch] = {}
         self.creates_refused = 0
+        self.creates_lost = 0
         self._seen: Counter[str] = Counter()  # how often each custom_id came in a batch
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -169,6 +170,9 @@ class BatchDesk:
         task = asyncio.create_task(self._run(batch, file.data))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if self.creates_lost < settings.batch_lose_creates:
+            self.creates_lost += 1
+            return _error(500, "The server had an error while processing your request (simulated; the batch exists).")
         return JSONResponse(batch.obj())
 
     async def _get(self, request: Request) -> Response:

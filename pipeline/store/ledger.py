@@ -29,13 +29,12 @@ CREATE TABLE IF NOT EXISTS shards (
 CREATE TABLE IF NOT EXISTS asked (id TEXT PRIMARY KEY, shard TEXT, tries INTEGER NOT NULL, row BLOB,
                                   done INTEGER NOT NULL DEFAULT 0);
 """
-STATES = ("planned", "uploaded", "created", "collected")
 
 
 @dataclass(frozen=True)
 class Shard:
     name: str
-    state: str  # one of STATES
+    state: str  # planned, uploaded, created or collected
     lines: int
     worst_usd: float  # what its answers could cost at most, held against the budget until collected
     planned_at: float  # time.time()
@@ -93,16 +92,24 @@ class Ledger:
         self._db.execute("UPDATE asked SET shard = NULL WHERE shard = ?", (name,))
         self._db.execute("COMMIT")
 
-    def open_shards(self) -> list[Shard]:
-        """Shards not collected yet, oldest first."""
+    def shards(self, collected: bool = True) -> list[Shard]:
+        """The shards, oldest first; without those collected when `collected` is False."""
+        where = "" if collected else "WHERE state != 'collected'"
         cursor = self._db.execute("SELECT name, state, lines, worst_usd, planned_at, file_id, batch_id, expires_at, "
-                                  "status FROM shards WHERE state != 'collected' ORDER BY planned_at, name")
+                                  f"status FROM shards {where} ORDER BY planned_at, name")
         return [Shard(*row) for row in cursor]
 
-    def shards(self) -> list[Shard]:
-        cursor = self._db.execute("SELECT name, state, lines, worst_usd, planned_at, file_id, batch_id, expires_at, "
-                                  "status FROM shards ORDER BY planned_at, name")
-        return [Shard(*row) for row in cursor]
+    def open_shards(self) -> list[Shard]:
+        return self.shards(collected=False)
+
+    def new_run(self) -> None:
+        """A run starts: rows in no shard under way get their tries back and may be asked again
+        (their outcome, if final, is in the store, whose done ids a run skips)."""
+        self._db.execute("UPDATE asked SET tries = 0, done = 0 WHERE shard IS NULL")
+
+    def give_back_try(self, name: str) -> None:
+        """The shard's batch never ran (the provider refused its file): that try does not count."""
+        self._db.execute("UPDATE asked SET tries = max(tries - 1, 0) WHERE shard = ?", (name,))
 
     def asked(self, ids: Sequence[str]) -> dict[str, Asked]:
         """What the ledger knows of these ids (absent: never in a batch, nothing recorded)."""

@@ -193,3 +193,28 @@ def test_files_the_provider_will_not_take_are_split_until_it_does(
         assert any(b.status == "failed" for b in desk.batches.values())  # too_many_tasks, then halves
     else:
         assert len(desk.uploaded) > 1 and all(len(f.data) <= 2_500 for f in desk.uploaded)
+
+
+def test_a_batch_made_though_its_answer_was_lost_is_found_not_made_again(
+        faulty_sim: Callable[..., Simulator], tmp_path: Path, images: Callable[..., list[str]]) -> None:
+    sim = faulty_sim(**FAST, batch_lose_creates=2)  # made, then answered 500: a retry would make a second
+    config = batch_config(tmp_path, sim, 12, images, batch={"max_requests": 6})
+    assert cli.main(["run", str(config), "-q"]) == 0
+    assert sim.batches.creates_lost == 2
+    _, batches = shards_made(sim)
+    assert len(batches) == 2 and max(batches.values()) == 1
+    assert out_rows(tmp_path).height == 12 and max(answered_lines(sim).values()) == 1
+
+
+def test_rows_no_batch_answered_are_retryable_errors_and_the_next_run_asks_them(
+        faulty_sim: Callable[..., Simulator], tmp_path: Path, images: Callable[..., list[str]]) -> None:
+    sim = faulty_sim(**FAST, batch_expire_share=0.5)
+    config = batch_config(tmp_path, sim, 12, images, batch={"resubmit": 0})
+    assert cli.main(["run", str(config), "-q"]) == 1
+    failed = out_rows(tmp_path).filter(pl.col("status") != "ok")
+    assert failed.height > 0 and failed["retryable"].all() and failed["error"].str.contains("expired").all()
+
+    sim.settings = sim.settings.model_copy(update={"batch_expire_share": 0.0})
+    assert cli.main(["run", str(config), "-q"]) == 0
+    rows = out_rows(tmp_path)
+    assert rows.height == 12 and (rows["status"] == "ok").all() and max(answered_lines(sim).values()) == 1

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 LINE_URL = "/v1/chat/completions"  # what each line of a batch file asks
 PAGE = 100  # batches a page of the list holds at most (OpenAI's largest)
-LOOK_BACK_S = 3600.0  # a batch looked for by its metadata was created after its shard was planned, less this
+LOOK_BACK_S = 3600.0
+T = TypeVar("T")  # a batch looked for by its metadata was created after its shard was planned, less this
 
 
 class BatchApi:
@@ -69,41 +70,49 @@ class BatchApi:
         return content
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        found = json.loads(await self._call(method, path, **kwargs))
-        if not isinstance(found, dict):
-            raise Retryable(f"{method} {path}: the answer is not a JSON object")
-        return found
+        return _object(await self._call(method, path, **kwargs), f"{method} {path}")
+
+    async def _made_once(self, look: Callable[[], Awaitable[T | None]], make: Callable[[], Awaitable[T]]) -> T:
+        """What `make` makes, unless `look` finds it made already: looked for before the first
+        attempt and before each retry, as an attempt whose answer was lost may have made it."""
+        async for attempt in self._policy.copy():
+            with attempt:
+                if (found := await look()) is not None:
+                    return found
+                return await make()
+        raise AssertionError("unreachable: the retry policy reraises")
 
     async def upload(self, path: Path, name: str) -> str:
         """The id of the batch file `name` holding `path`'s bytes: the one uploaded before, if any."""
-        if (found := await self._file_named(name, path.stat().st_size)) is not None:
-            return found
+        size = path.stat().st_size
 
-        def form() -> aiohttp.FormData:  # made anew for each attempt: a form is read once
-            data = aiohttp.FormData()
-            data.add_field("purpose", "batch")
-            data.add_field("file", path.read_bytes(), filename=name, content_type="application/jsonl")
-            return data
+        async def make() -> str:
+            form = aiohttp.FormData()  # made anew for each attempt: a form is read once
+            form.add_field("purpose", "batch")
+            form.add_field("file", path.read_bytes(), filename=name, content_type="application/jsonl")
+            return _id(_object(await self._once("POST", "/files", data=form), "POST /files"))
 
-        async for attempt in self._policy.copy():
-            with attempt:
-                if attempt.retry_state.attempt_number > 1 and (found := await self._file_named(name, path.stat().st_size)):
-                    return found  # the attempt before was made, though its answer was lost
-                return str(json.loads(await self._once("POST", "/files", data=form()))["id"])
-        raise AssertionError("unreachable: the retry policy reraises")
+        return await self._made_once(lambda: self._file_named(name, size), make)
 
     async def _file_named(self, name: str, size: int) -> str | None:
-        async for file in self._pages("/files", {"purpose": "batch", "limit": 10_000}):
-            if file.get("filename") == name and file.get("bytes") == size:
-                return str(file["id"])
+        try:
+            async for file in self._pages("/files", {"purpose": "batch"}):
+                if file.get("filename") == name and file.get("bytes") == size:
+                    return _id(file)
+        except Rejected as exc:  # a provider that does not list files: nothing to find
+            log.info("cannot look for an earlier upload of %s (%s)", name, exc)
         return None
 
     async def create(self, file_id: str, metadata: Mapping[str, str], planned_at: float) -> dict[str, Any]:
         """The batch of `file_id`: the one made before with these metadata, if any."""
-        if (found := await self.find(metadata, planned_at)) is not None:
-            return found
         body = {"input_file_id": file_id, "endpoint": LINE_URL, "completion_window": "24h", "metadata": dict(metadata)}
-        return await self._json("POST", "/batches", json=body)
+
+        async def make() -> dict[str, Any]:
+            made = _object(await self._once("POST", "/batches", json=body), "POST /batches")
+            _id(made)
+            return made
+
+        return await self._made_once(lambda: self.find(metadata, planned_at), make)
 
     async def find(self, metadata: Mapping[str, str], planned_at: float) -> dict[str, Any] | None:
         """The newest batch with these metadata, created since its shard was planned."""
@@ -123,7 +132,7 @@ class BatchApi:
                 yield item
             if not page.get("has_more") or not data:
                 return
-            after = str(data[-1]["id"])
+            after = _id(data[-1])
 
     async def get(self, batch_id: str) -> dict[str, Any]:
         return await self._json("GET", f"/batches/{batch_id}")
@@ -141,3 +150,20 @@ class BatchApi:
         except Rejected as exc:
             if exc.status != 404:
                 raise
+
+
+def _object(content: bytes, what: str) -> dict[str, Any]:
+    """A JSON object the provider answered; Retryable when it is not one (a proxy's page)."""
+    try:
+        found = json.loads(content)
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        raise Retryable(f"{what}: the answer is not a JSON object: {content[:200]!r}")
+    return found
+
+
+def _id(obj: Mapping[str, Any]) -> str:
+    if not isinstance(obj.get("id"), str):
+        raise Retryable(f"an answer without an id: {str(obj)[:200]}")
+    return str(obj["id"])

@@ -14,10 +14,11 @@ from typing import Any
 
 from ...client import read_key
 from ...config import EndpointConfig, RunConfig
-from ...errors import StoreError
-from ...store.ledger import Ledger
+from ...errors import RequestFailed, StoreError
+from ...store.ledger import Ledger, Shard
 from ...store.parts import read_run_info
 from .api import BatchApi
+from .engine import ENDED
 
 __all__ = ["BatchLine", "cancel", "last_run_config", "status"]
 
@@ -75,7 +76,7 @@ async def status(directory: Path) -> list[BatchLine]:
         ledger.close()
 
 
-async def _line(api: BatchApi, shard: Any) -> BatchLine:
+async def _line(api: BatchApi, shard: Shard) -> BatchLine:
     now = time.time()
     batch: dict[str, Any] = {}
     if shard.batch_id and shard.state != "collected":
@@ -95,8 +96,13 @@ async def cancel(directory: Path) -> list[str]:
     cancelled = []
     try:
         for shard in ledger.open_shards():
-            if shard.batch_id and shard.status not in ("completed", "expired", "cancelled", "failed"):
-                await api.cancel(shard.batch_id)
+            if shard.batch_id and shard.status not in ENDED:
+                try:
+                    await api.cancel(shard.batch_id)
+                except RequestFailed as exc:
+                    if exc.status != 409:  # 409: it ended since the ledger last saw it
+                        raise
+                    continue
                 cancelled.append(shard.batch_id)
     finally:
         await api.aclose()

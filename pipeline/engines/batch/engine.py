@@ -53,40 +53,44 @@ class BatchRun:
         self.folder.mkdir(exist_ok=True)
         self.counts: dict[str, tuple[int, int, int]] = {}  # batch id -> done, failed, total
         self.max_requests, self.max_bytes = self.cfg.batch.max_requests, self.cfg.batch.max_bytes  # lowered by refusals
-        self.returned = False  # rows of a file the provider refused came back to do
 
     # --- the whole run ---------------------------------------------------------------------
 
     async def run(self, limit: int | None, wait: bool) -> None:
-        for shard in self.ledger.open_shards():  # a run before this one left them under way
-            if shard.state == "created":
-                self.driver.budget.hold_now(shard.worst_usd)
+        """Submit what a killed run left, plan and submit the rows to do, and (when `wait`)
+        collect the batches as they end, planning again what they did not answer. `limit` 0:
+        only collect the batches under way (what `annotate batch cancel` does)."""
+        self._reattach()
         while not self._stopping():
-            for shard in self.ledger.open_shards():
-                if shard.state != "created" and not self._stopping():
-                    await self._submit(shard)
-            self.returned = False
-            if not self.driver.stopped():  # a spent budget plans nothing more, but collects
-                await self._plan(limit)
-            if self.returned:
-                continue  # a file came back (too large for the provider): its rows go in smaller ones now
-            if not wait or not any(shard.state == "created" for shard in self.ledger.open_shards()):
+            if limit != 0:
+                again = await self._submit_left() | await self._plan(limit)
+                if again:
+                    continue  # a file came back (too large for the provider): its rows go in smaller ones now
+            if await self._collect_ended() and limit != 0:
+                continue  # plan again what they did not answer
+            if not wait or not self._under_way():
                 return
-            await self._wait_for_one()
+            await self._sleep(self.cfg.batch.poll_s)
+
+    def _reattach(self) -> None:
+        """What a run before this one left: a fresh try for rows in no batch, the budget held by
+        batches the provider has, and no batch file that the ledger does not name."""
+        self.ledger.new_run()
+        named = set()
+        for shard in self.ledger.open_shards():
+            named.add(shard.name)
+            if shard.state == "created":
+                self.driver.budget.hold_committed(shard.worst_usd)
+        for path in self.folder.glob("*.jsonl"):
+            if path.stem not in named:  # written, but killed before the ledger heard of it
+                path.unlink()
 
     def _stopping(self) -> bool:
         """A signal, or a stop: leave the batches to the provider now."""
         return self.driver.signalled or self.driver.stop_reason is not None
 
-    async def _wait_for_one(self) -> None:
-        """Look at the batches under way every batch.poll_s until one or more ended; collect those."""
-        while not self._stopping():
-            ended = [found for shard in self.ledger.open_shards() if (found := await self._ended(shard))]
-            for shard, batch in ended:
-                await self._collect(shard, batch)
-            if ended:
-                return
-            await self._sleep(self.cfg.batch.poll_s)
+    def _under_way(self) -> bool:
+        return any(shard.state == "created" for shard in self.ledger.open_shards())
 
     async def _sleep(self, seconds: float) -> None:
         """A wait a signal ends at once: the batches go on without us."""
@@ -96,15 +100,18 @@ class BatchRun:
 
     # --- planning ---------------------------------------------------------------------------
 
-    async def _plan(self, limit: int | None) -> None:
-        """Put the rows to do (none already in a shard under way) in shards, submitting each as
-        it fills, until they are all in one or the budget has no room for the next."""
+    async def _plan(self, limit: int | None) -> bool:
+        """Put the rows to do (none in a batch under way) in files, submitting each as it
+        fills, until all are in one or the budget has no room for the next; True when a file
+        came back to be split."""
+        if self.driver.stopped():  # a spent budget plans nothing more, but collects
+            return False
         batches = self.driver.todo(limit)
         shard: ShardFile | None = None
         fetcher = Fetcher(self.cfg.input.fetch)
-        room = True
+        came_back = False
         try:
-            while room and not self.driver.stopped() and (batch := await asyncio.to_thread(next, batches, None)):
+            while not came_back and not self.driver.stopped() and (batch := await asyncio.to_thread(next, batches, None)):
                 todo = await self._still_to_ask(batch)
                 for row, prepared in zip(todo, await self._prepare_all(todo, fetcher)):
                     if isinstance(prepared, RowInputError):
@@ -112,27 +119,26 @@ class BatchRun:
                         continue
                     line, worst = self._line(row, prepared)
                     if shard is not None and not shard.fits(line, worst):
-                        await self._submit(self._planned(shard))
+                        came_back = await self._submit(self._planned(shard))
                         shard = None
                     shard = shard or self._new_shard()
+                    if shard.never_fits(line):
+                        await self._record([(rows.failed(row, f"request: its batch line is {len(line)} bytes, more than "
+                                                             f"a batch file may hold ({shard.max_bytes})", 0, False),
+                                             None)])
+                        continue
                     if not shard.fits(line, worst):  # not even alone: no room in the budget now
-                        room = self._no_room()
+                        self.driver.budget.spent()
                         break
-                    shard.add(row, line, worst)
+                    shard.add(row, prepared.image_notes, line, worst)
             if shard is not None and shard.rows:
-                await self._submit(self._planned(shard))
+                came_back |= await self._submit(self._planned(shard))
         finally:
             if shard is not None and not shard.rows:
                 shard.close()
                 shard.path.unlink(missing_ok=True)
             await fetcher.aclose()
-
-    def _no_room(self) -> bool:
-        """The budget has no room for one more row: spent, when no batch under way could still
-        give some back; else planning waits for their answers. False, for `room`."""
-        budget = self.driver.budget
-        budget.exhausted = budget.in_flight == 0
-        return False
+        return came_back
 
     async def _still_to_ask(self, batch: list[ManifestRow]) -> list[ManifestRow]:
         """The rows to put in a batch now: not in one under way, not recorded by this run; those
@@ -143,8 +149,7 @@ class BatchRun:
         most = self.cfg.batch.resubmit + 1
         spent = [row for row in fresh if row.id in asked and asked[row.id].tries >= most]
         if spent:
-            await self._record([(rows.failed(row, f"request: no answer in {asked[row.id].tries} batches",
-                                             asked[row.id].tries, True), None) for row in spent])
+            await self._record([(_no_answer(row, "no batch answered it", asked[row.id].tries), None) for row in spent])
         return [row for row in fresh if row.id not in asked or asked[row.id].tries < most]
 
     async def _record(self, outcomes: list[Outcome]) -> None:
@@ -179,99 +184,158 @@ class BatchRun:
 
     def _planned(self, file: ShardFile) -> Shard:
         file.close()
-        return self.ledger.plan(file.path.stem, [(row.id, row) for row in file.rows], file.worst_usd)
+        return self.ledger.plan(file.path.stem, [(row.id, (row, notes)) for row, notes in file.rows], file.worst_usd)
 
     # --- submitting -------------------------------------------------------------------------
 
-    async def _submit(self, shard: Shard) -> None:
-        """Upload a planned shard and create its batch, each step in the ledger; its worst case
-        held against the budget from before the batch is created."""
+    async def _submit_left(self) -> bool:
+        """Submit the files a run left planned or uploaded; True when one came back."""
+        came_back = False
+        for shard in self.ledger.open_shards():
+            if shard.state != "created" and not self._stopping():
+                came_back |= await self._submit(shard)
+        return came_back
+
+    async def _submit(self, shard: Shard) -> bool:
+        """Upload a planned file and create its batch, each step in the ledger; its worst case
+        held against the budget from before the batch is created. True when the provider
+        refused the file and its rows came back to do."""
         path = self.folder / f"{shard.name}.jsonl"
         file_id = shard.file_id
         if shard.state == "planned":
             try:
                 file_id = await self.api.upload(path, f"annotate-{shard.name}.jsonl")
             except Rejected as exc:
-                await self._refused(shard, path, exc)
-                return
+                return await self._refused(shard, path, exc)
             self.ledger.uploaded(shard.name, file_id)
         assert file_id is not None
         if not self.driver.budget.hold_now(shard.worst_usd):
             log.warning("batch file %s waits: its worst case ($%.4f) would pass limits.max_cost_usd",
                         shard.name, shard.worst_usd)
-            return
-        batch = await self.api.create(file_id, {SHARD_KEY: shard.name}, shard.planned_at)
+            return False
+        try:
+            batch = await self.api.create(file_id, {SHARD_KEY: shard.name}, shard.planned_at)
+        except Rejected as exc:
+            self.driver.budget.release(shard.worst_usd, 0.0)
+            self._drop(shard, path)
+            raise RunStopped(f"the provider would not make a batch of file {shard.name}: {exc}") from None
         self.ledger.created(shard.name, str(batch["id"]), batch.get("expires_at"), str(batch.get("status")))
         log.info("batch %s: %d rows of file %s", batch["id"], shard.lines, shard.name)
+        return False
 
-    async def _refused(self, shard: Shard, path: Path, exc: Rejected) -> None:
-        """The provider would not take a file (too large, most often): its rows go back to do,
-        in files half its size; a file of one row it will not take is that row's error."""
+    async def _refused(self, shard: Shard, path: Path, exc: Rejected) -> bool:
+        """The provider would not take a file: a 400 or 413 (too large, most often) sends its
+        rows back to do in files half its size, and a file of one row it will not take is that
+        row's error; anything else stops the run, its rows back to do."""
         if exc.status not in (400, 413):
+            self._drop(shard, path)
             raise RunStopped(f"the provider refused batch file {shard.name}: {exc}")
         if shard.lines == 1:
-            held = self.ledger.rows_of(shard.name)
-            await self._record([(rows.failed(row, f"request: {exc}", tries, False), 400) for row, tries in held])
+            await self._record([(_with_notes(rows.failed(row, f"request: {exc}", tries, False), notes), exc.status)
+                                for (row, notes), tries in self.ledger.rows_of(shard.name)])
         else:
             log.warning("the provider refused batch file %s of %d rows (%s): its rows go in files half its size",
                         shard.name, shard.lines, exc)
             self.max_bytes = min(self.max_bytes, max(1, path.stat().st_size // 2))
             self.max_requests = min(self.max_requests, max(1, shard.lines // 2))
-            self.returned = True
-        self.ledger.collected(shard.name)
+        self._drop(shard, path)
+        return shard.lines > 1
+
+    def _drop(self, shard: Shard, path: Path) -> None:
+        """A file that never became a batch: its rows back to do, that try not counted."""
+        self.ledger.give_back_try(shard.name)
         path.unlink(missing_ok=True)
+        self.ledger.collected(shard.name)
 
     # --- waiting and collecting -------------------------------------------------------------
 
-    async def _ended(self, shard: Shard) -> tuple[Shard, dict[str, Any]] | None:
-        if shard.state != "created" or shard.batch_id is None:
-            return None
-        batch = await self.api.get(shard.batch_id)
-        counts = batch.get("request_counts") or {}
-        self.counts[shard.batch_id] = (counts.get("completed", 0), counts.get("failed", 0), counts.get("total", 0))
-        self.ledger.seen(shard.name, str(batch.get("status")))
-        self._show()
-        return (shard, batch) if batch.get("status") in ENDED else None
+    async def _collect_ended(self) -> bool:
+        """Look at each batch under way once, and collect those that ended; True when one did."""
+        ended = False
+        for shard in self.ledger.open_shards():
+            if self._stopping() or shard.state != "created" or shard.batch_id is None:
+                continue
+            batch = await self._look(shard.batch_id)
+            self.ledger.seen(shard.name, str(batch.get("status")))
+            if batch.get("status") in ENDED:
+                await self._collect(shard, batch)
+                ended = True
+        return ended
 
-    def _show(self) -> None:
+    async def _look(self, batch_id: str) -> dict[str, Any]:
+        """A batch as the provider has it now (one it no longer has: ended, with nothing), its
+        counts on the progress bar."""
+        try:
+            batch = await self.api.get(batch_id)
+        except Rejected as exc:
+            if exc.status != 404:
+                raise
+            log.warning("batch %s is gone from the provider: its rows are asked again", batch_id)
+            return {"id": batch_id, "status": "gone"}
+        counts = batch.get("request_counts") or {}
+        self.counts[batch_id] = (counts.get("completed", 0), counts.get("failed", 0), counts.get("total", 0))
         done, failed, total = (sum(c[i] for c in self.counts.values()) for i in range(3))
         self.driver.bar.set_postfix_str(f"batches: {len(self.counts)}, lines answered {done} + failed {failed} "
                                         f"of {total}", refresh=True)
+        return batch
 
     async def _collect(self, shard: Shard, batch: dict[str, Any]) -> None:
         """Journal what an ended batch answered; rows it did not answer go back to do (while they
-        have tries left); then its files are deleted, here and at the provider."""
+        have tries left); its files are deleted, at the provider and here, before the ledger
+        lets go of the shard, so a kill in between deletes them next time."""
         if batch.get("status") == "failed":
             log.warning("batch %s failed: %s", batch["id"], errors_of(batch))
-            if shard.lines > 1:  # too many lines or tokens for the provider, most often: smaller files
-                self.max_requests = min(self.max_requests, max(1, shard.lines // 2))
-        files = [await self.api.content(fid) for fid in (batch.get("output_file_id"), batch.get("error_file_id")) if fid]
-        lines = by_custom_id(files)
+            self.ledger.give_back_try(shard.name)  # it never ran: only smaller files will
+            self.max_requests = min(self.max_requests, max(1, shard.lines // 2))
+        lines = by_custom_id([await self._content(fid) for fid in _result_files(batch)])
+        outcomes, charged = await self._verdicts(shard, batch, lines)
+        await self._record(outcomes)
+        self.driver.budget.release(shard.worst_usd, charged)
+        for fid in [shard.file_id, *_result_files(batch)]:
+            if fid:
+                await self.api.delete(fid)
+        (self.folder / f"{shard.name}.jsonl").unlink(missing_ok=True)
+        self.ledger.collected(shard.name)
+
+    async def _content(self, file_id: str) -> bytes:
+        try:
+            return await self.api.content(file_id)
+        except Rejected as exc:
+            if exc.status != 404:
+                raise
+            log.warning("file %s is gone from the provider: the rows it answered are asked again", file_id)
+            return b""
+
+    async def _verdicts(self, shard: Shard, batch: dict[str, Any],
+                        lines: dict[str, dict[str, Any]]) -> tuple[list[Outcome], float]:
+        """The outcomes to record of a shard's rows, and what its answers cost."""
         held = self.ledger.rows_of(shard.name)
-        recorded = await asyncio.to_thread(self._already_done, [row.id for row, _ in held])
+        recorded = await asyncio.to_thread(self._already_done, [row.id for (row, _), _ in held])
         outcomes: list[Outcome] = []
         charged = 0.0
-        for row, tries in held:
+        for (row, notes), tries in held:
             if row.id in recorded:
                 continue  # journalled by a collection killed before the ledger heard: in a part now
             found = verdict(row, lines.get(row.id), batch, tries, self.prices, self.cfg.request.model, self.schema)
             charged += found.charged_usd
             if found.outcome is not None:
-                outcomes.append(_with_batch(found.outcome, str(batch["id"])))
+                outcomes.append((_with_notes({**found.outcome[0], "batch_id": batch["id"]}, notes), found.outcome[1]))
             elif tries > self.cfg.batch.resubmit:
-                outcomes.append((rows.failed(row, f"request: {found.why}; in {tries} batches", tries, True), None))
-        await self._record(outcomes)
-        self.driver.budget.release(shard.worst_usd, charged)
-        self.ledger.collected(shard.name)
-        for fid in (shard.file_id, batch.get("output_file_id"), batch.get("error_file_id")):
-            if fid:
-                await self.api.delete(str(fid))
-        (self.folder / f"{shard.name}.jsonl").unlink(missing_ok=True)
+                outcomes.append((_with_notes(_no_answer(row, found.why, tries), notes), None))
+        return outcomes, charged
 
     def _already_done(self, ids: list[str]) -> set[str]:
         return set(self.driver.store.done.filter(pl.col("id").is_in(ids)).collect()["id"].to_list())
 
 
-def _with_batch(outcome: Outcome, batch_id: str) -> Outcome:
-    row, kind = outcome
-    return {**row, "batch_id": batch_id}, kind
+def _result_files(batch: dict[str, Any]) -> list[str]:
+    return [str(fid) for fid in (batch.get("output_file_id"), batch.get("error_file_id")) if fid]
+
+
+def _no_answer(row: ManifestRow, why: str, tries: int) -> dict[str, Any]:
+    """A row no batch answered in `tries` batches: retryable, as the next run asks it again."""
+    return rows.failed(row, f"request: {why}; in {tries} batches", tries, True)
+
+
+def _with_notes(row: dict[str, Any], notes: str | None) -> dict[str, Any]:
+    return {**row, "image_notes": notes} if notes else row

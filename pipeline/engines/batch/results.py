@@ -10,6 +10,7 @@ Never: HTTP, the ledger, the journal.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,8 @@ from ...structured import OutputSchema
 
 __all__ = ["Verdict", "by_custom_id", "errors_of", "verdict"]
 
+log = logging.getLogger(__name__)
+
 _UNFINISHED = ("batch_expired", "batch_cancelled")
 
 
@@ -39,13 +42,19 @@ class Verdict:
 
 
 def by_custom_id(files: Iterable[bytes]) -> dict[str, dict[str, Any]]:
-    """The result lines of a batch's output and error files, by custom_id (a later line wins)."""
+    """The result lines of a batch's output and error files, by custom_id (a later line wins);
+    a line that is not a JSON object with a custom_id is left out (its row is asked again)."""
     found: dict[str, dict[str, Any]] = {}
     for content in files:
         for raw in content.splitlines():
-            if raw.strip():
-                line = json.loads(raw)
-                found[str(line["custom_id"])] = line
+            try:
+                line = json.loads(raw) if raw.strip() else None
+            except ValueError:
+                line = None
+            if isinstance(line, dict) and isinstance(line.get("custom_id"), str):
+                found[line["custom_id"]] = line
+            elif raw.strip():
+                log.warning("a result line that names no row is left out: %r", raw[:200])
     return found
 
 
@@ -55,7 +64,10 @@ def verdict(row: ManifestRow, line: Mapping[str, Any] | None, batch: Mapping[str
     if line is None:
         return Verdict(None, f"batch {batch['id']} ended {batch.get('status')} without an answer for this row"
                              + (f" ({errors_of(batch)})" if batch.get("status") == "failed" else ""))
-    response, error = line.get("response"), line.get("error")
+    response = line.get("response")
+    error = line["error"] if isinstance(line.get("error"), dict) else None
+    if response is not None and not isinstance(response, dict):
+        return Verdict(None, f"batch {batch['id']} answered this row with no response it could read")
     if response is None:
         code = (error or {}).get("code") or "no_response"
         message = (error or {}).get("message") or ""
@@ -70,7 +82,10 @@ def verdict(row: ManifestRow, line: Mapping[str, Any] | None, batch: Mapping[str
             return Verdict(None, f"request: {failure} (batch {batch['id']})")
         retryable = status in ACCOUNT_STATUSES
         return Verdict((rows.failed(row, f"request: {failure}", tries, retryable), status))
-    reply = parse_body(body).timed(_waited_ms(batch), tries)
+    try:
+        reply = parse_body(body).timed(_waited_ms(batch), tries)
+    except (ValueError, TypeError, AttributeError) as exc:
+        return Verdict(None, f"200 with a body that is not a chat completion ({exc}) in batch {batch['id']}")
     return _answered(row, reply, prices, model, schema)
 
 

@@ -37,21 +37,25 @@ class ShardFile:
     max_requests: int
     max_bytes: int
     room_usd: float | None  # the budget's room; None: no budget
-    rows: list[ManifestRow] = field(default_factory=list)
+    rows: list[tuple[ManifestRow, str | None]] = field(default_factory=list)  # each with its image_notes
     size: int = 0
     worst_usd: float = 0.0
 
     def __post_init__(self) -> None:
         self._file = self.path.open("wb")
 
+    def never_fits(self, line: bytes) -> bool:
+        """A line larger than a whole file may be."""
+        return len(line) > self.max_bytes
+
     def fits(self, line: bytes, worst_usd: float) -> bool:
         if len(self.rows) >= self.max_requests or self.size + len(line) > self.max_bytes:
             return False
         return self.room_usd is None or self.worst_usd + worst_usd <= self.room_usd
 
-    def add(self, row: ManifestRow, line: bytes, worst_usd: float) -> None:
+    def add(self, row: ManifestRow, notes: str | None, line: bytes, worst_usd: float) -> None:
         self._file.write(line)
-        self.rows.append(row)
+        self.rows.append((row, notes))
         self.size += len(line)
         self.worst_usd += worst_usd
 
