@@ -3,8 +3,9 @@
 Owns: two tables beside the journal's outcomes (the same SQLite file, a connection of its own):
 `shards` (a shard's state as it moves planned -> uploaded -> created -> collected, with its
 file id, batch id, expiry and worst-case cost) and `asked` (which shard holds each row now, how
-many batches it was put in, whether its outcome was recorded, and the row itself, pickled as
-the journal pickles outcomes, to make its output row from the answer). Each step is committed before the next is taken, so a run
+many batches it was put in, whether its outcome was recorded, the row itself, pickled as
+the journal pickles outcomes, to make its output row from the answer, and what its earlier
+answers leave to the next batch, pickled too). Each step is committed before the next is taken, so a run
 killed at any moment finds where every shard got to. Never: outcomes (the journal), HTTP.
 """
 
@@ -27,7 +28,7 @@ CREATE TABLE IF NOT EXISTS shards (
     name TEXT PRIMARY KEY, state TEXT NOT NULL, lines INTEGER NOT NULL, worst_usd REAL NOT NULL,
     planned_at REAL NOT NULL, file_id TEXT, batch_id TEXT, expires_at INTEGER, status TEXT);
 CREATE TABLE IF NOT EXISTS asked (id TEXT PRIMARY KEY, shard TEXT, tries INTEGER NOT NULL, row BLOB,
-                                  done INTEGER NOT NULL DEFAULT 0);
+                                  done INTEGER NOT NULL DEFAULT 0, carry BLOB);
 """
 
 
@@ -49,6 +50,7 @@ class Asked:
     shard: str | None  # the shard under way that holds the row, if any
     tries: int  # batches it was put in
     done: bool  # its outcome is recorded
+    carry: Any  # what its earlier answers leave to the next batch, or None
 
 
 class Ledger:
@@ -117,8 +119,9 @@ class Ledger:
         for start in range(0, len(ids), 500):
             chunk = list(ids[start:start + 500])
             marks = ",".join("?" * len(chunk))
-            cursor = self._db.execute(f"SELECT id, shard, tries, done FROM asked WHERE id IN ({marks})", chunk)
-            found |= {row_id: Asked(shard, tries, bool(done)) for row_id, shard, tries, done in cursor}
+            cursor = self._db.execute(f"SELECT id, shard, tries, done, carry FROM asked WHERE id IN ({marks})", chunk)
+            found |= {row_id: Asked(shard, tries, bool(done), _loaded(carry))
+                      for row_id, shard, tries, done, carry in cursor}
         return found
 
     def finished(self, ids: Sequence[str]) -> None:
@@ -126,8 +129,18 @@ class Ledger:
         self._db.executemany("INSERT INTO asked (id, shard, tries, done) VALUES (?, NULL, 0, 1) "
                              "ON CONFLICT(id) DO UPDATE SET done = 1", [(row_id,) for row_id in ids])
 
-    def rows_of(self, name: str) -> list[tuple[Any, int]]:
+    def rows_of(self, name: str) -> list[tuple[Any, int, Any]]:
         """The rows a shard holds whose outcome is not recorded yet, each with how many batches
-        it was put in."""
-        cursor = self._db.execute("SELECT row, tries FROM asked WHERE shard = ? AND done = 0", (name,))
-        return [(pickle.loads(blob), tries) for blob, tries in cursor]
+        it was put in and what earlier answers left it."""
+        cursor = self._db.execute("SELECT row, tries, carry FROM asked WHERE shard = ? AND done = 0", (name,))
+        return [(pickle.loads(blob), tries, _loaded(carry)) for blob, tries, carry in cursor]
+
+    def carry(self, row_id: str, carry: Any) -> None:
+        """What a row's answer leaves to its next batch (asking again for a broken answer is not
+        a try of those batch.resubmit counts)."""
+        self._db.execute("UPDATE asked SET carry = ?, tries = max(tries - 1, 0) WHERE id = ?",
+                         (pickle.dumps(carry, protocol=pickle.HIGHEST_PROTOCOL), row_id))
+
+
+def _loaded(blob: bytes | None) -> Any:
+    return None if blob is None else pickle.loads(blob)

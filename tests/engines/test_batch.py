@@ -218,3 +218,26 @@ def test_rows_no_batch_answered_are_retryable_errors_and_the_next_run_asks_them(
     assert cli.main(["run", str(config), "-q"]) == 0
     rows = out_rows(tmp_path)
     assert rows.height == 12 and (rows["status"] == "ok").all() and max(answered_lines(sim).values()) == 1
+
+
+def test_an_answer_that_breaks_the_schema_is_asked_again_in_a_later_batch_and_every_answer_is_paid_for(
+        faulty_sim: Callable[..., Simulator], tmp_path: Path, images: Callable[..., list[str]]) -> None:
+    sim = faulty_sim(**FAST, rate_schema_break=0.5)
+    config = batch_config(tmp_path, sim, 12, images, output_schema={"colour": "str", "objects": "int"},
+                          request={"parse_retries": 3}, input={"keep_columns": ["name"]})
+    cli.main(["run", str(config), "-q"])
+    rows = out_rows(tmp_path)
+    assert rows.height == 12
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for e in sim.requests():
+        if e.batch_id and e.status == 200 and e.usage:
+            lines.setdefault(e.markers[0], []).append(e.usage)
+    asked_again = {text: usages for text, usages in lines.items() if len(usages) > 1}
+    assert asked_again  # some answers broke the schema and were asked again
+    for row in rows.iter_rows(named=True):
+        usages = lines[f"Describe {row['name']}."]
+        assert row["prompt_tokens"] == sum(u["prompt_tokens"] for u in usages)  # every paid answer counts
+        assert row["attempts"] >= len(usages)
+    ok = rows.filter(pl.col("status") == "ok")
+    assert ok["colour"].is_not_null().all()
+    assert (rows.filter(pl.col("status") != "ok")["error"].str.starts_with("parse_error")).all()

@@ -28,7 +28,7 @@ from ...store.parts import part_stamp
 from ...structured import OutputSchema
 from ..driver import Driver
 from .api import BatchApi
-from .results import by_custom_id, errors_of, verdict
+from .results import Carry, Reading, by_custom_id, errors_of, verdict
 from .shards import ShardFile, line_of
 
 __all__ = ["BatchRun", "ENDED", "FOLDER", "SHARD_KEY"]
@@ -49,6 +49,7 @@ class BatchRun:
         self.ledger = ledger
         self.schema = schema
         self.prices = PriceTable(self.cfg.pricing)
+        self.reading = Reading(self.prices, self.cfg.request.model, schema, self.cfg.request.parse_retries)
         self.folder = self.cfg.output.dir / FOLDER
         self.folder.mkdir(exist_ok=True)
         self.counts: dict[str, tuple[int, int, int]] = {}  # batch id -> done, failed, total
@@ -113,11 +114,11 @@ class BatchRun:
         try:
             while not came_back and not self.driver.stopped() and (batch := await asyncio.to_thread(next, batches, None)):
                 todo = await self._still_to_ask(batch)
-                for row, prepared in zip(todo, await self._prepare_all(todo, fetcher)):
+                for (row, carry), prepared in zip(todo, await self._prepare_all([row for row, _ in todo], fetcher)):
                     if isinstance(prepared, RowInputError):
                         await self._record([(rows.image_failed(row, prepared), None)])
                         continue
-                    line, worst = self._line(row, prepared)
+                    line, worst = self._line(row, prepared, carry)
                     if shard is not None and not shard.fits(line, worst):
                         came_back = await self._submit(self._planned(shard))
                         shard = None
@@ -140,17 +141,18 @@ class BatchRun:
             await fetcher.aclose()
         return came_back
 
-    async def _still_to_ask(self, batch: list[ManifestRow]) -> list[ManifestRow]:
-        """The rows to put in a batch now: not in one under way, not recorded by this run; those
-        already in batch.resubmit + 1 batches without an answer are recorded as retryable
-        errors instead."""
+    async def _still_to_ask(self, batch: list[ManifestRow]) -> list[tuple[ManifestRow, Carry | None]]:
+        """The rows to put in a batch now (each with what its earlier answers left it): not in
+        one under way, not recorded by this run; those already in batch.resubmit + 1 batches
+        without an answer are recorded as retryable errors instead."""
         asked = self.ledger.asked([row.id for row in batch])
         fresh = [row for row in batch if (a := asked.get(row.id)) is None or (a.shard is None and not a.done)]
         most = self.cfg.batch.resubmit + 1
         spent = [row for row in fresh if row.id in asked and asked[row.id].tries >= most]
         if spent:
             await self._record([(_no_answer(row, "no batch answered it", asked[row.id].tries), None) for row in spent])
-        return [row for row in fresh if row.id not in asked or asked[row.id].tries < most]
+        return [(row, asked[row.id].carry if row.id in asked else None) for row in fresh
+                if row.id not in asked or asked[row.id].tries < most]
 
     async def _record(self, outcomes: list[Outcome]) -> None:
         """Outcomes to the store (through the driver), then marked done in the ledger."""
@@ -172,10 +174,13 @@ class BatchRun:
 
         return await asyncio.gather(*(one(row) for row in todo))
 
-    def _line(self, row: ManifestRow, prepared: payload.Prepared) -> tuple[bytes, float]:
-        tokens = prepared.tokens
+    def _line(self, row: ManifestRow, prepared: payload.Prepared, carry: Carry | None) -> tuple[bytes, float]:
+        """The row's batch line (asking again, after what its earlier answers left it) and its worst case."""
+        body, tokens = prepared.body, prepared.tokens
+        if carry is not None:
+            body, tokens = payload.follow_up(body, tokens, carry.messages, self.cfg.request.model)
         worst = self.prices.list_usd(self.cfg.request.model, tokens.input_max, tokens.output_max, batch=True)
-        return line_of(row.id, prepared.body), worst or 0.0
+        return line_of(row.id, body), worst or 0.0
 
     def _new_shard(self) -> ShardFile:
         budget = self.driver.budget
@@ -232,7 +237,7 @@ class BatchRun:
             raise RunStopped(f"the provider refused batch file {shard.name}: {exc}")
         if shard.lines == 1:
             await self._record([(_with_notes(rows.failed(row, f"request: {exc}", tries, False), notes), exc.status)
-                                for (row, notes), tries in self.ledger.rows_of(shard.name)])
+                                for (row, notes), tries, _ in self.ledger.rows_of(shard.name)])
         else:
             log.warning("the provider refused batch file %s of %d rows (%s): its rows go in files half its size",
                         shard.name, shard.lines, exc)
@@ -310,15 +315,17 @@ class BatchRun:
                         lines: dict[str, dict[str, Any]]) -> tuple[list[Outcome], float]:
         """The outcomes to record of a shard's rows, and what its answers cost."""
         held = self.ledger.rows_of(shard.name)
-        recorded = await asyncio.to_thread(self._already_done, [row.id for (row, _), _ in held])
+        recorded = await asyncio.to_thread(self._already_done, [row.id for (row, _), _, _ in held])
         outcomes: list[Outcome] = []
         charged = 0.0
-        for (row, notes), tries in held:
+        for (row, notes), tries, carry in held:
             if row.id in recorded:
                 continue  # journalled by a collection killed before the ledger heard: in a part now
-            found = verdict(row, lines.get(row.id), batch, tries, self.prices, self.cfg.request.model, self.schema)
+            found = verdict(row, lines.get(row.id), batch, tries, self.reading, carry)
             charged += found.charged_usd
-            if found.outcome is not None:
+            if found.carry is not None:  # a paid answer that broke the schema: asked again, with what was wrong
+                self.ledger.carry(row.id, found.carry)
+            elif found.outcome is not None:
                 outcomes.append((_with_notes({**found.outcome[0], "batch_id": batch["id"]}, notes), found.outcome[1]))
             elif tries > self.cfg.batch.resubmit:
                 outcomes.append((_with_notes(_no_answer(row, found.why, tries), notes), None))

@@ -24,7 +24,7 @@ from ...manifest import ManifestRow
 from ...sender import Outcome, first_fit
 from ...structured import OutputSchema
 
-__all__ = ["Verdict", "by_custom_id", "errors_of", "verdict"]
+__all__ = ["Carry", "Reading", "Verdict", "by_custom_id", "errors_of", "verdict"]
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +32,37 @@ _UNFINISHED = ("batch_expired", "batch_cancelled")
 
 
 @dataclass(frozen=True)
+class Carry:
+    """What a row's earlier answers that broke the output schema leave for its next batch: the
+    messages that ask again, and the paid replies, whose usage and cost its row keeps."""
+
+    messages: tuple[dict[str, Any], ...]
+    reply: Reply
+    cost_usd: float | None
+    asked: int  # times asked again so far
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How a run reads answers: prices, the configured model, the output schema, and how often
+    an answer that breaks it is asked again."""
+
+    prices: PriceTable
+    model: str
+    schema: OutputSchema | None
+    parse_retries: int
+
+
+@dataclass(frozen=True)
 class Verdict:
     """A row's fate in a batch: an outcome to record, or None to ask again in a new batch
-    (`why`, when it has no tries left, is its retryable error)."""
+    (`why`, when it has no tries left, is its retryable error; `carry`, for an answer that
+    broke the schema, goes with it)."""
 
     outcome: Outcome | None
     why: str = ""
     charged_usd: float = 0.0
+    carry: Carry | None = None
 
 
 def by_custom_id(files: Iterable[bytes]) -> dict[str, dict[str, Any]]:
@@ -59,8 +83,9 @@ def by_custom_id(files: Iterable[bytes]) -> dict[str, dict[str, Any]]:
 
 
 def verdict(row: ManifestRow, line: Mapping[str, Any] | None, batch: Mapping[str, Any], tries: int,
-            prices: PriceTable, model: str, schema: OutputSchema | None) -> Verdict:
-    """What one row's result line (None: the batch has none for it) makes of the row."""
+            reading: Reading, carry: Carry | None = None) -> Verdict:
+    """What one row's result line (None: the batch has none for it) makes of the row, after
+    what its earlier answers left (`carry`)."""
     if line is None:
         return Verdict(None, f"batch {batch['id']} ended {batch.get('status')} without an answer for this row"
                              + (f" ({errors_of(batch)})" if batch.get("status") == "failed" else ""))
@@ -86,21 +111,28 @@ def verdict(row: ManifestRow, line: Mapping[str, Any] | None, batch: Mapping[str
         reply = parse_body(body).timed(_waited_ms(batch), tries)
     except (ValueError, TypeError, AttributeError) as exc:
         return Verdict(None, f"200 with a body that is not a chat completion ({exc}) in batch {batch['id']}")
-    return _answered(row, reply, prices, model, schema)
+    return _answered(row, reply, reading, carry)
 
 
-def _answered(row: ManifestRow, reply: Reply, prices: PriceTable, model: str,
-              schema: OutputSchema | None) -> Verdict:
-    priced = reply.model if reply.model and prices.find(reply.model) else model
-    cost = prices.cost_usd(priced, reply.usage, batch=True) if reply.usage else None
-    if schema is None:
-        return Verdict((rows.answered(row, reply, cost, cost), None), charged_usd=cost or 0.0)
-    choice, values, problem = first_fit(schema, reply)
+def _answered(row: ManifestRow, reply: Reply, reading: Reading, carry: Carry | None) -> Verdict:
+    priced = reply.model if reply.model and reading.prices.find(reply.model) else reading.model
+    new_cost = reading.prices.cost_usd(priced, reply.usage, batch=True) if reply.usage else None
+    charged = new_cost or 0.0
+    total = reply if carry is None else reply.after(carry.reply)
+    cost = new_cost if carry is None else None if new_cost is None or carry.cost_usd is None else new_cost + carry.cost_usd
+    if reading.schema is None:
+        return Verdict((rows.answered(row, total, cost, cost), None), charged_usd=charged)
+    choice, values, problem = first_fit(reading.schema, reply)
     if values is not None:
-        return Verdict((rows.answered(row, reply, cost, cost, values, choice), None), charged_usd=cost or 0.0)
+        return Verdict((rows.answered(row, total, cost, cost, values, choice), None), charged_usd=charged)
+    asked = 0 if carry is None else carry.asked
+    if not reply.refusal and asked < reading.parse_retries:
+        again = tuple(reading.schema.ask_again(reply.answers[0], problem))
+        return Verdict(None, f"parse_error: the answer {problem}", charged,
+                       Carry((*(carry.messages if carry else ()), *again), total, cost, asked + 1))
     if reply.refusal:
         problem = f"is a refusal: {reply.refusal}"
-    return Verdict((rows.unparsed(row, reply, cost, cost, problem), None), charged_usd=cost or 0.0)
+    return Verdict((rows.unparsed(row, total, cost, cost, problem), None), charged_usd=charged)
 
 
 def _waited_ms(batch: Mapping[str, Any]) -> float:
