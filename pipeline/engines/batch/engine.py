@@ -110,9 +110,10 @@ class BatchRun:
         batches = self.driver.todo(limit)
         shard: ShardFile | None = None
         fetcher = Fetcher(self.cfg.input.fetch)
-        came_back = False
+        came_back, room = False, True
         try:
-            while not came_back and not self.driver.stopped() and (batch := await asyncio.to_thread(next, batches, None)):
+            while room and not came_back and not self.driver.stopped() and (
+                    batch := await asyncio.to_thread(next, batches, None)):
                 todo = await self._still_to_ask(batch)
                 for (row, carry), prepared in zip(todo, await self._prepare_all([row for row, _ in todo], fetcher)):
                     if isinstance(prepared, RowInputError):
@@ -128,8 +129,9 @@ class BatchRun:
                                                              f"a batch file may hold ({shard.max_bytes})", 0, False),
                                              None)])
                         continue
-                    if not shard.fits(line, worst):  # not even alone: no room in the budget now
+                    if not shard.fits(line, worst):  # not even alone: no room in the budget until answers come
                         self.driver.budget.spent()
+                        room = False
                         break
                     shard.add(row, prepared.image_notes, line, worst)
             if shard is not None and shard.rows:
