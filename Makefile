@@ -15,12 +15,12 @@ $(VENV)/.base: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) -e ".[dev,ray,heif]"
+	$(PIP) -e ".[dev,ray,heif,s3]"
 	touch $@
 
 # The bench extra adds the baselines' clients (openai, litellm), pinned exactly.
 $(VENV)/.bench: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) -e ".[dev,ray,heif,bench]"
+	$(PIP) -e ".[dev,ray,heif,s3,bench]"
 	touch $@
 
 demo: $(VENV)/.base

@@ -22,6 +22,7 @@ from .errors import ConfigError, Interrupted, ManifestError, RequestFailed, RunS
 from .manifest import ids_of_last_run
 from .engines import batch
 from .store import compact
+from .store.folder import open_folder
 from .store.parts import read_run_info
 
 T = TypeVar("T")
@@ -125,7 +126,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace) -> int:
-    done = compact.compact(args.dir, ids_of_last_run(read_run_info(args.dir)))
+    done = compact.compact(args.dir, ids_of_last_run(read_run_info(open_folder(args.dir))))
     order = "in manifest order" if done.in_manifest_order else "in their earlier order (manifest not readable)"
     print(f"annotate: {args.dir}: {done.rows} rows, {done.parts_before} parts -> {done.parts_after}, {order}")
     return EXIT_OK
@@ -201,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run, or resume, the job", epilog=_EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", type=Path)
-    run.add_argument("-o", "--output", type=Path, help="output directory (overrides output.dir)")
+    run.add_argument("-o", "--output", help="output directory or bucket URL (overrides output.dir)")
     run.add_argument("--limit", type=int, help="answer at most N more rows")
     run.add_argument("--engine", choices=["local", "ray", "batch"],
                      help="run in this process (local), on a Ray cluster (ray) or through the provider's Batch API "
@@ -228,12 +229,12 @@ def _parser() -> argparse.ArgumentParser:
     est.set_defaults(handler=_estimate)
 
     rep = commands.add_parser("report", help="what a run produced: rows by status, tokens, cost, latency")
-    rep.add_argument("dir", type=Path)
+    rep.add_argument("dir", type=config.as_location)
     rep.add_argument("--json", action="store_true")
     rep.set_defaults(handler=_report)
 
     com = commands.add_parser("compact", help="rewrite many small parts into a few large ones, one row per id")
-    com.add_argument("dir", type=Path)
+    com.add_argument("dir", type=config.as_location)
     com.set_defaults(handler=_compact)
 
     bat = commands.add_parser("batch", help="the Batch API batches of an output directory (engine: batch)")
@@ -241,7 +242,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, words in (("status", "list them: id, status, counts, age, expiry"),
                         ("cancel", "cancel those under way and collect what they finished")):
         one = bat_commands.add_parser(name, help=words)
-        one.add_argument("dir", type=Path)
+        one.add_argument("dir", type=config.as_location)
         one.set_defaults(handler=_batch)
 
     sim = commands.add_parser("simulate", help="the bundled OpenAI-compatible simulator, on loopback")

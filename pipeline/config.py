@@ -10,11 +10,12 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     NonNegativeFloat,
@@ -27,6 +28,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .objects import is_object_url
 from .structured import Mode as StructuredMode
 from .structured import SchemaError, json_schema
 
@@ -47,6 +49,8 @@ __all__ = [
     "RunConfig",
     "load",
     "parse",
+    "as_location",
+    "Location",
     "fingerprint",
     "fingerprint_changes",
     "one_line",
@@ -54,6 +58,28 @@ __all__ = [
 
 AuthStyle = Literal["bearer", "x-api-key", "x-goog-api-key"]
 Rate = float  # a share of requests, 0..1
+
+
+def _location(value: Any) -> Any:
+    """An object-store URL stays a str; anything else is a local path."""
+    if isinstance(value, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+        if not is_object_url(value):
+            raise ValueError(f"{value.split('://', 1)[0]}:// is not a store this reads (s3, gs, az, abfs, abfss)")
+        return value
+    return Path(value) if isinstance(value, str) else value
+
+
+# A local path, or the URL of a folder or object in a bucket (s3://, gs://, az://, abfs://, ...).
+Location = Annotated[Path | str, BeforeValidator(_location)]
+
+
+def as_location(text: str) -> Path | str:
+    """A command-line argument as a Location; ConfigError (exit 2) for a URL of another kind."""
+    try:
+        found: Path | str = _location(text)
+    except ValueError as exc:
+        raise ConfigError(f"{text}: {exc}") from None
+    return found
 
 
 class _Model(BaseModel):
@@ -69,13 +95,15 @@ class FetchConfig(_Model):
     max_bytes: PositiveInt = Field(50_000_000, description="stop reading a body longer than this")
     user_agent: str | None = Field(None, description="a contact added to the User-Agent, e.g. an email or a URL")
     respect_robots: bool = Field(True, description="skip images whose X-Robots-Tag says noai or noimageai")
+    per_bucket: PositiveInt = Field(64, description="reads at once from one bucket (s3://, gs://, az:// images)")
 
 
 class InputConfig(_Model):
-    manifest: Path = Field(description="a .csv .tsv .parquet .jsonl .ndjson file, or a folder of images")
+    manifest: Location = Field(description="a .csv .tsv .parquet .jsonl .ndjson file, or a folder of images; "
+                                           "a path or an s3:// gs:// az:// URL")
     image_column: str = "image"
     id_column: str | None = None
-    image_root: Path | None = Field(None, description="relative image paths resolve here; default: the manifest's folder")
+    image_root: Location | None = Field(None, description="relative image paths resolve here; default: the manifest's folder")
     keep_columns: tuple[str, ...] = ()
     remote: Literal["inline", "pass"] = Field(
         "inline", description="http(s) images: fetched and sent as data like local files, or passed to the provider as URLs")
@@ -247,7 +275,9 @@ class LimitsConfig(_Model):
 
 
 class OutputConfig(_Model):
-    dir: Path = Path("out/run")
+    dir: Location = Path("out/run")
+    journal_dir: Path | None = Field(None, description="with output.dir in a bucket: where the journal and lock "
+                                                       "live; default: a folder of the user's cache for that URL")
     journal: bool = Field(True, description="record each outcome in a SQLite journal before it counts as "
                                             "done; off only to measure what durability costs")
 
@@ -304,6 +334,9 @@ class RunConfig(_Model):
     output_schema: dict[str, Any] | None = Field(
         None, description="{field: type} or a JSON Schema; held as the JSON Schema it stands for")
     pricing: dict[str, Price] = {}
+    storage_options: dict[str, str] = Field(
+        {}, description="object-store settings the environment cannot say, as Polars takes them (aws_endpoint_url, "
+                        "aws_region, ...); keys belong in the environment. Only their names reach _run.json")
 
     @field_validator("output_schema", mode="before")
     @classmethod
@@ -412,7 +445,7 @@ def _apply(data: dict[str, Any], override: str) -> None:
     node[leaf] = value
 
 
-def parse(data: Any, overrides: Sequence[str] = (), output_dir: Path | None = None) -> RunConfig:
+def parse(data: Any, overrides: Sequence[str] = (), output_dir: Path | str | None = None) -> RunConfig:
     """A RunConfig from already-read YAML data, with overrides applied."""
     if data is None:
         data = {}
@@ -428,7 +461,7 @@ def parse(data: Any, overrides: Sequence[str] = (), output_dir: Path | None = No
         raise ConfigError(f"config: {one_line(exc)}") from None
 
 
-def load(path: Path | str, overrides: Sequence[str] = (), output_dir: Path | None = None) -> RunConfig:
+def load(path: Path | str, overrides: Sequence[str] = (), output_dir: Path | str | None = None) -> RunConfig:
     """Read a YAML config file; every problem is a one-line ConfigError."""
     path = Path(path)
     try:

@@ -1,4 +1,5 @@
-"""Remote images -> bytes: one polite HTTP pool for a run's http(s) image references.
+"""Remote images -> bytes: one polite HTTP pool for a run's http(s) image references, and
+reads of its object-store ones (s3://, gs://, az://), many at once without blocking.
 
 Owns: fetching an image URL with a few requests at once per host, retrying 429s, 5xx answers,
 timeouts and dropped connections (waiting as Retry-After says), following redirects, a
@@ -26,7 +27,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from . import __version__
+from . import __version__, objects
 from .config import FetchConfig
 from .errors import RowInputError
 from .images import is_remote
@@ -90,10 +91,11 @@ class Fetcher:
         if self._session is not None:
             await self._session.close()
 
-    async def fetch_all(self, refs: Sequence[ImageRef]) -> Mapping[str, bytes]:
-        """The bytes of each http(s) reference, fetched at once; RowInputError for the first
-        that fails (the others are let finish: they are not wasted on a retried row)."""
-        urls = list(dict.fromkeys(r for r in refs if isinstance(r, str) and is_remote(r)))
+    async def fetch_all(self, refs: Sequence[ImageRef], http: bool = True) -> Mapping[str, bytes]:
+        """The bytes of each object-store reference, and of each http(s) one when `http`, fetched
+        at once; RowInputError for the first that fails (the others are let finish: they are not
+        wasted on a retried row)."""
+        urls = list(dict.fromkeys(r for r in refs if objects.is_object_url(r) or http and is_remote(r)))
         found = await asyncio.gather(*map(self.fetch, urls), return_exceptions=True)
         for result in found:
             if isinstance(result, BaseException):
@@ -103,6 +105,8 @@ class Fetcher:
     async def fetch(self, url: str, first: int | None = None) -> bytes:
         """The image's bytes; with `first`, only its first bytes (a ranged GET, cut short there
         if the server sends the whole file anyway)."""
+        if objects.is_object_url(url):
+            return await self._object(url, first)
         tries = AsyncRetrying(stop=stop_after_attempt(self._cfg.max_attempts), wait=_wait, reraise=True,
                               retry=retry_if_exception_type(_Transient))
         try:
@@ -114,6 +118,19 @@ class Fetcher:
             raise RowInputError(f"{url}: {exc} ({attempts} attempt{'s' if attempts > 1 else ''})",
                                 retryable=True) from None
         raise AssertionError("unreachable: tenacity either returns or raises")
+
+    async def _object(self, url: str, first: int | None) -> bytes:
+        """An object's bytes (the store's client retries its throttling answers itself)."""
+        gate = self._hosts.setdefault(url.split("/", 3)[2] + "\0bucket", asyncio.Semaphore(self._cfg.per_bucket))
+        async with gate:
+            try:
+                return await objects.read_async(url, first, self._cfg.max_bytes)
+            except objects.NotFound:
+                raise RowInputError(f"missing object {url}") from None
+            except objects.TooLarge as exc:
+                raise RowInputError(f"{exc}, over input.fetch.max_bytes ({self._cfg.max_bytes})") from None
+            except OSError as exc:  # after the client's own retries: the next run tries again
+                raise RowInputError(str(exc), retryable=True) from None
 
     def _pool(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -181,9 +198,10 @@ def _at_once(cfg: FetchConfig, calls: Callable[[Fetcher], list[Awaitable[T]]]) -
     return found  # type: ignore[return-value]
 
 
-def fetch_rows(cfg: FetchConfig, rows: Sequence[Sequence[ImageRef]]) -> list[Mapping[str, bytes] | RowInputError]:
-    """Each row's remote images, or the error that row ends with."""
-    return _at_once(cfg, lambda fetcher: [fetcher.fetch_all(refs) for refs in rows])
+def fetch_rows(cfg: FetchConfig, rows: Sequence[Sequence[ImageRef]],
+               http: bool = True) -> list[Mapping[str, bytes] | RowInputError]:
+    """Each row's object-store images (and http(s) ones when `http`), or the error that row ends with."""
+    return _at_once(cfg, lambda fetcher: [fetcher.fetch_all(refs, http) for refs in rows])
 
 
 def fetch_heads(cfg: FetchConfig, urls: Sequence[str], first: int) -> dict[str, bytes | RowInputError]:

@@ -23,7 +23,7 @@ from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from .errors import RowInputError
 
-__all__ = ["Buffer", "opened", "truncation", "orientation", "is_image_file", "HEIF_EXTRA"]
+__all__ = ["Buffer", "opened", "truncation", "orientation", "is_image_file", "is_image_name", "HEIF_EXTRA"]
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +182,16 @@ def orientation(image: Image.Image, buf: Buffer) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
+def is_image_name(name: str) -> bool:
+    """Whether a file's suffix is one of a format Pillow reads (not the save-only ones: .pdf)."""
+    suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
+    return Image.registered_extensions().get(suffix) in Image.OPEN
+
+
 def is_image_file(path: Path) -> bool:
     """Whether a file is in a format Pillow reads: by its suffix, else by its first bytes (a
     file of a known suffix that turns out broken is still listed: its row says why)."""
-    if Image.registered_extensions().get(path.suffix.lower()) in Image.OPEN:  # not the save-only ones (.pdf)
+    if is_image_name(path.name):
         return True
     try:
         with _caught([]), Image.open(path):

@@ -16,10 +16,11 @@ import mmap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeGuard
 
 from PIL import Image, ImageCms
 
+from . import objects
 from .config import PromptConfig
 from .errors import RowInputError
 from .image_file import Buffer, opened, orientation, truncation
@@ -68,7 +69,7 @@ def sniff_mime(data: bytes) -> str | None:
     return None
 
 
-def is_remote(ref: ImageRef) -> bool:
+def is_remote(ref: ImageRef) -> TypeGuard[str]:
     """An http(s) URL, the scheme in any case (HTTPS://, as URLs may be written)."""
     return isinstance(ref, str) and ref[:8].lower().startswith(_REMOTE)
 
@@ -282,10 +283,10 @@ def _joined(notes: Sequence[str]) -> str | None:
 def _part(ref: ImageRef, root: Path, prompt: PromptConfig, fetched: Mapping[str, bytes]) -> list[ImagePart]:
     if isinstance(ref, bytes):
         return _encode(ref, "image bytes", prompt)
-    if ref.startswith("data:"):
+    if ref in fetched:  # http(s) or object-store URLs, fetched by the engine
+        return _encode(fetched[ref], ref, prompt)
+    if ref.startswith("data:") or is_remote(ref):
         return [ImagePart(ref, None)]
-    if is_remote(ref):
-        return _encode(fetched[ref], ref, prompt) if ref in fetched else [ImagePart(ref, None)]
     return _encode(_read(ref, root), ref, prompt)
 
 
@@ -318,9 +319,9 @@ def notes_text(parts: Sequence[ImagePart]) -> str | None:
 def sizes_as_sent(ref: ImageRef, root: Path, prompt: PromptConfig | None = None) -> tuple[tuple[int, int], ...] | None:
     """The pixels of each image the reference will be sent as, decided as `to_parts` decides
     but from the header and the file's end alone (the file is mapped, not read); None for a
-    remote URL. RowInputError when the run would refuse it."""
+    remote or object-store URL. RowInputError when the run would refuse it."""
     prompt = prompt or PromptConfig()
-    if is_remote(ref) or isinstance(ref, str) and ref.startswith("data:"):
+    if is_remote(ref) or objects.is_object_url(ref) or isinstance(ref, str) and ref.startswith("data:"):
         return None
     if isinstance(ref, bytes):
         return _sizes(ref, "image bytes", prompt)

@@ -18,11 +18,12 @@ from typing import Any
 import polars as pl
 import polars_hash as plh
 
+from . import objects
 from .config import InputConfig, PromptConfig
 from .errors import ManifestError
-from .image_file import is_image_file
+from .image_file import is_image_file, is_image_name
 
-__all__ = ["ImageRef", "ManifestRow", "Manifest", "ids_of_last_run"]
+__all__ = ["ImageRef", "ManifestRow", "Manifest", "ids_of_last_run", "is_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,26 @@ def _image_folder(folder: Path) -> pl.LazyFrame:
         if not path.is_file() or any(part.startswith(".") for part in relative.parts):
             continue
         (files if is_image_file(path) else skipped).append(str(relative))
+    return _listed(files, skipped, folder)
+
+
+def _bucket_folder(url: str) -> pl.LazyFrame:
+    """Every object under the folder URL named as an image Pillow reads, by its suffix alone (a
+    header would cost a request per object); hidden names left out, others named in a warning."""
+    files: list[str] = []
+    skipped: list[str] = []
+    try:
+        for name, _ in objects.Bucket(url).names():
+            if not any(part.startswith(".") for part in name.split("/")):
+                (files if is_image_name(name) else skipped).append(name)
+    except (OSError, objects.NotFound) as exc:
+        raise ManifestError(f"input.manifest: cannot list {url}: {exc}") from None
+    if not files and not skipped:
+        raise ManifestError(f"input.manifest: no objects under {url}")
+    return _listed(files, skipped, url)
+
+
+def _listed(files: list[str], skipped: list[str], folder: Path | str) -> pl.LazyFrame:
     if skipped:
         names = ", ".join(skipped[:_NAMED]) + (f" and {len(skipped) - _NAMED} more" if len(skipped) > _NAMED else "")
         log.warning("input.manifest: skipped %d file%s in %s that Pillow cannot read as images: %s",
@@ -58,24 +79,43 @@ def _image_folder(folder: Path) -> pl.LazyFrame:
 
 # CSV columns are read as text: a type guessed from the first rows can be broken by a value
 # far down the file, half-way through a run. Parquet and JSON lines keep their own types.
-_READERS: dict[str, Callable[[Path], pl.LazyFrame]] = {
-    ".csv": lambda p: pl.scan_csv(p, infer_schema=False),
-    ".tsv": lambda p: pl.scan_csv(p, separator="\t", infer_schema=False),
-    ".parquet": lambda p: pl.scan_parquet(p),
-    ".jsonl": lambda p: pl.scan_ndjson(p),
-    ".ndjson": lambda p: pl.scan_ndjson(p),
+# Polars reads object-store URLs itself, given the storage options the environment lacks.
+_Reader = Callable[[Path | str, dict[str, str] | None], pl.LazyFrame]
+_READERS: dict[str, _Reader] = {
+    ".csv": lambda p, o: pl.scan_csv(p, infer_schema=False, storage_options=o),
+    ".tsv": lambda p, o: pl.scan_csv(p, separator="\t", infer_schema=False, storage_options=o),
+    ".parquet": lambda p, o: pl.scan_parquet(p, storage_options=o),
+    ".jsonl": lambda p, o: pl.scan_ndjson(p, storage_options=o),
+    ".ndjson": lambda p, o: pl.scan_ndjson(p, storage_options=o),
 }
 
 
-def _scan(path: Path) -> pl.LazyFrame:
-    if path.is_dir():
-        return _image_folder(path)
-    if not path.exists():
-        raise ManifestError(f"input.manifest: {path} does not exist")
-    reader = _READERS.get(path.suffix.lower())
+def _suffix(location: Path | str) -> str:
+    name = location.name if isinstance(location, Path) else location.rstrip("/").rsplit("/", 1)[-1]
+    return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def is_folder(location: Path | str) -> bool:
+    """A folder of images: a local directory, or a URL whose name is not a manifest file's."""
+    if isinstance(location, Path):
+        return location.is_dir()
+    return location.endswith("/") or _suffix(location) not in _READERS
+
+
+def _scan(location: Path | str) -> pl.LazyFrame:
+    if isinstance(location, str):
+        objects.check_extra(location)
+        if is_folder(location):
+            return _bucket_folder(location)
+        return _READERS[_suffix(location)](location, objects.polars_options(location) or None)
+    if location.is_dir():
+        return _image_folder(location)
+    if not location.exists():
+        raise ManifestError(f"input.manifest: {location} does not exist")
+    reader = _READERS.get(_suffix(location))
     if reader is None:
-        raise ManifestError(f"input.manifest: {path} is not one of {', '.join(_READERS)} or a folder of images")
-    return reader(path)
+        raise ManifestError(f"input.manifest: {location} is not one of {', '.join(_READERS)} or a folder of images")
+    return reader(location, None)
 
 
 def _is_image_type(dtype: pl.DataType | pl.datatypes.DataTypeClass) -> bool:
@@ -122,7 +162,10 @@ class Manifest:
 
     def __init__(self, source: InputConfig, prompt: PromptConfig) -> None:
         self.path = source.manifest
-        self.root = source.image_root or (self.path if self.path.is_dir() else self.path.parent)
+        root = source.image_root or (self.path if is_folder(self.path) else _parent(self.path))
+        # Relative references under a bucket become URLs as rows are made; `root` is then unused.
+        self.root = root if isinstance(root, Path) else Path()
+        self._bucket_root = root if isinstance(root, str) else None
         self._frame = _scan(self.path)
         self._source = source
         self._template = _template(prompt.user)
@@ -207,13 +250,28 @@ class Manifest:
         except pl.exceptions.PolarsError as exc:
             raise ManifestError(f"input.manifest: cannot read {self.path}: {exc}") from None
 
+    def _in_bucket(self, ref: ImageRef) -> ImageRef:
+        """A relative path under a bucket's folder, as the object's URL."""
+        assert self._bucket_root is not None
+        return objects.child(self._bucket_root, ref) if isinstance(ref, str) and _relative(ref) else ref
+
     def _row(self, values: dict[str, Any]) -> ManifestRow:
+        refs = _refs(values["_image"])
         return ManifestRow(
             id=values["_id"],
-            images=_refs(values["_image"]),
+            images=tuple(map(self._in_bucket, refs)) if self._bucket_root else refs,
             prompt=values["_prompt"],
             keep={name: values[name] for name in self._source.keep_columns},
         )
+
+
+def _parent(location: Path | str) -> Path | str:
+    return location.parent if isinstance(location, Path) else objects.parent(location)
+
+
+def _relative(ref: str) -> bool:
+    """A path written relative to the manifest's folder (not a URL, an absolute path or ~)."""
+    return "://" not in ref[:16] and not ref.startswith(("/", "~", "data:"))
 
 
 def ids_of_last_run(run_info: Mapping[str, Any] | None) -> pl.Series | None:

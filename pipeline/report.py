@@ -16,6 +16,7 @@ import polars as pl
 
 from .config import Price
 from .cost.pricing import PriceTable
+from .store.folder import Folder, open_folder
 from .store.parts import parts, read_run_info, scan
 from .structured import categories
 
@@ -24,8 +25,9 @@ __all__ = ["summarize", "render"]
 _TOKENS = ("prompt", "completion", "reasoning", "cached", "total")
 
 
-def summarize(directory: Path) -> dict[str, Any]:
-    rows = scan(parts(directory, required=True))
+def summarize(directory: Path | str) -> dict[str, Any]:
+    folder = open_folder(directory)
+    rows = scan(parts(folder, required=True), options=folder.options)
     ok = rows.filter(pl.col("status") == "ok")
     answered = rows.filter(pl.col("model").is_not_null())  # an unparseable answer was paid for too
     totals = rows.select(
@@ -60,8 +62,8 @@ def summarize(directory: Path) -> dict[str, Any]:
         "latency_ms": latency.row(0, named=True),
         "rows_per_s": totals["rows"] / seconds if seconds else None,
         "errors": [{"error": e, "rows": n} for e, n in errors.iter_rows()],
-        "labels": _value_counts(directory, ok),
-        "batch": _batch_savings(directory, answered),
+        "labels": _value_counts(folder, ok),
+        "batch": _batch_savings(folder, answered),
     }
 
 
@@ -75,7 +77,7 @@ class _Sums:
     cached_tokens: int | None
 
 
-def _batch_savings(directory: Path, answered: pl.LazyFrame) -> dict[str, Any] | None:
+def _batch_savings(directory: Folder, answered: pl.LazyFrame) -> dict[str, Any] | None:
     """Rows answered through the Batch API, what they cost, and what they would have online."""
     if "batch_id" not in answered.collect_schema():
         return None
@@ -94,7 +96,7 @@ def _batch_savings(directory: Path, answered: pl.LazyFrame) -> dict[str, Any] | 
             "online_cost_usd": None if None in online else sum(c for c in online if c is not None)}
 
 
-def _value_counts(directory: Path, ok: pl.LazyFrame) -> dict[str, list[dict[str, Any]]]:
+def _value_counts(directory: Folder, ok: pl.LazyFrame) -> dict[str, list[dict[str, Any]]]:
     """Answered rows by each enum and boolean field of the run's output schema, commonest first."""
     info = read_run_info(directory) or {}
     schema = (info.get("config") or {}).get("output_schema")

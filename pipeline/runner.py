@@ -12,10 +12,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
 
 import pyarrow as pa
 from tqdm import tqdm
 
+from . import objects
 from .client import read_key
 from .config import EndpointConfig, RunConfig, fingerprint, fingerprint_changes
 from .cost.pricing import PriceTable
@@ -70,16 +72,19 @@ def _claim_directory(store: Store, cfg: RunConfig, total: int, force: bool) -> N
     config = cfg.model_dump(mode="json")
     for section in [config["endpoint"], *config["endpoints"]]:
         section["headers"] = sorted(section["headers"])  # names only: values may be private
+    config["storage_options"] = sorted(config["storage_options"])  # names only, as headers
+    manifest = cfg.input.manifest
     store.write_run_info({
         "fingerprint": now,
-        "manifest": {"path": str(cfg.input.manifest.resolve()), "rows": total},
+        "manifest": {"path": str(manifest.resolve() if isinstance(manifest, Path) else manifest), "rows": total},
         "runs": [*runs, {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "forced": force}],
         "config": config,
     })
 
 
 def _open_store(cfg: RunConfig, columns: pa.Schema, total: int, retry_failed: bool, force: bool) -> Store:
-    store = Store(cfg.output.dir, columns, journal=cfg.output.journal, retry_failed=retry_failed)
+    store = Store(cfg.output.dir, columns, journal=cfg.output.journal, retry_failed=retry_failed,
+                  journal_dir=cfg.output.journal_dir)
     try:
         _claim_directory(store, cfg, total, force)
     except BaseException:
@@ -102,6 +107,7 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
         raise ConfigError("limits.max_cost_usd: a budget needs request.max_tokens, the cap on what an answer costs")
     for target in cfg.targets:
         read_key(target)  # an unset key is exit 2 here, before anything is sent
+    _check_buckets(cfg)
     engine = _engine(cfg)
     manifest = Manifest(cfg.input, cfg.prompt)
     schema = build_schema(cfg.output_schema, cfg.request.structured)
@@ -154,6 +160,14 @@ def _engine(cfg: RunConfig) -> Engine:
     except ImportError as exc:
         raise ConfigError(f"engine: ray needs Ray ({exc}); pip install 'annotate-pipeline[ray]'") from None
     return on_ray
+
+
+def _check_buckets(cfg: RunConfig) -> None:
+    """The extra each bucket URL of the config needs (exit 2 naming it), and the storage options."""
+    objects.use_options(cfg.storage_options)
+    for url in (cfg.input.manifest, cfg.input.image_root, cfg.output.dir):
+        if isinstance(url, str):
+            objects.check_extra(url)
 
 
 def _check_batch(cfg: RunConfig) -> None:

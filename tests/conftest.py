@@ -16,6 +16,7 @@ from pipeline.config import SimulatorSettings
 from pipeline.simulator import LogEntry
 
 from .image_host import ImageHost, serving
+from .s3_server import S3Server
 
 if TYPE_CHECKING:
     # mypy knows tests/benchmarks/*.py by the bare names the benchmark scripts import them by
@@ -156,3 +157,21 @@ def image_host() -> Iterator[ImageHost]:
     """An image host on 127.0.0.1 that misbehaves as real ones do (tests/image_host.py)."""
     with serving() as host:
         yield host
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 API server on 127.0.0.1 (tests/s3_server.py), one for the session."""
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """A new bucket's URL, with the environment a user sets for an S3-compatible endpoint, and a
+    cache folder (where an output's journal in a bucket lives) of the test's own."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return f"s3://{s3_server.new_bucket()}"

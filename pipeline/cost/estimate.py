@@ -20,12 +20,13 @@ from typing import Any
 
 import polars as pl
 
-from .. import images
+from .. import images, objects
 from ..config import PromptConfig, RunConfig
 from ..errors import RowInputError
 from ..fetch import fetch_heads
 from ..manifest import ImageRef, Manifest, ManifestRow
 from ..payload import UNSET_MAX_TOKENS, input_texts
+from ..store.folder import open_folder
 from ..store.parts import parts, scan
 from ..structured import build_schema
 from .pricing import PriceTable
@@ -71,7 +72,7 @@ def _sizes(ref: ImageRef, root: Path, prompt: PromptConfig) -> Sizes:
     """`images.sizes_as_sent`, remembered for the life of the process by file and version, so a
     file rewritten since is read again. The version is mtime, size and inode, not mtime alone:
     mtimes tick every few ms (2 s on FAT), and a rewrite within one tick must count too."""
-    if isinstance(ref, bytes) or images.is_remote(ref):
+    if isinstance(ref, bytes) or images.is_remote(ref) or objects.is_object_url(ref):
         return images.sizes_as_sent(ref, root, prompt) or (None,)
     try:
         path = images.resolve(ref, root)
@@ -119,17 +120,17 @@ class _Counter:
         self._low_detail: Detail = "low" if cfg.prompt.detail == "auto" else cfg.prompt.detail
         self.by_refs: dict[tuple[ImageRef, ...], _Images | None] = {}
         self.by_length: dict[tuple[int, int], _Text] = {}
-        self._fetch = cfg.input.fetch if cfg.input.remote == "inline" else None
+        self._fetch = cfg.input.fetch
+        self._inline = cfg.input.remote == "inline"
         self._remote: dict[str, Sizes | RowInputError] = {}  # the batch's remote images, by URL
 
     def look_up_remote(self, batch: Sequence[ManifestRow]) -> None:
-        """The sizes of the batch's remote images not seen yet, from their first bytes fetched at
-        once (with input.remote: pass they are URLs of unknown size, as the provider gets them)."""
-        if self._fetch is None:
-            return
+        """The sizes of the batch's remote and object-store images not seen yet, from their first
+        bytes fetched at once (with input.remote: pass, http(s) images are URLs of unknown size,
+        as the provider gets them)."""
         seen = self.by_refs
         urls = list(dict.fromkeys(ref for row in batch if row.images not in seen for ref in row.images
-                                  if isinstance(ref, str) and images.is_remote(ref)))
+                                  if objects.is_object_url(ref) or self._inline and images.is_remote(ref)))
         self._remote = {}
         for url, head in fetch_heads(self._fetch, urls, _HEAD_BYTES).items() if urls else ():
             try:
@@ -175,6 +176,7 @@ class _Counter:
 
 
 def _count(cfg: RunConfig) -> Estimate:
+    objects.use_options(cfg.storage_options)
     manifest = Manifest(cfg.input, cfg.prompt)
     counter = _Counter(cfg, manifest.root)
     by_refs, by_length = counter.by_refs, counter.by_length
@@ -206,12 +208,13 @@ def _count(cfg: RunConfig) -> Estimate:
                     output_expected=rows * output_max * EXPECTED_OUTPUT_SHARE)
 
 
-def _scale_by_sample(out: Estimate, directory: Path, expected_prompt_per_row: float) -> None:
+def _scale_by_sample(out: Estimate, directory: Path | str, expected_prompt_per_row: float) -> None:
     """Replace the guesses with what the sampled rows really used, per row."""
-    written = parts(directory)
+    folder = open_folder(directory)
+    written = parts(folder)
     if not written:
         return
-    answered = scan(written).filter(pl.col("status") == "ok", pl.col("prompt_tokens").is_not_null())
+    answered = scan(written, options=folder.options).filter(pl.col("status") == "ok", pl.col("prompt_tokens").is_not_null())
     used = answered.select(rows=pl.len(), prompt=pl.col("prompt_tokens").mean(),
                            completion=pl.col("completion_tokens").mean()).collect().row(0, named=True)
     if not used["rows"]:
@@ -223,7 +226,7 @@ def _scale_by_sample(out: Estimate, directory: Path, expected_prompt_per_row: fl
     out.sampled = used["rows"]
 
 
-def estimate(cfg: RunConfig, sampled_dir: Path | None = None) -> dict[str, Any]:
+def estimate(cfg: RunConfig, sampled_dir: Path | str | None = None) -> dict[str, Any]:
     """The estimate as one JSON-ready object; costs are None where no price is known."""
     out = _count(cfg)
     if sampled_dir is not None and out.rows:

@@ -44,7 +44,7 @@ NO_KEY = "no_key"  # the kind of failure of a row sent from a node where the key
 
 @dataclass
 class Summary:
-    output_dir: Path
+    output_dir: Path | str
     total: int = 0  # rows in the manifest
     resumed: int = 0  # answered by earlier runs
     ok: int = 0
@@ -160,7 +160,7 @@ class Driver:
     def ledger(self) -> Ledger:
         """The batch engine's shards, in the store's journal (opened on first use)."""
         if self._ledger is None:
-            self._ledger = Ledger(self.store.dir)
+            self._ledger = Ledger(self.store.local)
         return self._ledger
 
     def close(self) -> None:

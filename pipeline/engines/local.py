@@ -64,9 +64,9 @@ class _Local:
         await out.put(None)
 
     async def _prepare(self, row: ManifestRow, inline: bool) -> payload.Prepared:
-        """The row's request, its remote images fetched first when `inline`."""
+        """The row's request, its object-store images fetched first, and its http(s) ones when `inline`."""
         cfg = self.driver.cfg
-        fetched = await self.fetcher.fetch_all(row.images) if inline else {}
+        fetched = await self.fetcher.fetch_all(row.images, http=inline)
         return await asyncio.to_thread(payload.prepare, row, self.driver.manifest.root, cfg.request, cfg.prompt,
                                        self.sender.schema, fetched)
 

@@ -1,8 +1,8 @@
 """`annotate compact DIR`: many small parts into a few large ones, one row per id, in manifest order.
 
 Owns: the rewrite and its intent file. New parts are written under hidden names, an intent
-file lists the old and new parts, then the new ones are renamed into place and the old ones
-removed. A crash in between is finished (or undone) by `store.finish_interrupted` when the
+file lists the old and new parts, then the new ones are put in place (renamed, or uploaded to
+a bucket) and the old ones removed. A crash in between is finished (or undone) by `store.finish_interrupted` when the
 directory is next opened, so readers see the duplicates of an interrupted compaction only
 until the next command runs on it.
 
@@ -15,6 +15,7 @@ part is then written pile by pile, each pile put in order on its own.
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import json
 import shutil
@@ -24,18 +25,8 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from .parts import (
-    INTENT_FILE,
-    Store,
-    finish_interrupted,
-    columns_of,
-    hidden_copy,
-    part_stamp,
-    parts,
-    scan,
-    sync_dir,
-    write_atomically,
-)
+from .folder import Folder, hidden_copy, open_folder
+from .parts import INTENT_FILE, Store, columns_of, finish_interrupted, part_stamp, parts, scan
 
 __all__ = ["compact", "Compacted"]
 
@@ -52,46 +43,60 @@ class Compacted:
     in_manifest_order: bool
 
 
-def compact(directory: Path, ids: pl.Series | None, rows_per_part: int = ROWS_PER_PART) -> Compacted:
+def compact(directory: Path | str, ids: pl.Series | None, rows_per_part: int = ROWS_PER_PART) -> Compacted:
     """Rewrite the parts, one row per id, in the order of `ids` (the manifest's) when given."""
-    store = Store(directory, pq.read_schema(parts(directory, required=True)[0]))  # the lock, and a leftover journal made a part
+    folder = open_folder(directory)
+    first = parts(folder, required=True)[0]
+    schema = pq.read_schema(io.BytesIO(folder.read(first.rsplit("/", 1)[-1])))
+    store = Store(directory, schema)  # the lock, and a leftover journal made a part
     try:
-        return _rewrite(directory, ids, rows_per_part)
+        return _rewrite(store.folder, store.local, ids, rows_per_part)
     finally:
         store.close()
 
 
-def _rewrite(directory: Path, ids: pl.Series | None, rows_per_part: int) -> Compacted:
-    for leftover in directory.glob(f"{PILES}*"):  # from a compaction killed while dealing
+def _rewrite(folder: Folder, local: Path, ids: pl.Series | None, rows_per_part: int) -> Compacted:
+    """`local`: where piles and new parts are written before they go in place."""
+    for leftover in local.glob(f"{PILES}*"):  # from a compaction killed while dealing
         shutil.rmtree(leftover)
-    old = parts(directory)
+    old = _Old(parts(folder), folder.options)
     per_part = -(-rows_per_part // PILE_ROWS)  # piles in a whole new part
     plan = _plan(old, ids, rows_per_part, per_part)
     stamp = part_stamp()
-    folder = directory / f"{PILES}{stamp}"
-    folder.mkdir()
+    piles_at = local / f"{PILES}{stamp}"
+    piles_at.mkdir()
     try:
-        piles = _deal(old, plan, folder)
-        new = [directory / f"part-{stamp}-compact-{i:05d}.parquet"
-               for i in range(max(1, -(-plan.height // rows_per_part)))]
-        hidden = [hidden_copy(path, functools.partial(_write_in_order, piles[i * per_part:(i + 1) * per_part], old))
-                  for i, path in enumerate(new)]
+        piles = _deal(old, plan, piles_at)
+        new = [f"part-{stamp}-compact-{i:05d}.parquet" for i in range(max(1, -(-plan.height // rows_per_part)))]
+        hidden = [hidden_copy(local / name, functools.partial(_write_in_order, piles[i * per_part:(i + 1) * per_part],
+                                                              old))
+                  for i, name in enumerate(new)]
     finally:
-        shutil.rmtree(folder)
-    intent = {"old": [p.name for p in old], "new": [p.name for p in new]}
-    write_atomically(directory / INTENT_FILE, lambda p: p.write_text(json.dumps(intent), encoding="utf-8"))
-    for tmp, path in zip(hidden, new):
-        tmp.rename(path)
-    sync_dir(directory)
-    finish_interrupted(directory)
-    return Compacted(plan.height, len(old), len(new), ids is not None)
+        shutil.rmtree(piles_at)
+    intent = {"old": [p.rsplit("/", 1)[-1] for p in old.files], "new": new}
+    folder.publish(INTENT_FILE, lambda p: p.write_text(json.dumps(intent), encoding="utf-8"))
+    for tmp, name in zip(hidden, new):
+        folder.put_file(name, tmp)
+    finish_interrupted(folder)
+    return Compacted(plan.height, len(old.files), len(new), ids is not None)
 
 
-def _plan(old: list[Path], ids: pl.Series | None, rows_per_part: int, per_part: int) -> pl.DataFrame:
+@dataclass(frozen=True)
+class _Old:
+    """The parts being replaced, and what Polars needs to read them."""
+
+    files: list[str]
+    options: dict[str, str] | None
+
+    def scan(self, files: list[str] | None = None, columns: dict[str, pl.DataType] | None = None) -> pl.LazyFrame:
+        return scan(self.files if files is None else files, columns, self.options)
+
+
+def _plan(old: _Old, ids: pl.Series | None, rows_per_part: int, per_part: int) -> pl.DataFrame:
     """Each kept row's place in the old parts read one after another (`_at`: an id's last row
     wins), its place in the new order (`_to`) and its pile (`_pile`: per_part to a new part);
     ordered by `_at`."""
-    kept = scan(old).select("id").with_row_index("_at").unique(subset="id", keep="last")
+    kept = old.scan().select("id").with_row_index("_at").unique(subset="id", keep="last")
     if ids is not None:  # the manifest's order; ids it no longer has go last, as they were
         order = ids.rename("id").to_frame().with_row_index("_order").lazy()
         kept = kept.join(order, on="id", how="left").sort("_order", "_at", nulls_last=True)
@@ -102,15 +107,15 @@ def _plan(old: list[Path], ids: pl.Series | None, rows_per_part: int, per_part: 
     return kept.select("_at", to.alias("_to"), pile.alias("_pile")).sort("_at").collect(engine="streaming")
 
 
-def _deal(old: list[Path], plan: pl.DataFrame, folder: Path) -> list[Path]:
+def _deal(old: _Old, plan: pl.DataFrame, folder: Path) -> list[Path]:
     """The kept rows of the old parts, appended to their piles; the piles' files, by number."""
-    columns = columns_of(old)
+    columns = columns_of(old.files, old.options)
     writers: dict[int, pq.ParquetWriter] = {}
     at = 0
     try:
-        for part in old:
-            for start in range(0, pq.ParquetFile(part).metadata.num_rows, PILE_ROWS):
-                rows = scan([part], columns).slice(start, PILE_ROWS).collect().with_row_index("_at", offset=at)
+        for part in old.files:
+            for start in range(0, old.scan([part], columns).select(pl.len()).collect().item(), PILE_ROWS):
+                rows = old.scan([part], columns).slice(start, PILE_ROWS).collect().with_row_index("_at", offset=at)
                 lo, hi = (plan["_at"].search_sorted(at + skip) for skip in (0, rows.height))
                 at += rows.height
                 for (pile,), share in rows.join(plan[lo:hi], on="_at").partition_by("_pile", as_dict=True).items():
@@ -124,11 +129,11 @@ def _deal(old: list[Path], plan: pl.DataFrame, folder: Path) -> list[Path]:
     return [folder / f"{pile:05d}.parquet" for pile in sorted(writers)]  # 0, 1, ...: `_to` has no gaps
 
 
-def _write_in_order(piles: list[Path], old: list[Path], path: Path) -> None:
+def _write_in_order(piles: list[Path], old: _Old, path: Path) -> None:
     """A new part at `path`: its piles one after another, each put in order on its own (with no
     piles, no rows in the old parts' columns)."""
     if not piles:
-        pq.write_table(scan(old).head(0).collect().to_arrow(), path)
+        pq.write_table(old.scan().head(0).collect().to_arrow(), path)
         return
     tables = (pl.read_parquet(pile).sort("_to").drop("_to").to_arrow() for pile in piles)
     first = next(tables)

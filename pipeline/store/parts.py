@@ -1,16 +1,17 @@
 """The output directory: journal, Parquet parts written whole or not at all, done ids, run
-metadata, the one-writer lock.
+metadata, the one-writer lock; on local disk or in a bucket.
 
-Owns: file names, atomic writes, which ids are done, cutting parts from the journal, and
-replacing an earlier error row when its id is answered again (the old row goes first, so
-readers never see both). Never: deciding what a row holds. One writer (the runner) drives
-it; every method blocks and is meant to run off the event loop.
+Owns: file names, which ids are done, cutting parts from the journal, and replacing an
+earlier error row when its id is answered again (the old row goes first, so readers never see
+both). Never: deciding what a row holds, or how a file is published (folder.py). One writer
+(the runner) drives it; every method blocks and is meant to run off the event loop. With the
+output in a bucket, the journal and the lock stay on local disk and the bucket holds a lease.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -26,10 +27,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import StoreError
+from .folder import BucketFolder, Folder, local_dir_for, open_folder
 from .journal import Journal
+from .lease import Lease
 from .lock import Lock
 
-__all__ = ["Store", "parts", "scan", "read_run_info", "RUN_FILE", "PARTS", "INTENT_FILE", "write_atomically", "hidden_copy", "part_stamp", "sync_dir", "finish_interrupted"]
+__all__ = ["Store", "parts", "scan", "columns_of", "read_run_info", "RUN_FILE", "PARTS", "INTENT_FILE",
+           "part_stamp", "finish_interrupted"]
 
 RUN_FILE = "_run.json"
 INTENT_FILE = "_compact.json"  # a compaction under way: which parts it replaces with which
@@ -37,124 +41,123 @@ PARTS = "part-*.parquet"
 Row = dict[str, Any]
 
 
-def sync_dir(directory: Path) -> None:
-    """Make renames and removals in `directory` survive a power cut."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def part_stamp() -> str:
     """What names a writer's parts: the time it started and a random tail, never an old name."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def hidden_copy(path: Path, write: Callable[[Path], Any]) -> Path:
-    """`write` to a hidden name beside `path`, synced to disk; that name is returned."""
-    tmp = path.with_name(f".{path.name}.tmp")  # hidden and not *.parquet: readers never see it half-written
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    return tmp
+def _name(location: str) -> str:
+    return location.rstrip("/").rsplit("/", 1)[-1]
 
 
-def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    os.replace(hidden_copy(path, write), path)
-    sync_dir(path.parent)  # before the journal lets go of the rows this file holds
-
-
-def _without(part: Path, ids: set[str]) -> None:
-    table = pq.read_table(part)
+def _without(folder: Folder, name: str, ids: set[str]) -> None:
+    table = pq.read_table(io.BytesIO(folder.read(name)))
     kept = table.filter(pc.invert(pc.is_in(table["id"], value_set=pa.array(sorted(ids), pa.string()))))
     if kept.num_rows:
-        write_atomically(part, lambda p: pq.write_table(kept, p))
+        folder.publish(name, lambda p: pq.write_table(kept, p))
     else:
-        part.unlink()
-        sync_dir(part.parent)
+        folder.remove(name)
 
 
-def finish_interrupted(directory: Path) -> None:
+def finish_interrupted(folder: Folder) -> None:
     """Complete a compaction whose new parts are all in place, or undo one whose are not."""
-    intent_path = directory / INTENT_FILE
-    if not intent_path.exists():
+    try:
+        intent = json.loads(folder.read(INTENT_FILE))
+    except FileNotFoundError:
         return
-    intent = json.loads(intent_path.read_text(encoding="utf-8"))
-    new = [directory / name for name in intent["new"]]
-    if all(p.exists() for p in new):
-        doomed = [directory / name for name in intent["old"] if name not in intent["new"]]
+    if all(folder.exists(name) for name in intent["new"]):
+        doomed = [name for name in intent["old"] if name not in intent["new"]]
     else:
-        doomed = [*new, *(p.with_name(f".{p.name}.tmp") for p in new)]
-    for path in doomed:
-        path.unlink(missing_ok=True)
-    intent_path.unlink()
+        doomed = [*intent["new"], *(f".{name}.tmp" for name in intent["new"])]
+    for name in doomed:
+        folder.remove(name)
+    folder.remove(INTENT_FILE)
 
 
-def read_run_info(directory: Path) -> dict[str, Any] | None:
+def read_run_info(folder: Folder) -> dict[str, Any] | None:
     """The directory's _run.json: its fingerprint, manifest, runs and config; None before a first run."""
     try:
-        info: dict[str, Any] = json.loads((directory / RUN_FILE).read_text(encoding="utf-8"))
+        info: dict[str, Any] = json.loads(folder.read(RUN_FILE))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise StoreError(f"output.dir: cannot read {directory / RUN_FILE}: {exc}") from None
+        raise StoreError(f"output.dir: cannot read {folder.locate(RUN_FILE)}: {exc}") from None
     return info
 
 
-def parts(directory: Path, required: bool = False) -> list[Path]:
-    """The Parquet parts of an output directory, oldest first; `required`: at least one."""
-    found = sorted(directory.glob(PARTS))
+def parts(folder: Folder, required: bool = False) -> list[str]:
+    """The Parquet parts of an output directory, oldest first, as Polars reads them; `required`: at least one."""
+    try:
+        found = [folder.locate(name) for name in folder.names(PARTS)]
+    except OSError as exc:
+        raise StoreError(f"{folder.label}: cannot list the parts: {exc}") from None
     if required and not found:
-        raise StoreError(f"{directory}: no Parquet parts here (is it an output.dir?)")
+        raise StoreError(f"{folder.label}: no Parquet parts here (is it an output.dir?)")
     return found
 
 
-def columns_of(files: list[Path]) -> dict[str, pl.DataType]:
+def columns_of(files: list[str], options: dict[str, str] | None = None) -> dict[str, pl.DataType]:
     """Every column any of these parts has, from their footers."""
     columns: dict[str, pl.DataType] = {}
     for file in files:
-        columns |= {name: kind for name, kind in pl.read_parquet_schema(file).items() if name not in columns}
+        schema = pl.scan_parquet(file, storage_options=options).collect_schema()
+        columns |= {name: kind for name, kind in schema.items() if name not in columns}
     return columns
 
 
-def scan(files: list[Path], columns: dict[str, pl.DataType] | None = None, **options: Any) -> pl.LazyFrame:
+def scan(files: list[str], columns: dict[str, pl.DataType] | None = None, options: dict[str, str] | None = None,
+         **kwargs: Any) -> pl.LazyFrame:
     """The rows of these parts as one frame, in every column any of them has (or `columns`): a
     part written by an older version, before a column was added, reads it as null."""
-    return pl.scan_parquet(files, schema=columns or columns_of(files), missing_columns="insert", **options)
+    return pl.scan_parquet(files, schema=columns or columns_of(files, options), missing_columns="insert",
+                           storage_options=options, **kwargs)
 
 
 class Store:
     """Usage:
-        store = Store(directory, schema)       # takes the lock, finishes what a crash left
+        store = Store(location, schema)        # takes the lock, finishes what a crash left
         store.done                             # ids not to ask again
         store.record(rows); store.cut()        # journal a batch; now and then, a part
         store.close()                          # the last part, then the lock is released
     """
 
-    def __init__(self, directory: Path, schema: pa.Schema, *, journal: bool = True,
-                 retry_failed: bool = False) -> None:
-        self.dir = directory
+    def __init__(self, location: Path | str, schema: pa.Schema, *, journal: bool = True,
+                 retry_failed: bool = False, journal_dir: Path | None = None) -> None:
+        # the journal, the lock and files on their way to a bucket: on local disk
+        self.local = local_dir_for(location, journal_dir)
         self._schema = schema
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            self.local.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"output.dir: cannot create {directory}: {exc.strerror}") from None
-        self._lock = Lock(directory)
+            raise StoreError(f"output.dir: cannot create {self.local}: {exc.strerror}") from None
+        self._busy = threading.RLock()
+        self._lock = Lock(self.local)
         self._lock.acquire()
-        finish_interrupted(directory)
+        self._lease: Lease | None = None
+        try:
+            self.folder = open_folder(location, self.local)
+            if isinstance(self.folder, BucketFolder):
+                self._lease = Lease(self.folder.bucket, self.local)
+                self._lease.acquire()
+            self._open(journal, retry_failed)
+        except BaseException:
+            self._let_go()
+            raise
+
+    def _open(self, journal: bool, retry_failed: bool) -> None:
+        with self._io("open the output"):
+            finish_interrupted(self.folder)
         # time orders the parts of successive runs; the random tail keeps two runs in one second apart
         self._stamp = part_stamp()
         self._seq = 0
-        self._busy = threading.RLock()
-        self._journal = Journal(directory) if journal else None
+        self._journal = Journal(self.local) if journal else None
         self._memory: list[Row] = []  # with the journal off: outcomes wait here for the next part
         self._errors = self._error_parts()
         if self._journal and (self._journal.open_cuts() or self._journal.pending()):
             with self._io("replay the journal"):
                 self._recover()
-        written = parts(directory)
-        rows = scan(written) if written else pl.LazyFrame(schema={"id": pl.String, "status": pl.String,
+        written = parts(self.folder)
+        rows = self._scan(written) if written else pl.LazyFrame(schema={"id": pl.String, "status": pl.String,
                                                                           "retryable": pl.Boolean,
                                                                           "charged_usd": pl.Float64})
         final = pl.col("status") == "ok"
@@ -170,39 +173,54 @@ class Store:
         self.failed_for_good = int(counts["final"][0] or 0) - self.resumed  # earlier errors not asked again
         self.failed_ids = frozenset(self._errors)
 
+    def _scan(self, files: list[str], **kwargs: Any) -> pl.LazyFrame:
+        return scan(files, options=self.folder.options, **kwargs)
+
     def _read(self, query: pl.LazyFrame) -> pl.DataFrame:
         try:
             return query.collect()
-        except pl.exceptions.PolarsError as exc:
-            raise StoreError(f"output.dir: cannot read the parts in {self.dir}: {exc}") from None
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise StoreError(f"output.dir: cannot read the parts in {self.folder.label}: {exc}") from None
 
-    def _error_parts(self) -> dict[str, Path]:
-        """The part holding each error row already written."""
-        written = parts(self.dir)
+    def _error_parts(self) -> dict[str, str]:
+        """The part holding each error row already written, by name."""
+        written = parts(self.folder)
         if not written:
             return {}
-        errors = self._read(scan(written, include_file_paths="file")
+        errors = self._read(self._scan(written, include_file_paths="file")
                             .filter(pl.col("status") != "ok").select("id", "file"))
-        return {row_id: Path(file) for row_id, file in errors.iter_rows()}
+        return {row_id: _name(file) for row_id, file in errors.iter_rows()}
 
     def _recover(self) -> None:
         """Finish cuts a crash interrupted, then make leftover journal rows a part."""
         assert self._journal is not None
         for part, upto in self._journal.open_cuts():
-            if not (self.dir / part).exists():
-                self._publish(self.dir / part, self._journal.rows(upto))
+            if not self.folder.exists(part):
+                self._publish(part, self._answered_elsewhere(self._journal.rows(upto)))
             self._journal.finish_cut(part, upto)
-        self.cut()
+        if self._journal.pending():
+            self._cut(self._answered_elsewhere)
+
+    def _answered_elsewhere(self, rows: list[Row]) -> list[Row]:
+        """The journal's rows less those answered since by a run elsewhere: with the output in
+        a bucket, another machine may have resumed it while this journal waited."""
+        written = parts(self.folder)
+        if not written or not rows:
+            return rows
+        ids = pa.array([row["id"] for row in rows], pa.string())
+        done = set(self._read(self._scan(written).filter((pl.col("status") == "ok") & pl.col("id").is_in(ids))
+                              .select("id"))["id"].to_list())
+        return [row for row in rows if row["id"] not in done]
 
     @contextmanager
     def _io(self, doing: str) -> Iterator[None]:
         """One store operation at a time (a cancelled caller's thread may still be in one),
-        and a failing disk as one StoreError naming what failed."""
+        and a failing disk or bucket as one StoreError naming what failed."""
         with self._busy:
             try:
                 yield
             except (sqlite3.Error, OSError, pa.ArrowException) as exc:
-                raise StoreError(f"output.dir: cannot {doing} in {self.dir}: {exc}") from exc
+                raise StoreError(f"output.dir: cannot {doing} in {self.folder.label}: {exc}") from exc
 
     def record(self, rows: Sequence[Row]) -> None:
         """Outcomes on disk (one transaction) before they count as done."""
@@ -217,44 +235,57 @@ class Store:
         with self._io("write a part"):
             self._cut()
 
-    def _cut(self) -> None:
+    def _cut(self, keep: Callable[[list[Row]], list[Row]] | None = None) -> None:
         self._seq += 1
-        path = self.dir / f"part-{self._stamp}-{self._seq:05d}.parquet"
+        name = f"part-{self._stamp}-{self._seq:05d}.parquet"
         if self._journal is None:
             rows, self._memory = self._memory, []
             if rows:
-                self._publish(path, rows)
+                self._publish(name, rows)
             return
         if not self._journal.pending():
             return
-        upto = self._journal.begin_cut(path.name)
-        self._publish(path, self._journal.rows(upto))
-        self._journal.finish_cut(path.name, upto)  # only after the rename: a crash before it redoes the cut
+        upto = self._journal.begin_cut(name)
+        rows = self._journal.rows(upto)
+        self._publish(name, keep(rows) if keep else rows)
+        self._journal.finish_cut(name, upto)  # only once the part is in place: a crash before it redoes the cut
 
-    def _publish(self, path: Path, rows: list[Row]) -> None:
-        superseded: dict[Path, set[str]] = {}
+    def _publish(self, name: str, rows: list[Row]) -> None:
+        if self._lease:
+            self._lease.check()
+        if not rows:
+            return
+        superseded: dict[str, set[str]] = {}
         for row in rows:
             if (old := self._errors.pop(row["id"], None)) is not None:
-                superseded.setdefault(Path(old), set()).add(row["id"])
+                superseded.setdefault(old, set()).add(row["id"])
         for part, ids in superseded.items():  # the old rows go first: readers never see both
-            _without(part, ids)
+            _without(self.folder, part, ids)
         table = pa.Table.from_pylist(rows, schema=self._schema)
-        write_atomically(path, lambda p: pq.write_table(table, p))
-        self._errors.update((row["id"], path) for row in rows if row["status"] != "ok")
+        self.folder.publish(name, lambda p: pq.write_table(table, p))
+        self._errors.update((row["id"], name) for row in rows if row["status"] != "ok")
 
     def read_run_info(self) -> dict[str, Any] | None:
-        return read_run_info(self.dir)
+        return read_run_info(self.folder)
 
     def write_run_info(self, info: dict[str, Any]) -> None:
         text = json.dumps(info, indent=2, default=str)
-        write_atomically(self.dir / RUN_FILE, lambda p: p.write_text(text, encoding="utf-8"))
+        with self._io("write _run.json"):
+            self.folder.publish(RUN_FILE, lambda p: p.write_text(text, encoding="utf-8"))
+
+    def _let_go(self) -> None:
+        try:
+            if self._lease:
+                self._lease.release()
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
-        """The last part, then the journal and the lock are let go."""
+        """The last part, then the journal and the locks are let go."""
         with self._busy:
             try:
                 self.cut()
             finally:
                 if self._journal:
                     self._journal.close()
-                self._lock.release()
+                self._let_go()

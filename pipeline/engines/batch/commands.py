@@ -15,6 +15,7 @@ from typing import Any
 from ...client import read_key
 from ...config import EndpointConfig, RunConfig
 from ...errors import RequestFailed, StoreError
+from ...store.folder import local_dir_for, open_folder
 from ...store.ledger import Ledger, Shard
 from ...store.parts import read_run_info
 from .api import BatchApi
@@ -43,10 +44,10 @@ class BatchLine:
                 f"{self.failed} failed of {self.total or '?'}; {self.age_s / 3600:.1f} h old{expiry}  [{self.shard}]")
 
 
-def last_run_config(directory: Path) -> RunConfig:
-    """The config of the directory's last run, as its `_run.json` keeps it (header values
-    are not kept: none are sent), to collect its batches with."""
-    info = read_run_info(directory)
+def last_run_config(directory: Path | str) -> RunConfig:
+    """The config of the directory's last run, as its `_run.json` keeps it (header values and
+    storage options are not kept: the environment gives them), to collect its batches with."""
+    info = read_run_info(open_folder(directory))
     if info is None:
         raise StoreError(f"{directory}: no _run.json here (is it an output.dir?)")
     config = dict(info["config"])
@@ -54,20 +55,21 @@ def last_run_config(directory: Path) -> RunConfig:
     config["output"] = {**config["output"], "dir": str(directory)}
     for section in [config["endpoint"], *config.get("endpoints", [])]:
         section["headers"] = {}
+    config["storage_options"] = {}
     cfg = RunConfig.model_validate(config)
     if cfg.endpoint.simulator is not None:
         raise StoreError(f"{directory}: its batches were sent to a simulator the run started, gone with it")
     return cfg
 
 
-def _endpoint(directory: Path) -> EndpointConfig:
-    return last_run_config(directory).targets[0]
+def _endpoint_and_ledger(directory: Path | str) -> tuple[EndpointConfig, Ledger]:
+    cfg = last_run_config(directory)
+    return cfg.targets[0], Ledger(local_dir_for(directory, cfg.output.journal_dir))
 
 
-async def status(directory: Path) -> list[BatchLine]:
+async def status(directory: Path | str) -> list[BatchLine]:
     """Every batch the directory's runs made, the open ones as the provider says now."""
-    endpoint = _endpoint(directory)
-    ledger = Ledger(directory)
+    endpoint, ledger = _endpoint_and_ledger(directory)
     api = BatchApi(endpoint, read_key(endpoint), max_attempts=3)
     try:
         return [await _line(api, shard) for shard in ledger.shards()]
@@ -88,10 +90,9 @@ async def _line(api: BatchApi, shard: Shard) -> BatchLine:
                      now - shard.planned_at, None if expires is None or shard.state == "collected" else expires - now)
 
 
-async def cancel(directory: Path) -> list[str]:
+async def cancel(directory: Path | str) -> list[str]:
     """Ask the provider to cancel every batch under way; their ids."""
-    endpoint = _endpoint(directory)
-    ledger = Ledger(directory)
+    endpoint, ledger = _endpoint_and_ledger(directory)
     api = BatchApi(endpoint, read_key(endpoint), max_attempts=3)
     cancelled = []
     try:

@@ -50,7 +50,7 @@ class BatchRun:
         self.schema = schema
         self.prices = PriceTable(self.cfg.pricing)
         self.reading = Reading(self.prices, self.cfg.request.model, schema, self.cfg.request.parse_retries)
-        self.folder = self.cfg.output.dir / FOLDER
+        self.folder = self.driver.store.local / FOLDER
         self.folder.mkdir(exist_ok=True)
         self.counts: dict[str, tuple[int, int, int]] = {}  # batch id -> done, failed, total
         self.max_requests, self.max_bytes = self.cfg.batch.max_requests, self.cfg.batch.max_bytes  # lowered by refusals

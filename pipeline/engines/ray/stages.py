@@ -38,7 +38,7 @@ import pyarrow as pa
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ... import payload, rows
+from ... import objects, payload, rows
 from ...config import EndpointConfig, RunConfig
 from ...cost.budget import Budget
 from ...errors import ConfigError, RowInputError
@@ -81,8 +81,9 @@ def _prepare(cfg: RunConfig, root: Path, coordinator: Any, batch: pa.Table) -> p
     outcomes: list[bytes | None] = []
     stopping = ray.get(coordinator.is_stopping.remote())
     todo: list[ManifestRow] = [pickle.loads(blob) for blob in batch.column("row").to_pylist()] if not stopping else []
-    inline = cfg.input.remote == "inline" and any(map(is_remote, (ref for row in todo for ref in row.images)))
-    fetched = fetch_rows(cfg.input.fetch, [row.images for row in todo]) if inline else [{}] * len(todo)
+    inline = cfg.input.remote == "inline"
+    fetch = any(objects.is_object_url(ref) or inline and is_remote(ref) for row in todo for ref in row.images)
+    fetched = fetch_rows(cfg.input.fetch, [row.images for row in todo], inline) if fetch else [{}] * len(todo)
     for row, remote in zip(todo, fetched):
         try:
             if isinstance(remote, RowInputError):
