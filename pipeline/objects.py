@@ -134,11 +134,11 @@ class Bucket:
     """The objects under one folder URL (a bucket, or a prefix in one)."""
 
     def __init__(self, url: str) -> None:
+        self._obstore = _obstore(url)  # first: a missing extra is named with the URL as given
         self.url = url.rstrip("/")
         root, folder = _split(self.url)
         self._prefix = f"{folder}/" if folder else ""
         self._store = _store(root)
-        self._obstore = _obstore(url)
 
     def url_of(self, name: str) -> str:
         return child(self.url, name)
@@ -162,7 +162,7 @@ class Bucket:
 
     def replace(self, name: str, data: bytes, e_tag: str) -> str:
         """Write only if the object is still the one read with `e_tag`; Conflict if not."""
-        return str(self._call(name, "put", data, mode={"e_tag": e_tag, "version": None})["e_tag"])
+        return str(self._call(name, "put", data, mode={"e_tag": e_tag})["e_tag"])
 
     def read_tagged(self, name: str) -> tuple[bytes, str]:
         """The object's bytes and its ETag."""

@@ -207,7 +207,7 @@ class Store:
         written = parts(self.folder)
         if not written or not rows:
             return rows
-        ids = pa.array([row["id"] for row in rows], pa.string())
+        ids = pl.Series([row["id"] for row in rows], dtype=pl.String)
         done = set(self._read(self._scan(written).filter((pl.col("status") == "ok") & pl.col("id").is_in(ids))
                               .select("id"))["id"].to_list())
         return [row for row in rows if row["id"] not in done]
@@ -236,6 +236,8 @@ class Store:
             self._cut()
 
     def _cut(self, keep: Callable[[list[Row]], list[Row]] | None = None) -> None:
+        if self._lease:
+            self._lease.check()  # also when there is nothing to write: the run learns it should stop
         self._seq += 1
         name = f"part-{self._stamp}-{self._seq:05d}.parquet"
         if self._journal is None:

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pytest
 import yaml
 
 from pipeline import cli
+from pipeline.config import InputConfig, PromptConfig
+from pipeline.errors import StoreError
+from pipeline.manifest import Manifest
+from pipeline.objects import Bucket
 from pipeline.simulator import Simulator
+from pipeline.store import columns, lease
+from pipeline.store.lease import LEASE_FILE
+from pipeline.store.parts import Store
 
 from ..conftest import image_bytes, write_config
-from ..runs import answered
+from ..runs import answered, finish, start_run, wait_for
 from ..s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 
 
@@ -62,7 +78,7 @@ def test_a_run_reads_manifest_and_images_from_a_bucket_and_writes_its_output_the
     assert not (tmp_path / "out").exists()  # nothing of the output on local disk but the journal's folder
     run_info = json.loads(s3_server.get(f"{s3}/out/_run.json"))
     assert run_info["manifest"]["path"] == manifest
-    assert "_lock.json" not in s3_server.keys(s3)  # the lease is let go at the end
+    assert "out/_lock.json" not in s3_server.keys(s3)  # the lease is let go at the end
 
     assert cli.main(["report", f"{s3}/out", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -107,3 +123,161 @@ def test_no_key_reaches_the_output_the_journal_or_a_message(
         assert not [blob[:80] for blob in written if secret.encode() in blob]
     run_info = json.loads(s3_server.get(f"{s3}/out/_run.json"))
     assert run_info["config"]["storage_options"] == ["aws_access_key_id", "aws_secret_access_key"]
+
+
+def test_a_run_killed_again_and_again_resumes_from_another_working_directory_with_every_id_once(
+    s3: str, s3_server: S3Server, faulty_sim: Callable[..., Simulator], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows, concurrency, chance = 200, 8, random.Random(20261205)
+    sim = faulty_sim(latency_s=0.01)
+    cfg = config_in(tmp_path, sim, bucket_manifest(s3_server, f"{s3}/data", rows), f"{s3}/out",
+                    limits={"concurrency": concurrency})
+    first = tmp_path / "first"
+    first.mkdir()
+    monkeypatch.chdir(first)
+    kills = 4
+    for _ in range(kills):
+        run = start_run(cfg)
+        target = answered(sim) + chance.randint(1, 40)
+        wait_for(lambda: answered(sim) >= target or run.poll() is not None, deadline_s=120)
+        assert run.poll() is None, f"the run ended by itself before the kill: {run.communicate()}"
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    assert "out/_lock.json" in s3_server.keys(s3)  # a killed run cannot let its lease go
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    finish(start_run(cfg))  # at once: the lease's holder was this machine's, with this journal, and is dead
+
+    out = read_output(f"{s3}/out")
+    assert out.height == rows and out["id"].n_unique() == rows and set(out["status"]) == {"ok"}
+    assert answered(sim) <= rows + kills * concurrency
+    assert not list(elsewhere.iterdir())  # nothing written where the command ran
+
+
+def schema() -> pa.Schema:
+    return columns.schema(pl.Schema(), ())
+
+
+def test_a_second_machine_is_refused_while_the_lease_holds_and_takes_it_over_once_it_ends(
+    s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = f"{s3}/out"
+    holder = Store(out, schema(), journal_dir=tmp_path / "machine-a")
+    try:
+        with pytest.raises(StoreError, match="another annotate run is writing to .*lease ends in"):
+            Store(out, schema(), journal_dir=tmp_path / "machine-b")
+    finally:
+        holder.close()
+    Store(out, schema(), journal_dir=tmp_path / "machine-b").close()  # let go: free for anyone
+
+    stale = {"host": "machine-c", "pid": 1, "journal": "/elsewhere", "until": time.time() - 1}
+    Bucket(out).write(LEASE_FILE, json.dumps(stale).encode())
+    Store(out, schema(), journal_dir=tmp_path / "machine-b").close()  # a lease past its end is taken over
+
+
+def refused(call: Callable[[], None]) -> bool:
+    try:
+        call()
+    except StoreError:
+        return True
+    return False
+
+
+def test_a_run_whose_lease_was_taken_over_writes_no_more(
+    s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lease, "RENEW_S", 0.05)
+    out = f"{s3}/out"
+    store = Store(out, schema(), journal_dir=tmp_path / "a")
+    try:
+        usurper = {"host": "other", "pid": 2, "journal": "/x", "until": time.time() + 60}
+        Bucket(out).write(LEASE_FILE, json.dumps(usurper).encode())
+        wait_for(lambda: refused(store.cut))
+        with pytest.raises(StoreError, match="another run took over the lock"):
+            store.cut()
+    finally:
+        with contextlib.suppress(StoreError):
+            store.close()
+    assert json.loads(Bucket(out).read(LEASE_FILE))["host"] == "other"  # not deleted by the loser
+
+
+def test_a_folder_of_images_in_a_bucket_is_a_manifest(
+    s3: str, s3_server: S3Server, sim: Simulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for i in range(3):
+        s3_server.put(f"{s3}/photos/a/p{i}.jpg", image_bytes((40, 30), "green", "JPEG"))
+    s3_server.put(f"{s3}/photos/notes.txt", b"not an image")
+    s3_server.put(f"{s3}/photos/.hidden/x.jpg", image_bytes((40, 30), "green", "JPEG"))
+    cfg = config_in(tmp_path, sim, f"{s3}/photos/", str(tmp_path / "out"))
+
+    assert cli.main(["run", str(cfg), "-q"]) == 0
+
+    out = pl.read_parquet(tmp_path / "out" / "*.parquet")
+    assert out.height == 3 and set(out["status"]) == {"ok"} and answered(sim) == 3
+    assert f"skipped 1 file in {s3}/photos/ that Pillow cannot read as images: notes.txt" in caplog.text
+
+
+def test_estimate_reads_headers_from_the_bucket_as_from_local_disk(
+    s3: str, s3_server: S3Server, sim: Simulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sizes = [(2000, 1500), (640, 480), (300, 900)]
+    local = tmp_path / "local"
+    (local / "images").mkdir(parents=True)
+    for i, size in enumerate(sizes):
+        data = image_bytes(size, "gray", "JPEG")
+        s3_server.put(f"{s3}/data/images/i{i}.jpg", data)
+        (local / "images" / f"i{i}.jpg").write_bytes(data)
+    csv = ("image\n" + "".join(f"images/i{i}.jpg\n" for i in range(3)) + "images/none.jpg\n").encode()
+    s3_server.put(f"{s3}/data/manifest.csv", csv)
+    (local / "manifest.csv").write_bytes(csv)
+
+    found = []
+    for manifest in (f"{s3}/data/manifest.csv", str(local / "manifest.csv")):
+        cfg = config_in(tmp_path, sim, manifest, str(tmp_path / "out"), prompt={"detail": "high"})
+        assert cli.main(["estimate", str(cfg), "--json"]) == 0
+        found.append(json.loads(capsys.readouterr().out))
+    assert found[0] == found[1]
+    assert found[0]["rows"] == 3 and found[0]["unreadable_rows"] == 1 and found[0]["input_tokens"]["image"] > 0
+    assert answered(sim) == 0
+
+
+def test_report_and_compact_work_on_a_bucket_directory(
+    s3: str, s3_server: S3Server, sim: Simulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = bucket_manifest(s3_server, f"{s3}/data", 12)
+    cfg = config_in(tmp_path, sim, manifest, f"{s3}/out")
+    for limit in ("3", "4", "100"):
+        assert cli.main(["run", str(cfg), "-q", "--limit", limit]) == 0
+    assert len([k for k in s3_server.keys(s3) if k.startswith("out/part-")]) == 3
+    capsys.readouterr()
+
+    assert cli.main(["compact", f"{s3}/out"]) == 0
+    assert capsys.readouterr().out == f"annotate: {s3}/out: 12 rows, 3 parts -> 1, in manifest order\n"
+
+    parts = [k for k in s3_server.keys(s3) if k.startswith("out/part-")]
+    assert len(parts) == 1 and "out/_compact.json" not in s3_server.keys(s3)
+    out = read_output(f"{s3}/out")
+    ids = [row.id for batch in Manifest(InputConfig(manifest=manifest), PromptConfig()).batches() for row in batch]
+    assert out["id"].to_list() == ids  # one row per id, in manifest order
+    assert cli.main(["report", f"{s3}/out", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["by_status"] == {"ok": 12}
+
+
+def test_a_url_whose_extra_is_missing_is_one_line_and_exit_2(tmp_path: Path, sim: Simulator) -> None:
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "obstore.py").write_text("raise ImportError('No module named obstore')\n")
+    cfg = config_in(tmp_path, sim, "s3://somewhere/manifest.csv", str(tmp_path / "out"))
+    env = {**os.environ, "PYTHONPATH": str(shim)}
+    for command in (["run", str(cfg)], ["estimate", str(cfg)], ["report", "gs://somewhere/out"]):
+        done = subprocess.run([sys.executable, "-m", "pipeline", *command], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 2, done.stderr
+        extra = "gcs" if command[0] == "report" else "s3"
+        assert done.stderr.strip().splitlines() == [
+            f"annotate: {'gs://somewhere/out' if extra == 'gcs' else 's3://somewhere/manifest.csv'}: this URL needs "
+            f"the annotate-pipeline[{extra}] extra: pip install 'annotate-pipeline[{extra}]'"]
+    assert answered(sim) == 0
