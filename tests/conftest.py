@@ -118,7 +118,7 @@ def write_manifest(tmp_path: Path, rows: list[dict[str, Any]], name: str = "mani
     return path
 
 
-def write_config(tmp_path: Path, base_url: str, manifest: Path, **sections: Any) -> Path:
+def write_config(tmp_path: Path, base_url: str, manifest: Path | str, **sections: Any) -> Path:
     """A config file for a run against `base_url`; mappings are merged over the defaults, other
     values (a list of endpoints) replace them, and None drops a section."""
     data: dict[str, Any] = {

@@ -9,16 +9,18 @@ from typing import Any
 import pytest
 
 from ..conftest import KEY, KEY_ENV
+from ..s3_server import S3Server
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[Any]:
-    """Nodes read the API key from their own environment, so it is set before they start."""
+def cluster(s3_server: S3Server) -> Iterator[Any]:
+    """Nodes read the API key and the bucket's settings from their own environment, so they are
+    set before the nodes start."""
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
     saved = dict(os.environ)
-    os.environ.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", KEY_ENV: KEY})
+    os.environ.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", KEY_ENV: KEY, **s3_server.env})
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     for _ in range(2):
         cluster.add_node(num_cpus=1)

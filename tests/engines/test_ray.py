@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import signal
 import threading
@@ -17,8 +18,9 @@ import pytest
 from pipeline import cli, simulator
 from pipeline.config import LimitsConfig
 
-from ..conftest import NAMED, named, write_config, write_manifest
+from ..conftest import NAMED, image_bytes, named, write_config, write_manifest
 from ..image_host import ImageHost
+from ..s3_server import S3Server
 from ..runs import (
     all_once,
     answered,
@@ -53,6 +55,12 @@ def _run(config: Path, *args: str) -> int:
     return cli.main(["run", str(config), "-q", *args])
 
 
+def parquet_bytes(frame: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    return buffer.getvalue()
+
+
 def _read(directory: Path) -> pl.DataFrame:
     return pl.read_parquet(directory / "*.parquet").sort("id")
 
@@ -72,6 +80,27 @@ def test_both_engines_write_the_same_rows(cluster: Cluster, sim: simulator.Simul
     assert a.height == 61 and a["id"].n_unique() == 61
     assert a.equals(b)
     assert b.filter(pl.col("status") == "error")["error"].to_list() == [a.filter(pl.col("status") == "error")["error"][0]]
+
+
+def test_a_run_from_a_bucket_to_a_bucket_on_ray_writes_what_the_local_engine_does(
+        cluster: Cluster, sim: simulator.Simulator, s3: str, s3_server: S3Server, tmp_path: Path) -> None:
+    """The tasks read the images from the bucket on every node; the driver writes the output there."""
+    names = []
+    for i in range(24):
+        s3_server.put(f"{s3}/data/images/img{i:03d}.png", image_bytes((64, 48), (i * 9 % 256, 40, 200)))
+        names.append(f"images/img{i:03d}.png")
+    rows = pl.DataFrame({"image": [*names, "images/missing.png"]})
+    s3_server.put(f"{s3}/data/manifest.parquet", parquet_bytes(rows))
+    results = {}
+    for engine in ("local", "ray"):
+        cfg = write_config(tmp_path, sim.url, f"{s3}/data/manifest.parquet", output={"dir": f"{s3}/{engine}"},
+                           ray={"http_actors": 2, "block_rows": 4})
+        assert _run(cfg, "--engine", engine) == 1  # the missing image is an error row
+        results[engine] = pl.read_parquet(f"{s3}/{engine}/*.parquet").sort("id").select(
+            "id", "status", "error", *TOKEN_COLUMNS)
+    assert results["local"].height == 25 and results["local"].equals(results["ray"])
+    assert results["ray"].filter(pl.col("status") == "error")["error"].to_list() == [
+        f"image: missing object {s3}/data/images/missing.png"]
 
 
 @pytest.mark.parametrize("remote", ["inline", "pass"])

@@ -10,8 +10,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -33,7 +34,7 @@ from ..runs import answered, finish, start_run, wait_for
 from ..s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 
 
-def bucket_manifest(server: S3Server, folder: str, n: int, extra: list[str] = ()) -> str:  # type: ignore[assignment]
+def bucket_manifest(server: S3Server, folder: str, n: int, extra: Sequence[str] = ()) -> str:
     """n images and a CSV naming them relatively (and `extra` refs as written), in the bucket; its URL."""
     names = []
     for i in range(n):
@@ -44,8 +45,8 @@ def bucket_manifest(server: S3Server, folder: str, n: int, extra: list[str] = ()
     return f"{folder}/manifest.csv"
 
 
-def config_in(tmp_path: Path, sim: Simulator, manifest: str, out: str, **sections: object) -> Path:
-    return write_config(tmp_path, sim.url, manifest, output={"dir": out}, **sections)  # type: ignore[arg-type]
+def config_in(tmp_path: Path, sim: Simulator, manifest: str, out: str, **sections: Any) -> Path:
+    return write_config(tmp_path, sim.url, manifest, output={"dir": out}, **sections)
 
 
 def read_output(url: str) -> pl.DataFrame:

@@ -77,6 +77,7 @@ def _prepare(cfg: RunConfig, root: Path, coordinator: Any, batch: pa.Table) -> p
     """Ray Data task: each row's request, or its error outcome when an image cannot be sent;
     neither once the run is stopping (the rows stay to do)."""
     schema = _schema(cfg)
+    objects.use_options(cfg.storage_options)  # a worker's process: the environment is this node's
     prepared: list[bytes | None] = []
     outcomes: list[bytes | None] = []
     stopping = ray.get(coordinator.is_stopping.remote())
@@ -106,6 +107,7 @@ class _Http:
                  coordinator: Any) -> None:
         self._cfg = cfg
         self._root = root
+        objects.use_options(cfg.storage_options)
         self._fetcher = Fetcher(cfg.input.fetch)  # with input.remote: pass, for an image the provider could not fetch
         self._endpoints = endpoints
         self._shares = shares
