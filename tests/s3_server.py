@@ -7,15 +7,21 @@ written apart from this project, not against mocks of its own library.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpx
+from aiohttp import web
 
 ACCESS_KEY = "AKIATESTACCESSKEY0123"
 SECRET_KEY = "s3-test-secret-do-not-leak-0123456789"
@@ -82,3 +88,56 @@ class S3Server:
         self._process.terminate()
         self._process.wait(timeout=10)
 
+
+
+# S3's answer when a prefix gets more requests than it takes (AWS: "503 Slow Down ... reduce your
+# request rate"); GCS answers 429 and 503 alike, Azure 503 ServerBusy.
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+@dataclass
+class Throttle:
+    """What the throttling proxy refused, by method."""
+
+    url: str = ""
+    refused: dict[str, int] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def throttling(server: S3Server) -> Iterator[Throttle]:
+    """A proxy on 127.0.0.1 in front of `server` that answers the first try of every request
+    (by method, path and query) 503 SlowDown, and passes the next ones through."""
+    throttle = Throttle()
+    seen: set[tuple[str, str]] = set()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        key = (request.method, request.path_qs)
+        body = await request.read()
+        if key not in seen:
+            seen.add(key)
+            throttle.refused[request.method] = throttle.refused.get(request.method, 0) + 1
+            return web.Response(status=503, body=SLOW_DOWN, content_type="application/xml")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with aiohttp.ClientSession() as session, session.request(
+                request.method, server.url + request.path_qs, headers=headers, data=body) as reply:
+            data = await reply.read()
+            kept = {k: v for k, v in reply.headers.items()
+                    if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "connection")}
+            return web.Response(status=reply.status, body=data, headers=kept)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+    throttle.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield throttle
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)

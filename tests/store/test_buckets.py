@@ -31,7 +31,7 @@ from pipeline.store.parts import Store
 
 from ..conftest import image_bytes, write_config
 from ..runs import answered, finish, start_run, wait_for
-from ..s3_server import ACCESS_KEY, SECRET_KEY, S3Server
+from ..s3_server import ACCESS_KEY, SECRET_KEY, S3Server, throttling
 
 
 def bucket_manifest(server: S3Server, folder: str, n: int, extra: Sequence[str] = ()) -> str:
@@ -282,3 +282,21 @@ def test_a_url_whose_extra_is_missing_is_one_line_and_exit_2(tmp_path: Path, sim
             f"annotate: {'gs://somewhere/out' if extra == 'gcs' else 's3://somewhere/manifest.csv'}: this URL needs "
             f"the annotate-pipeline[{extra}] extra: pip install 'annotate-pipeline[{extra}]'"]
     assert answered(sim) == 0
+
+
+def test_a_store_that_says_slow_down_to_every_first_try_is_read_and_written_all_the_same(
+    s3: str, s3_server: S3Server, sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = bucket_manifest(s3_server, f"{s3}/data", 8, extra=["images/missing.png"])
+    cfg = config_in(tmp_path, sim, manifest, f"{s3}/out")
+    with throttling(s3_server) as throttle:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", throttle.url)
+        assert cli.main(["run", str(cfg), "-q"]) == 1  # the missing image only
+        assert cli.main(["report", f"{s3}/out"]) == 0
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.url)
+
+    out = read_output(f"{s3}/out")
+    assert out.height == 9 and out.filter(pl.col("status") == "ok").height == 8
+    assert out.filter(pl.col("status") == "error")["error"].to_list() == [
+        f"image: missing object {s3}/data/images/missing.png"]  # a 404 after a 503 is still a 404
+    assert throttle.refused.get("GET", 0) >= 9 and throttle.refused.get("PUT", 0) >= 3  # images; parts, _run, lease
