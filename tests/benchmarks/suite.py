@@ -2,8 +2,9 @@
 simulator on 127.0.0.1, side by side with what users would otherwise run; one table, printed
 and written to benchmarks/RESULTS.md.
 
-P1-P4 are here; P5 (resume), P6 (image preparation), P7 (estimate at scale) and P8 (image
-preparation on Ray) come from resume_1m.py, image_stage.py, estimate_1m.py and ray_prep.py. The
+P1-P4 are here; P5 (resume), P6 (image preparation), P7 (estimate at scale), P8 (image
+preparation on Ray) and P9 (data in a bucket) come from resume_1m.py, image_stage.py,
+estimate_1m.py, ray_prep.py and buckets.py. The
 simulator's log times every request: rates are counted from its first request to its last
 answer, alike for every client. Each client is a subprocess spawned through the launcher in
 common.py, which reports its CPU and peak RSS alone.
@@ -49,6 +50,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 import baselines
+import buckets
 import estimate_1m
 import image_stage
 import polars as pl
@@ -95,6 +97,7 @@ class Sizes:
     images: image_stage.Scale = image_stage.FULL  # P6
     estimate: estimate_1m.Scale = estimate_1m.FULL  # P7
     ray: ray_prep.Scale = ray_prep.FULL  # P8
+    buckets: buckets.Scale = buckets.FULL  # P9
 
 
 QUICK = Sizes(overhead_rows=1000, limit_rows=600, mode_rows=300, fixed_rows=600, found_rows=400, token_rows=300,
@@ -102,7 +105,7 @@ QUICK = Sizes(overhead_rows=1000, limit_rows=600, mode_rows=300, fixed_rows=600,
 
 SMOKE = Sizes(overhead_rows=20, limit_rows=20, mode_rows=10, fixed_rows=10, found_rows=10, token_rows=10,
               latency_rows=20, memory_rows=(200, 2_000), memory_answered=10, resume=resume_1m.SMOKE,
-              images=image_stage.SMOKE, estimate=estimate_1m.SMOKE, ray=ray_prep.SMOKE)
+              images=image_stage.SMOKE, estimate=estimate_1m.SMOKE, ray=ray_prep.SMOKE, buckets=buckets.SMOKE)
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -605,7 +608,8 @@ def main() -> int:
             lambda: resume_1m.figures(work / "resume", sizes.resume),
             lambda: image_stage.figures(work / "images", sizes.images),
             lambda: estimate_1m.figures(work / "estimate", sizes.estimate),
-            lambda: ray_prep.to_figures(ray_prep.measure(work / "ray", sizes.ray))]
+            lambda: ray_prep.to_figures(ray_prep.measure(work / "ray", sizes.ray)),
+            lambda: buckets.figures(work / "buckets", sizes.buckets)]
         for i, measure in enumerate(measures, 1):
             try:
                 done = measure()
