@@ -62,7 +62,7 @@ def _summary_text(s: runner.Summary) -> str:
         *([f"  budget: ${s.spent_usd:.4f} spent of ${s.budget_usd:g} (earlier runs included)"
            + ("; stopped there: raise limits.max_cost_usd and run again to go on" if s.stopped_at_budget else "")]
           if s.budget_usd is not None else []),
-        f"  output: {s.output_dir}/  (read it with pl.scan_parquet('{s.output_dir}/*.parquet'))",
+        f"  output: {str(s.output_dir).rstrip('/')}/  (read it with pl.scan_parquet('{str(s.output_dir).rstrip('/')}/*.parquet'))",
     ]
     return "\n".join(lines)
 
@@ -126,7 +126,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace) -> int:
-    done = compact.compact(args.dir, ids_of_last_run(read_run_info(open_folder(args.dir))))
+    info = read_run_info(open_folder(args.dir))
+    journal_dir = ((info or {}).get("config") or {}).get("output", {}).get("journal_dir")
+    done = compact.compact(args.dir, ids_of_last_run(info), journal_dir=Path(journal_dir) if journal_dir else None)
     order = "in manifest order" if done.in_manifest_order else "in their earlier order (manifest not readable)"
     print(f"annotate: {args.dir}: {done.rows} rows, {done.parts_before} parts -> {done.parts_after}, {order}")
     return EXIT_OK

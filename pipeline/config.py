@@ -421,7 +421,7 @@ def one_line(exc: ValidationError) -> str:
         if not key:  # a rule across sections: the message names its keys
             problems.append(message.removeprefix("Value error, "))
             continue
-        if err["type"] not in ("extra_forbidden", "missing"):
+        if err["type"] not in ("extra_forbidden", "missing") and err["loc"][0] != "storage_options":  # may be a key
             message += f" (got {err['input']!r})"
         problems.append(f"{key}: {message}")
     return "; ".join(problems)

@@ -121,7 +121,7 @@ class Fetcher:
 
     async def _object(self, url: str, first: int | None) -> bytes:
         """An object's bytes (the store's client retries its throttling answers itself)."""
-        gate = self._hosts.setdefault(url.split("/", 3)[2] + "\0bucket", asyncio.Semaphore(self._cfg.per_bucket))
+        gate = self._hosts.setdefault(objects.bucket_of(url), asyncio.Semaphore(self._cfg.per_bucket))
         async with gate:
             try:
                 return await objects.read_async(url, first, self._cfg.max_bytes)

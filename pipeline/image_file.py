@@ -23,7 +23,7 @@ from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from .errors import RowInputError
 
-__all__ = ["Buffer", "opened", "truncation", "orientation", "is_image_file", "is_image_name", "HEIF_EXTRA"]
+__all__ = ["Buffer", "opened", "truncation", "orientation", "is_image_file", "is_image_name", "suffix_of", "HEIF_EXTRA"]
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +182,15 @@ def orientation(image: Image.Image, buf: Buffer) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
+def suffix_of(name: str) -> str:
+    """'.png' of 'a/b.PNG' (a path or URL); '' when the last part has no dot."""
+    last = name.rstrip("/").rsplit("/", 1)[-1]
+    return "." + last.rsplit(".", 1)[-1].lower() if "." in last else ""
+
+
 def is_image_name(name: str) -> bool:
     """Whether a file's suffix is one of a format Pillow reads (not the save-only ones: .pdf)."""
-    suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
-    return Image.registered_extensions().get(suffix) in Image.OPEN
+    return Image.registered_extensions().get(suffix_of(name)) in Image.OPEN
 
 
 def is_image_file(path: Path) -> bool:

@@ -21,9 +21,9 @@ import polars_hash as plh
 from . import objects
 from .config import InputConfig, PromptConfig
 from .errors import ManifestError
-from .image_file import is_image_file, is_image_name
+from .image_file import is_image_file, is_image_name, suffix_of
 
-__all__ = ["ImageRef", "ManifestRow", "Manifest", "ids_of_last_run", "is_folder"]
+__all__ = ["ImageRef", "ManifestRow", "Manifest", "ids_of_last_run"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _bucket_folder(url: str) -> pl.LazyFrame:
         for name, _ in objects.Bucket(url).names():
             if not any(part.startswith(".") for part in name.split("/")):
                 (files if is_image_name(name) else skipped).append(name)
-    except (OSError, objects.NotFound) as exc:
+    except OSError as exc:
         raise ManifestError(f"input.manifest: cannot list {url}: {exc}") from None
     if not files and not skipped:
         raise ManifestError(f"input.manifest: no objects under {url}")
@@ -90,29 +90,24 @@ _READERS: dict[str, _Reader] = {
 }
 
 
-def _suffix(location: Path | str) -> str:
-    name = location.name if isinstance(location, Path) else location.rstrip("/").rsplit("/", 1)[-1]
-    return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
-
-
-def is_folder(location: Path | str) -> bool:
+def _is_folder(location: Path | str) -> bool:
     """A folder of images: a local directory, or a URL whose name is not a manifest file's."""
     if isinstance(location, Path):
         return location.is_dir()
-    return location.endswith("/") or _suffix(location) not in _READERS
+    return location.endswith("/") or suffix_of(str(location)) not in _READERS
 
 
 def _scan(location: Path | str) -> pl.LazyFrame:
     if isinstance(location, str):
         objects.check_extra(location)
-        if is_folder(location):
+        if _is_folder(location):
             return _bucket_folder(location)
-        return _READERS[_suffix(location)](location, objects.polars_options(location) or None)
+        return _READERS[suffix_of(str(location))](location, objects.polars_options(location) or None)
     if location.is_dir():
         return _image_folder(location)
     if not location.exists():
         raise ManifestError(f"input.manifest: {location} does not exist")
-    reader = _READERS.get(_suffix(location))
+    reader = _READERS.get(suffix_of(str(location)))
     if reader is None:
         raise ManifestError(f"input.manifest: {location} is not one of {', '.join(_READERS)} or a folder of images")
     return reader(location, None)
@@ -162,7 +157,7 @@ class Manifest:
 
     def __init__(self, source: InputConfig, prompt: PromptConfig) -> None:
         self.path = source.manifest
-        root = source.image_root or (self.path if is_folder(self.path) else _parent(self.path))
+        root = source.image_root or (self.path if _is_folder(self.path) else _parent(self.path))
         # Relative references under a bucket become URLs as rows are made; `root` is then unused.
         self.root = root if isinstance(root, Path) else Path()
         self._bucket_root = root if isinstance(root, str) else None

@@ -2,17 +2,14 @@
 writing its objects, through obstore (Rust's object_store, the library Polars reads them with).
 
 Owns: which URLs name objects, the extra each needs, one store per bucket made from the
-store's standard environment (AWS_*, GOOGLE_*, AZURE_*), an AWS profile's files and the config's
-storage_options, and turning the store's failures into messages that name the object and never
-a key. Never: what the bytes are. obstore retries throttling answers (S3's 503 SlowDown, 429s,
+store's standard environment (AWS_*, GOOGLE_*, AZURE_*), an AWS profile (aws_profile.py) and the
+config's storage_options, and turning the store's failures into messages that name the object
+and never a key. Never: what the bytes are. obstore retries throttling answers (S3's 503 SlowDown, 429s,
 other 5xx) and dropped connections itself, with backoff.
 """
 
 from __future__ import annotations
 
-import configparser
-import os
-import threading
 from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
@@ -20,20 +17,19 @@ from types import ModuleType
 from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
+from .aws_profile import profile_options
 from .errors import ConfigError
 
-__all__ = ["is_object_url", "check_extra", "use_options", "polars_options", "child", "parent", "Bucket", "read_async",
-           "NotFound", "Conflict", "TooLarge"]
+__all__ = ["is_object_url", "check_extra", "use_options", "polars_options", "child", "parent", "bucket_of", "Bucket",
+           "Tag", "read_async", "NotFound", "Conflict", "TooLarge"]
 
 # scheme -> the extra that reads it (all three are obstore; the names say what a user has)
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "az": "azure", "azure": "azure", "abfs": "azure", "abfss": "azure",
            "adl": "azure"}
-# An AWS profile's settings, as the AWS CLI's files name them -> object_store's keys. object_store
-# reads the environment only; these files are INI, so configparser reads them.
-_PROFILE_KEYS = {"aws_access_key_id": "aws_access_key_id", "aws_secret_access_key": "aws_secret_access_key",
-                 "aws_session_token": "aws_session_token", "region": "aws_region", "endpoint_url": "aws_endpoint_url"}
-_options: dict[str, str] = {}
-_lock = threading.Lock()
+_options: tuple[tuple[str, str], ...] = ()  # the config's storage_options (use_options)
+# What names a version of an object for a conditional write: its ETag, and its version or
+# generation where the store has one (GCS updates only by generation).
+Tag = tuple[str, str | None]
 
 
 class NotFound(FileNotFoundError):
@@ -48,16 +44,20 @@ class Conflict(Exception):
     """A conditional write lost: the object exists, or changed since it was read."""
 
 
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower()
+
+
 def is_object_url(ref: object) -> TypeGuard[str]:
     """A URL of an object store this tool reads (s3://, gs://, az://, abfs://, ...)."""
-    return isinstance(ref, str) and "://" in ref[:10] and ref.split("://", 1)[0].lower() in _EXTRAS
+    return isinstance(ref, str) and "://" in ref[:10] and _scheme(ref) in _EXTRAS
 
 
 def _obstore(url: str) -> ModuleType:
     try:
         import obstore  # the optional extras' one library
     except ImportError:
-        extra = f"annotate-pipeline[{_EXTRAS[url.split('://', 1)[0].lower()]}]"
+        extra = f"annotate-pipeline[{_EXTRAS[_scheme(url)]}]"
         raise ConfigError(f"{url}: this URL needs the {extra} extra: pip install '{extra}'") from None
     return obstore
 
@@ -70,29 +70,12 @@ def check_extra(url: str) -> None:
 def use_options(options: Mapping[str, str]) -> None:
     """The config's storage_options, for every bucket this process opens from now on."""
     global _options
-    with _lock:
-        if dict(options) != _options:
-            _options = dict(options)
-            _store.cache_clear()
-
-
-def _aws_profile() -> dict[str, str]:
-    """Keys, region and endpoint of $AWS_PROFILE (else 'default') from the AWS CLI's files, each
-    only where its environment variable is unset (the environment wins, as in the AWS CLI)."""
-    name = os.environ.get("AWS_PROFILE", "default")
-    found: dict[str, str] = {}
-    for variable, default, section in (("AWS_CONFIG_FILE", "~/.aws/config", "default" if name == "default" else f"profile {name}"),
-                                       ("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials", name)):
-        parser = configparser.ConfigParser(interpolation=None)
-        parser.read(os.path.expanduser(os.environ.get(variable, default)))
-        if parser.has_section(section):
-            found |= {_PROFILE_KEYS[k]: v for k, v in parser[section].items() if k in _PROFILE_KEYS}
-    return {key: value for key, value in found.items() if key.upper() not in os.environ}
+    _options = tuple(sorted(options.items()))
 
 
 def polars_options(url: str) -> dict[str, str]:
     """What Polars needs beyond the environment to read `url`: the profile's and storage_options."""
-    return {**(_aws_profile() if _EXTRAS[url.split("://", 1)[0].lower()] == "s3" else {}), **_options}
+    return {**(profile_options() if _EXTRAS[_scheme(url)] == "s3" else {}), **dict(_options)}
 
 
 def _split(url: str) -> tuple[str, str]:
@@ -102,10 +85,19 @@ def _split(url: str) -> tuple[str, str]:
     return f"{parts.scheme}://{parts.netloc}", parts.path.lstrip("/")
 
 
-@cache
+def bucket_of(url: str) -> str:
+    """The bucket's URL: 's3://bucket'."""
+    return _split(url)[0]
+
+
 def _store(root: str) -> Any:
-    obstore = _obstore(root)
-    return obstore.store.from_url(root, config=polars_options(root) or None)
+    return _store_with(root, _options)
+
+
+@cache
+def _store_with(root: str, options: tuple[tuple[str, str], ...]) -> Any:
+    """One store per bucket and options: its connections are pooled across reads."""
+    return _obstore(root).store.from_url(root, config=polars_options(root) or None)
 
 
 def child(base: str, name: str) -> str:
@@ -116,6 +108,11 @@ def child(base: str, name: str) -> str:
 def parent(url: str) -> str:
     """The folder URL an object is in."""
     return url.rstrip("/").rsplit("/", 1)[0]
+
+
+def _tag(meta: Mapping[str, Any]) -> Tag:
+    version = meta.get("version")
+    return str(meta["e_tag"]), None if version is None else str(version)
 
 
 def _named(exc: Exception, url: str) -> Exception:
@@ -156,18 +153,20 @@ class Bucket:
         """One PUT (a multipart upload for a large file): the object appears whole or not at all."""
         return str(self._call(name, "put", data)["e_tag"])
 
-    def create(self, name: str, data: bytes) -> str:
-        """Write only if no object has the name; Conflict if one has. Its ETag."""
-        return str(self._call(name, "put", data, mode="create")["e_tag"])
+    def create(self, name: str, data: bytes) -> Tag:
+        """Write only if no object has the name; Conflict if one has. The new object's tag."""
+        return _tag(self._call(name, "put", data, mode="create"))
 
-    def replace(self, name: str, data: bytes, e_tag: str) -> str:
-        """Write only if the object is still the one read with `e_tag`; Conflict if not."""
-        return str(self._call(name, "put", data, mode={"e_tag": e_tag})["e_tag"])
+    def replace(self, name: str, data: bytes, tag: Tag) -> Tag:
+        """Write only if the object is still the one tagged `tag`; Conflict if not. The new tag."""
+        e_tag, version = tag
+        mode = {"e_tag": e_tag, **({"version": version} if version is not None else {})}  # obstore refuses a None
+        return _tag(self._call(name, "put", data, mode=mode))
 
-    def read_tagged(self, name: str) -> tuple[bytes, str]:
-        """The object's bytes and its ETag."""
+    def read_tagged(self, name: str) -> tuple[bytes, Tag]:
+        """The object's bytes and its tag."""
         found = self._call(name, "get")
-        return bytes(found.bytes()), str(found.meta["e_tag"])
+        return bytes(found.bytes()), _tag(found.meta)
 
     def delete(self, name: str) -> None:
         self._call(name, "delete")
@@ -190,23 +189,18 @@ class Bucket:
 
 
 async def read_async(url: str, first: int | None = None, limit: int | None = None) -> bytes:
-    """The object's bytes, fetched without blocking; with `first`, only its first bytes (the
-    rest of the stream is dropped unread). NotFound, TooLarge (over `limit`, nothing read) or
-    OSError name the object."""
+    """The object's bytes, fetched without blocking; with `first`, only its first bytes (a
+    ranged GET). NotFound, TooLarge (over `limit`, nothing read) or OSError name the object."""
     obstore = _obstore(url)
     root, key = _split(url)
+    store = _store(root)
     try:
-        found = await obstore.get_async(_store(root), key)
-        if first is None and limit is not None and found.meta["size"] > limit:
+        if first is not None:
+            return bytes(await obstore.get_range_async(store, key, start=0, length=first))
+        found = await obstore.get_async(store, key)
+        if limit is not None and found.meta["size"] > limit:
             raise TooLarge(f"{url} is {found.meta['size']} bytes")
-        if first is None:
-            return bytes(await found.bytes_async())
-        head = bytearray()
-        async for chunk in found.stream(min_chunk_size=min(first, 1 << 16)):
-            head += chunk
-            if len(head) >= first:
-                break
-        return bytes(head[:first])
+        return bytes(await found.bytes_async())
     except TooLarge:
         raise
     except Exception as exc:  # noqa: BLE001 - obstore's errors

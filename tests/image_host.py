@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
-__all__ = ["HUGE", "PHOTO", "ImageHost", "jpeg", "serving"]
+__all__ = ["HUGE", "PHOTO", "ImageHost", "jpeg", "served", "serving"]
 
 CHUNK = 64 * 1024
 HUGE = 40 * 1024 * 1024
@@ -124,20 +124,25 @@ def _app(host: ImageHost) -> web.Application:
 
 
 @contextlib.contextmanager
-def serving() -> Iterator[ImageHost]:
-    host = ImageHost()
+def served(app: web.Application) -> Iterator[str]:
+    """An aiohttp app on 127.0.0.1 (a free port), in a thread and event loop of its own; its URL."""
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(_app(host), shutdown_timeout=0.1)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
     loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    host.url = f"http://127.0.0.1:{port}"
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        yield host
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def serving() -> Iterator[ImageHost]:
+    host = ImageHost()
+    with served(_app(host)) as url:
+        host.url = url
+        yield host

@@ -3,15 +3,15 @@ that throttles as S3 does."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
+
+from .image_host import served
 
 if TYPE_CHECKING:  # tests/benchmarks is a mypy base of its own (pyproject.toml)
     from s3_process import ACCESS_KEY, SECRET_KEY, S3Server
@@ -33,6 +33,7 @@ class Throttle:
 
     url: str = ""
     refused: dict[str, int] = field(default_factory=dict)
+    ranges: dict[str, str | None] = field(default_factory=dict)  # each GET's path: its Range header
 
 
 @contextlib.contextmanager
@@ -45,6 +46,8 @@ def throttling(server: S3Server) -> Iterator[Throttle]:
     async def handle(request: web.Request) -> web.StreamResponse:
         key = (request.method, request.path_qs)
         body = await request.read()
+        if request.method == "GET":
+            throttle.ranges[request.path_qs] = request.headers.get("Range")
         if key not in seen:
             seen.add(key)
             throttle.refused[request.method] = throttle.refused.get(request.method, 0) + 1
@@ -59,16 +62,6 @@ def throttling(server: S3Server) -> Iterator[Throttle]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
-    throttle.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
+    with served(app) as url:
+        throttle.url = url
         yield throttle
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)

@@ -25,8 +25,8 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from .folder import Folder, hidden_copy, open_folder
-from .parts import INTENT_FILE, Store, columns_of, finish_interrupted, part_stamp, parts, scan
+from .folder import hidden_copy, open_folder
+from .parts import INTENT_FILE, PARTS, Store, columns_of, finish_interrupted, part_stamp, parts, scan
 
 __all__ = ["compact", "Compacted"]
 
@@ -43,23 +43,31 @@ class Compacted:
     in_manifest_order: bool
 
 
-def compact(directory: Path | str, ids: pl.Series | None, rows_per_part: int = ROWS_PER_PART) -> Compacted:
-    """Rewrite the parts, one row per id, in the order of `ids` (the manifest's) when given."""
+def compact(directory: Path | str, ids: pl.Series | None, rows_per_part: int = ROWS_PER_PART,
+            journal_dir: Path | None = None) -> Compacted:
+    """Rewrite the parts, one row per id, in the order of `ids` (the manifest's) when given;
+    `journal_dir`: where a bucket output's runs keep their journal (output.journal_dir)."""
     folder = open_folder(directory)
-    first = parts(folder, required=True)[0]
-    schema = pq.read_schema(io.BytesIO(folder.read(first.rsplit("/", 1)[-1])))
-    store = Store(directory, schema)  # the lock, and a leftover journal made a part
+    names = folder.names(PARTS)
+    if not names:
+        parts(folder, required=True)  # the error saying so
+    schema = pq.read_schema(io.BytesIO(folder.read(names[0])))  # of a part (5,000 rows): read whole on a bucket
+    store = Store(directory, schema, journal_dir=journal_dir)  # the lock, and a leftover journal made a part
     try:
-        return _rewrite(store.folder, store.local, ids, rows_per_part)
+        return _rewrite(store, ids, rows_per_part)
     finally:
         store.close()
 
 
-def _rewrite(folder: Folder, local: Path, ids: pl.Series | None, rows_per_part: int) -> Compacted:
-    """`local`: where piles and new parts are written before they go in place."""
+def _rewrite(store: Store, ids: pl.Series | None, rows_per_part: int) -> Compacted:
+    """Piles and new parts are written in the store's local folder before they go in place."""
+    folder, local = store.folder, store.local
     for leftover in local.glob(f"{PILES}*"):  # from a compaction killed while dealing
         shutil.rmtree(leftover)
-    old = _Old(parts(folder), folder.options)
+    for leftover in local.glob(".part-*.parquet.tmp"):  # new parts of one killed before they went up
+        leftover.unlink()
+    names = folder.names(PARTS)
+    old = _Old([folder.locate(name) for name in names], folder.options)
     per_part = -(-rows_per_part // PILE_ROWS)  # piles in a whole new part
     plan = _plan(old, ids, rows_per_part, per_part)
     stamp = part_stamp()
@@ -73,12 +81,15 @@ def _rewrite(folder: Folder, local: Path, ids: pl.Series | None, rows_per_part: 
                   for i, name in enumerate(new)]
     finally:
         shutil.rmtree(piles_at)
-    intent = {"old": [p.rsplit("/", 1)[-1] for p in old.files], "new": new}
+    store.guard()
+    intent = {"old": names, "new": new}
     folder.publish(INTENT_FILE, lambda p: p.write_text(json.dumps(intent), encoding="utf-8"))
     for tmp, name in zip(hidden, new):
+        store.guard()
         folder.put_file(name, tmp)
+    store.guard()
     finish_interrupted(folder)
-    return Compacted(plan.height, len(old.files), len(new), ids is not None)
+    return Compacted(plan.height, len(names), len(new), ids is not None)
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import os
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from .. import objects
+from ..errors import StoreError
 
-__all__ = ["Folder", "LocalFolder", "BucketFolder", "open_folder", "local_dir_for", "write_atomically",
-           "hidden_copy", "sync_dir"]
+__all__ = ["Folder", "LocalFolder", "BucketFolder", "open_folder", "local_dir_for", "journal_owner", "hidden_copy",
+           "OWNER_FILE"]
+
+OWNER_FILE = "_owner.json"  # in a bucket output's journal folder: the output it serves and its id
 
 
 def sync_dir(directory: Path) -> None:
@@ -76,6 +81,8 @@ class Folder(Protocol):
 
 
 class LocalFolder:
+    """An output directory on local disk."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.label = str(path)
@@ -106,6 +113,8 @@ class LocalFolder:
 
 
 class BucketFolder:
+    """An output directory in a bucket; files reach it from a local staging folder."""
+
     def __init__(self, url: str, staging: Path | None) -> None:
         self.bucket = objects.Bucket(url)
         self.label = self.bucket.url
@@ -153,6 +162,23 @@ def local_dir_for(location: Path | str, journal_dir: Path | None = None) -> Path
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     key = hashlib.sha256(location.rstrip("/").encode()).hexdigest()[:16]
     return cache / "annotate-pipeline" / "outputs" / key
+
+
+def journal_owner(local: Path, url: str) -> str:
+    """The random id of the journal folder `local`, made on first use, which the bucket's lease
+    names; StoreError when the folder serves another output (its rows would go to the wrong place)."""
+    path = local / OWNER_FILE
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        owner = {"url": url, "id": uuid.uuid4().hex}
+        write_atomically(path, lambda p: p.write_text(json.dumps(owner), encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"output.journal_dir: cannot read {path}: {exc}") from None
+    if owner.get("url") != url:
+        raise StoreError(f"output.journal_dir: {local} holds the journal of {owner.get('url')}; give each output "
+                         "its own journal folder")
+    return str(owner["id"])
 
 
 def open_folder(location: Path | str, local: Path | None = None) -> Folder:

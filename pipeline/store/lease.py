@@ -3,10 +3,15 @@ by conditional writes.
 
 No kernel drops a bucket's lock when a process dies, so the lock object says until when it
 holds (LEASE_S) and its holder renews it every RENEW_S. It is created only if absent
-(If-None-Match: *) and renewed or taken over only if unchanged since read (If-Match: its ETag),
-so of two runs racing for it one wins. A run after a crash waits out the lease, unless it is
-on the same machine with the same journal folder: the local lock it holds (lock.py) proves the
-old holder dead. S3 (since 2024), GCS and Azure Blob all make these writes conditional.
+(If-None-Match: *) and renewed, taken over or let go only if unchanged since read (If-Match:
+its ETag), so of two runs racing for it one wins. A run after a crash waits out the lease,
+unless its journal folder is the holder's (the same random id, kept in that folder): the local
+lock it holds on that folder (lock.py) proves the old holder dead. S3 (since 2024), GCS and
+Azure Blob all make these writes conditional. Machines' clocks are taken to agree within
+RENEW_S: `until` is read on the taker's clock.
+
+A holder that cannot renew for LEASE_S - RENEW_S (the store unreachable, the process stopped)
+or finds the lock taken over writes nothing more there: `check` raises before each write.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from .. import objects
@@ -33,68 +37,87 @@ RENEW_S = LEASE_S / 4
 
 
 class Lease:
-    def __init__(self, bucket: objects.Bucket, local: Path) -> None:
+    """The lock object of an output folder in a bucket, held for this run's journal folder `owner`."""
+
+    def __init__(self, bucket: objects.Bucket, owner: str) -> None:
         self._bucket = bucket
-        self._me = {"host": socket.gethostname(), "pid": os.getpid(), "journal": str(local.resolve())}
-        self._tag: str | None = None
+        self._me = {"host": socket.gethostname(), "pid": os.getpid(), "owner": owner}
+        self._tag: objects.Tag | None = None
+        self._renewed = 0.0  # time.monotonic() of the last write that held the lease
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
-        self.lost: str | None = None  # set when another run took the lock over: stop writing
+        self._lost: str | None = None  # why this run may not write any more
 
-    def _body(self) -> bytes:
-        return json.dumps({**self._me, "until": time.time() + LEASE_S}).encode()
+    def _body(self, until: float) -> bytes:
+        return json.dumps({**self._me, "until": until}).encode()
 
     def acquire(self) -> None:
+        """StoreError (exit 2) when another run holds it, or the store cannot be reached."""
         try:
-            self._tag = self._bucket.create(LEASE_FILE, self._body())
-        except objects.Conflict:
-            self._take_over()
+            try:
+                self._hold(self._bucket.create(LEASE_FILE, self._body(time.time() + LEASE_S)))
+            except objects.Conflict:
+                self._take_over()
+        except (OSError, objects.Conflict) as exc:
+            raise StoreError(f"output.dir: cannot take the lock of {self._bucket.url}: {exc}") from None
         self._renewer = threading.Thread(target=self._renew, name="lease", daemon=True)
         self._renewer.start()
+
+    def _hold(self, tag: objects.Tag) -> None:
+        self._tag, self._renewed = tag, time.monotonic()
 
     def _take_over(self) -> None:
         try:
             data, tag = self._bucket.read_tagged(LEASE_FILE)
-            holder: dict[str, Any] = json.loads(data)
         except objects.NotFound:  # let go between our create and our read
-            self._tag = self._bucket.create(LEASE_FILE, self._body())
+            self._hold(self._bucket.create(LEASE_FILE, self._body(time.time() + LEASE_S)))
             return
+        try:
+            holder: dict[str, Any] = json.loads(data)
         except ValueError:
             holder = {}
-        mine = holder.get("host") == self._me["host"] and holder.get("journal") == self._me["journal"]
         left = float(holder.get("until", 0)) - time.time()
-        if not mine and left > 0:
+        if holder.get("owner") != self._me["owner"] and left > 0:
             raise StoreError(f"output.dir: another annotate run is writing to {self._bucket.url} (host "
                              f"{holder.get('host')}, pid {holder.get('pid')}); its lease ends in {left:.0f} s "
                              "unless it renews it")
         try:
-            self._tag = self._bucket.replace(LEASE_FILE, self._body(), tag)
+            self._hold(self._bucket.replace(LEASE_FILE, self._body(time.time() + LEASE_S), tag))
         except objects.Conflict:
-            raise StoreError(f"output.dir: another annotate run took {self._bucket.url} first") from None
-        log.info("took over the lock of %s from %s", self._bucket.url, holder or "an unreadable lock")
+            raise StoreError(f"output.dir: another annotate run took the lock of {self._bucket.url} first") from None
+        if left > 0:
+            log.info("took over the lock of %s from a run of this journal that is gone", self._bucket.url)
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_S):
             try:
                 assert self._tag is not None
-                self._tag = self._bucket.replace(LEASE_FILE, self._body(), self._tag)
+                self._hold(self._bucket.replace(LEASE_FILE, self._body(time.time() + LEASE_S), self._tag))
             except objects.Conflict:
-                self.lost = f"output.dir: another run took over the lock of {self._bucket.url}"
-                log.error("%s; this run writes no more there", self.lost)
+                self._lost = f"output.dir: another run took over the lock of {self._bucket.url}"
+                log.error("%s; this run writes no more there", self._lost)
                 return
-            except OSError as exc:  # the store is unreachable for now: try again before the lease ends
+            except OSError as exc:  # unreachable for now: `check` stops the writes before the lease ends
                 log.warning("could not renew the lock of %s: %s", self._bucket.url, exc)
 
     def check(self) -> None:
-        """StoreError once another run took the lock over."""
-        if self.lost:
-            raise StoreError(self.lost)
+        """StoreError unless this run still holds the lease for longer than one renewal."""
+        if not self._lost and time.monotonic() - self._renewed > LEASE_S - RENEW_S:
+            self._lost = (f"output.dir: the lock of {self._bucket.url} could not be renewed for "
+                          f"{LEASE_S - RENEW_S:.0f} s; another run may hold it now")
+        if self._lost:
+            raise StoreError(self._lost)
 
     def release(self) -> None:
+        """Let go, if the lock is still ours: its lease ends now (a conditional write, so a lock
+        another run took over is never touched)."""
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
             self._renewer = None
-        if self._tag is not None and not self.lost:
-            self._bucket.delete(LEASE_FILE)
-            self._tag = None
+        if self._tag is not None and not self._lost:
+            try:
+                self._bucket.replace(LEASE_FILE, self._body(0.0), self._tag)
+            except (objects.Conflict, OSError) as exc:  # taken over, or unreachable: its lease runs out
+                log.warning("could not let go of the lock of %s: %s", self._bucket.url, exc)
+        self._tag = None

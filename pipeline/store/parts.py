@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import StoreError
-from .folder import BucketFolder, Folder, local_dir_for, open_folder
+from .folder import BucketFolder, Folder, journal_owner, local_dir_for, open_folder
 from .journal import Journal
 from .lease import Lease
 from .lock import Lock
@@ -137,7 +137,7 @@ class Store:
         try:
             self.folder = open_folder(location, self.local)
             if isinstance(self.folder, BucketFolder):
-                self._lease = Lease(self.folder.bucket, self.local)
+                self._lease = Lease(self.folder.bucket, journal_owner(self.local, self.folder.label))
                 self._lease.acquire()
             self._open(journal, retry_failed)
         except BaseException:
@@ -235,9 +235,13 @@ class Store:
         with self._io("write a part"):
             self._cut()
 
-    def _cut(self, keep: Callable[[list[Row]], list[Row]] | None = None) -> None:
+    def guard(self) -> None:
+        """StoreError once this run may not write the output any more (a bucket's lease lost)."""
         if self._lease:
-            self._lease.check()  # also when there is nothing to write: the run learns it should stop
+            self._lease.check()
+
+    def _cut(self, keep: Callable[[list[Row]], list[Row]] | None = None) -> None:
+        self.guard()  # also when there is nothing to write: the run learns it should stop
         self._seq += 1
         name = f"part-{self._stamp}-{self._seq:05d}.parquet"
         if self._journal is None:
@@ -253,8 +257,7 @@ class Store:
         self._journal.finish_cut(name, upto)  # only once the part is in place: a crash before it redoes the cut
 
     def _publish(self, name: str, rows: list[Row]) -> None:
-        if self._lease:
-            self._lease.check()
+        self.guard()
         if not rows:
             return
         superseded: dict[str, set[str]] = {}
@@ -273,6 +276,7 @@ class Store:
     def write_run_info(self, info: dict[str, Any]) -> None:
         text = json.dumps(info, indent=2, default=str)
         with self._io("write _run.json"):
+            self.guard()
             self.folder.publish(RUN_FILE, lambda p: p.write_text(text, encoding="utf-8"))
 
     def _let_go(self) -> None:

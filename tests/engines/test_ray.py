@@ -82,27 +82,6 @@ def test_both_engines_write_the_same_rows(cluster: Cluster, sim: simulator.Simul
     assert b.filter(pl.col("status") == "error")["error"].to_list() == [a.filter(pl.col("status") == "error")["error"][0]]
 
 
-def test_a_run_from_a_bucket_to_a_bucket_on_ray_writes_what_the_local_engine_does(
-        cluster: Cluster, sim: simulator.Simulator, s3: str, s3_server: S3Server, tmp_path: Path) -> None:
-    """The tasks read the images from the bucket on every node; the driver writes the output there."""
-    names = []
-    for i in range(24):
-        s3_server.put(f"{s3}/data/images/img{i:03d}.png", image_bytes((64, 48), (i * 9 % 256, 40, 200)))
-        names.append(f"images/img{i:03d}.png")
-    rows = pl.DataFrame({"image": [*names, "images/missing.png"]})
-    s3_server.put(f"{s3}/data/manifest.parquet", parquet_bytes(rows))
-    results = {}
-    for engine in ("local", "ray"):
-        cfg = write_config(tmp_path, sim.url, f"{s3}/data/manifest.parquet", output={"dir": f"{s3}/{engine}"},
-                           ray={"http_actors": 2, "block_rows": 4})
-        assert _run(cfg, "--engine", engine) == 1  # the missing image is an error row
-        results[engine] = pl.read_parquet(f"{s3}/{engine}/*.parquet").sort("id").select(
-            "id", "status", "error", *TOKEN_COLUMNS)
-    assert results["local"].height == 25 and results["local"].equals(results["ray"])
-    assert results["ray"].filter(pl.col("status") == "error")["error"].to_list() == [
-        f"image: missing object {s3}/data/images/missing.png"]
-
-
 @pytest.mark.parametrize("remote", ["inline", "pass"])
 def test_remote_images_on_ray_are_fetched_by_the_tasks_or_inlined_once_the_provider_cannot(
         cluster: Cluster, faulty_sim: Callable[..., Any], image_host: ImageHost, tmp_path: Path, remote: str) -> None:
@@ -148,6 +127,27 @@ def test_the_actors_find_an_unstated_lower_limit_and_say_so(cluster: Cluster, se
     settles_at(sim.requests(), real)
     assert "pace: held at" in said
     answered_once(tmp_path, rows)
+
+
+def test_a_run_from_a_bucket_to_a_bucket_on_ray_writes_what_the_local_engine_does(
+        cluster: Cluster, sim: simulator.Simulator, s3: str, s3_server: S3Server, tmp_path: Path) -> None:
+    """The tasks read the images from the bucket on every node; the driver writes the output there."""
+    names = []
+    for i in range(24):
+        s3_server.put(f"{s3}/data/images/img{i:03d}.png", image_bytes((64, 48), (i * 9 % 256, 40, 200)))
+        names.append(f"images/img{i:03d}.png")
+    rows = pl.DataFrame({"image": [*names, "images/missing.png"]})
+    s3_server.put(f"{s3}/data/manifest.parquet", parquet_bytes(rows))
+    results = {}
+    for engine in ("local", "ray"):
+        cfg = write_config(tmp_path, sim.url, f"{s3}/data/manifest.parquet", output={"dir": f"{s3}/{engine}"},
+                           ray={"http_actors": 2, "block_rows": 4})
+        assert _run(cfg, "--engine", engine) == 1  # the missing image is an error row
+        results[engine] = pl.read_parquet(f"{s3}/{engine}/*.parquet").sort("id").select(
+            "id", "status", "error", *TOKEN_COLUMNS)
+    assert results["local"].height == 25 and results["local"].equals(results["ray"])
+    assert results["ray"].filter(pl.col("status") == "error")["error"].to_list() == [
+        f"image: missing object {s3}/data/images/missing.png"]
 
 
 def test_one_429_makes_only_its_request_wait_its_retry_after(cluster: Cluster, sim: simulator.Simulator,

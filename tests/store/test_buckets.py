@@ -79,7 +79,7 @@ def test_a_run_reads_manifest_and_images_from_a_bucket_and_writes_its_output_the
     assert not (tmp_path / "out").exists()  # nothing of the output on local disk but the journal's folder
     run_info = json.loads(s3_server.get(f"{s3}/out/_run.json"))
     assert run_info["manifest"]["path"] == manifest
-    assert "out/_lock.json" not in s3_server.keys(s3)  # the lease is let go at the end
+    assert json.loads(s3_server.get(f"{s3}/out/_lock.json"))["until"] == 0  # the lease is let go at the end
 
     assert cli.main(["report", f"{s3}/out", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -174,7 +174,7 @@ def test_a_second_machine_is_refused_while_the_lease_holds_and_takes_it_over_onc
         holder.close()
     Store(out, schema(), journal_dir=tmp_path / "machine-b").close()  # let go: free for anyone
 
-    stale = {"host": "machine-c", "pid": 1, "journal": "/elsewhere", "until": time.time() - 1}
+    stale = {"host": "machine-c", "pid": 1, "owner": "0123", "until": time.time() - 1}
     Bucket(out).write(LEASE_FILE, json.dumps(stale).encode())
     Store(out, schema(), journal_dir=tmp_path / "machine-b").close()  # a lease past its end is taken over
 
@@ -187,6 +187,12 @@ def refused(call: Callable[[], None]) -> bool:
     return False
 
 
+def test_a_journal_folder_serves_one_output_only(s3: str, tmp_path: Path) -> None:
+    Store(f"{s3}/one", schema(), journal_dir=tmp_path / "journal").close()
+    with pytest.raises(StoreError, match=f"output.journal_dir: .*journal holds the journal of {s3}/one; give each"):
+        Store(f"{s3}/two", schema(), journal_dir=tmp_path / "journal")
+
+
 def test_a_run_whose_lease_was_taken_over_writes_no_more(
     s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -194,7 +200,7 @@ def test_a_run_whose_lease_was_taken_over_writes_no_more(
     out = f"{s3}/out"
     store = Store(out, schema(), journal_dir=tmp_path / "a")
     try:
-        usurper = {"host": "other", "pid": 2, "journal": "/x", "until": time.time() + 60}
+        usurper = {"host": "other", "pid": 2, "owner": "4567", "until": time.time() + 60}
         Bucket(out).write(LEASE_FILE, json.dumps(usurper).encode())
         wait_for(lambda: refused(store.cut))
         with pytest.raises(StoreError, match="another run took over the lock"):
@@ -221,8 +227,9 @@ def test_a_folder_of_images_in_a_bucket_is_a_manifest(
     assert f"skipped 1 file in {s3}/photos/ that Pillow cannot read as images: notes.txt" in caplog.text
 
 
-def test_estimate_reads_headers_from_the_bucket_as_from_local_disk(
-    s3: str, s3_server: S3Server, sim: Simulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_estimate_reads_headers_from_the_bucket_as_from_local_disk_with_ranged_reads(
+    s3: str, s3_server: S3Server, sim: Simulator, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sizes = [(2000, 1500), (640, 480), (300, 900)]
     local = tmp_path / "local"
@@ -236,11 +243,16 @@ def test_estimate_reads_headers_from_the_bucket_as_from_local_disk(
     (local / "manifest.csv").write_bytes(csv)
 
     found = []
-    for manifest in (f"{s3}/data/manifest.csv", str(local / "manifest.csv")):
-        cfg = config_in(tmp_path, sim, manifest, str(tmp_path / "out"), prompt={"detail": "high"})
-        assert cli.main(["estimate", str(cfg), "--json"]) == 0
-        found.append(json.loads(capsys.readouterr().out))
+    with throttling(s3_server) as throttle:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", throttle.url)
+        for manifest in (f"{s3}/data/manifest.csv", str(local / "manifest.csv")):
+            cfg = config_in(tmp_path, sim, manifest, str(tmp_path / "out"), prompt={"detail": "high"})
+            assert cli.main(["estimate", str(cfg), "--json"]) == 0
+            found.append(json.loads(capsys.readouterr().out))
     assert found[0] == found[1]
+    bucket = s3.removeprefix("s3://")
+    assert {path: throttle.ranges[path] for path in throttle.ranges if "/images/" in path} == {
+        f"/{bucket}/data/images/{name}.jpg": "bytes=0-65535" for name in ("i0", "i1", "i2", "none")}
     assert found[0]["rows"] == 3 and found[0]["unreadable_rows"] == 1 and found[0]["input_tokens"]["image"] > 0
     assert answered(sim) == 0
 
