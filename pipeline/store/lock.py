@@ -23,8 +23,12 @@ LOCK_FILE = "_lock"
 
 
 class Lock:
-    def __init__(self, directory: Path) -> None:
+    """`directory`'s lock; `label` names what it guards in messages (a bucket's URL, whose
+    journal folder this is), by default the directory."""
+
+    def __init__(self, directory: Path, label: str | None = None) -> None:
         self.path = directory / LOCK_FILE
+        self._label = label or str(directory)
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
@@ -35,7 +39,7 @@ class Lock:
             lock_file.seek(0)
             holder = lock_file.read().strip()
             lock_file.close()
-            raise StoreError(f"output.dir: another annotate run is writing to {self.path.parent} "
+            raise StoreError(f"output.dir: another annotate run is writing to {self._label} "
                              f"({holder or 'holder unknown'})") from None
         lock_file.seek(0)
         lock_file.truncate()

@@ -131,7 +131,7 @@ class Store:
         except OSError as exc:
             raise StoreError(f"output.dir: cannot create {self.local}: {exc.strerror}") from None
         self._busy = threading.RLock()
-        self._lock = Lock(self.local)
+        self._lock = Lock(self.local, str(location))
         self._lock.acquire()
         self._lease: Lease | None = None
         try:

@@ -20,8 +20,9 @@ import pytest
 import yaml
 
 from pipeline import cli
-from pipeline.config import InputConfig, PromptConfig
-from pipeline.errors import StoreError
+from pipeline.aws_profile import profile_options
+from pipeline.config import InputConfig, PromptConfig, load
+from pipeline.errors import ConfigError, StoreError
 from pipeline.manifest import Manifest
 from pipeline.objects import Bucket
 from pipeline.simulator import Simulator
@@ -168,6 +169,8 @@ def test_a_second_machine_is_refused_while_the_lease_holds_and_takes_it_over_onc
     out = f"{s3}/out"
     holder = Store(out, schema(), journal_dir=tmp_path / "machine-a")
     try:
+        with pytest.raises(StoreError, match=f"another annotate run is writing to {out} .*pid"):  # this machine's lock
+            Store(out, schema(), journal_dir=tmp_path / "machine-a")
         with pytest.raises(StoreError, match="another annotate run is writing to .*lease ends in"):
             Store(out, schema(), journal_dir=tmp_path / "machine-b")
     finally:
@@ -312,3 +315,44 @@ def test_a_store_that_says_slow_down_to_every_first_try_is_read_and_written_all_
     assert out.filter(pl.col("status") == "error")["error"].to_list() == [
         f"image: missing object {s3}/data/images/missing.png"]  # a 404 after a 503 is still a 404
     assert throttle.refused.get("GET", 0) >= 9 and throttle.refused.get("PUT", 0) >= 3  # images; parts, _run, lease
+
+
+def test_an_aws_profile_gives_what_the_environment_does_not_and_environment_keys_replace_its_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "credentials").write_text("[default]\naws_access_key_id = AKIADEFAULT\n"
+                                          "aws_secret_access_key = default-secret\n"
+                                          "[work]\naws_access_key_id = AKIAWORK\naws_secret_access_key = work-secret\n"
+                                          "aws_session_token = work-token\n")
+    (tmp_path / "config").write_text("[profile work]\nregion = eu-west-3\nendpoint_url = https://minio.internal:9000\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_PROFILE", "work")
+    assert profile_options() == {"aws_access_key_id": "AKIAWORK", "aws_secret_access_key": "work-secret",
+                                 "aws_session_token": "work-token", "aws_region": "eu-west-3",
+                                 "aws_endpoint_url": "https://minio.internal:9000"}
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAENV")
+    monkeypatch.setenv("AWS_REGION", "us-east-2")
+    assert profile_options() == {"aws_endpoint_url": "https://minio.internal:9000"}  # no token beside an env key
+    monkeypatch.delenv("AWS_PROFILE")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    assert profile_options() == {"aws_access_key_id": "AKIADEFAULT", "aws_secret_access_key": "default-secret"}
+
+
+def test_a_config_takes_bucket_urls_and_refuses_other_schemes_in_one_line(tmp_path: Path, sim: Simulator) -> None:
+    cfg = config_in(tmp_path, sim, "ftp://host/manifest.csv", "s3://b/out")
+    with pytest.raises(ConfigError, match=r"^config: input.manifest: Value error, ftp:// is not a store this reads"):
+        load(cfg)
+    data = yaml.safe_load(cfg.read_text())
+    data["input"]["manifest"] = "gs://b/m.parquet"
+    data["storage_options"] = {"aws_secret_access_key": 12345}
+    cfg.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as refused:
+        load(cfg)
+    assert "storage_options.aws_secret_access_key" in str(refused.value) and "12345" not in str(refused.value)
+    del data["storage_options"]
+    cfg.write_text(yaml.safe_dump(data))
+    loaded = load(cfg)
+    assert loaded.input.manifest == "gs://b/m.parquet" and loaded.output.dir == "s3://b/out"
