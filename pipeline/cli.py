@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from . import config, report, runner
+from . import config, export, report, runner
 from .config import SimulatorSettings
 from .cost import estimate
 from .errors import ConfigError, Interrupted, ManifestError, RequestFailed, RunStopped, StoreError
@@ -134,6 +134,13 @@ def _compact(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _export(args: argparse.Namespace) -> int:
+    done = export.export(args.dir, args.to, args.format, args.where, args.images, progress=not args.quiet)
+    left = f"; {len(done.skipped)} left out, their image unreadable now" if done.skipped else ""
+    print(f"annotate: {done.rows} of {done.selected} selected rows exported to {args.to} ({args.format}){left}")
+    return EXIT_OK
+
+
 def _batch(args: argparse.Namespace) -> int:
     try:
         return _batch_command(args)
@@ -238,6 +245,18 @@ def _parser() -> argparse.ArgumentParser:
     com = commands.add_parser("compact", help="rewrite many small parts into a few large ones, one row per id")
     com.add_argument("dir", type=config.as_location)
     com.set_defaults(handler=_compact)
+
+    exp = commands.add_parser("export", help="the rows of an output directory in a format trainers read")
+    exp.add_argument("dir", type=config.as_location)
+    exp.add_argument("--to", type=Path, required=True, help="a new file (jsonl) or folder (the others)")
+    exp.add_argument("--format", choices=export.FORMATS, required=True,
+                     help="jsonl: a row a line; sidecar: ID.jpg + ID.txt; webdataset: tar shards; hf: a datasets dataset")
+    exp.add_argument("--where", default=export.DEFAULT_WHERE,
+                     help=f"which rows: a SQL condition over the output's columns (default: {export.DEFAULT_WHERE})")
+    exp.add_argument("--images", choices=["sent", "original"], default="sent",
+                     help="the images as they were sent (converted, downscaled) or the files as they are")
+    exp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    exp.set_defaults(handler=_export)
 
     bat = commands.add_parser("batch", help="the Batch API batches of an output directory (engine: batch)")
     bat_commands = bat.add_subparsers(dest="batch_command", required=True)

@@ -26,7 +26,7 @@ from .errors import RowInputError
 from .image_file import Buffer, opened, orientation, truncation
 from .manifest import ImageRef
 
-__all__ = ["ImagePart", "to_parts", "sniff_mime", "sizes_as_sent", "sizes_from_head", "resolve", "is_remote",
+__all__ = ["ImagePart", "to_parts", "read_file", "sniff_mime", "sizes_as_sent", "sizes_from_head", "resolve", "is_remote",
            "notes_text"]
 
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
@@ -80,7 +80,8 @@ def resolve(ref: str, root: Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def _read(ref: str, root: Path) -> bytes:
+def read_file(ref: str, root: Path) -> bytes:
+    """The bytes of a local file a reference names; RowInputError when it cannot be read."""
     try:
         path = resolve(ref, root)
         return path.read_bytes()
@@ -287,7 +288,7 @@ def _part(ref: ImageRef, root: Path, prompt: PromptConfig, fetched: Mapping[str,
         return _encode(fetched[ref], ref, prompt)
     if ref.startswith("data:") or is_remote(ref):
         return [ImagePart(ref, None)]
-    return _encode(_read(ref, root), ref, prompt)
+    return _encode(read_file(ref, root), ref, prompt)
 
 
 def to_parts(refs: Sequence[ImageRef], root: Path, prompt: PromptConfig | None = None,

@@ -23,7 +23,7 @@ GROUPS = {
     "engines": {"engines.*"},
     "simulator": {"simulator.*"},
     # what the commands run: a run (runner picks the engine), estimate, report, the CLI
-    "commands": {"runner", "cost.estimate", "report", "cli", "__main__"},
+    "commands": {"runner", "cost.estimate", "report", "export.*", "cli", "__main__"},
 }
 # group -> the other groups it may import
 ALLOWED = {
