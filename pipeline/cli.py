@@ -54,6 +54,9 @@ def _summary_text(s: runner.Summary) -> str:
     lines = [
         f"annotate: finished in {s.elapsed_s:.1f} s; {s.total} rows in the manifest",
         f"  answered now: {s.ok + s.failed} ({s.ok} ok, {s.failed} failed; {s.retried} had failed before)",
+        *([f"  flagged rows asked again: {s.flagged}"
+           + (f" ({s.kept_earlier} failed and keep their earlier answer)" if s.kept_earlier else "")]
+          if s.flagged else []),
         f"  resumed: {s.resumed} answered by earlier runs",
         f"  still failing: {failing}",
         *(f"    {n} on {kind}" for kind, n in sorted(s.errors.items())),
@@ -77,11 +80,12 @@ def _run(args: argparse.Namespace) -> int:
     no_wait = ["batch.wait=false"] if args.no_wait else []
     cfg = config.load(args.config, overrides=[*args.set, *engine, *no_wait], output_dir=args.output)
     summary = _in_loop(runner.run(cfg, limit=args.limit, progress=not args.quiet,
-                                  retry_failed=args.retry_failed, force=args.force))
+                                  retry_failed=args.retry_failed, retry_flagged=args.retry_flagged,
+                                  force=args.force))
     print(_summary_text(summary))
     if summary.stopped_at_budget:
         return EXIT_BUDGET
-    return EXIT_OK if summary.failed == summary.failed_before == 0 else EXIT_ROWS_FAILED
+    return EXIT_OK if summary.failed - summary.kept_earlier == summary.failed_before == 0 else EXIT_ROWS_FAILED
 
 
 def _estimate_text(e: dict[str, Any]) -> str:
@@ -222,6 +226,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config key; the value is read as YAML (repeatable)")
     run.add_argument("--retry-failed", action="store_true",
                      help="ask again rows that failed for good (4xx, bad image); transient failures always are")
+    run.add_argument("--retry-flagged", action="store_true",
+                     help="ask again only the answered rows flagged for a second look (empty, cut at max_tokens, "
+                          "refusal, short, duplicate), with quality.retry over the request; each row keeps "
+                          "what its earlier answers cost")
     run.add_argument("--force", action="store_true",
                      help="resume although the config's model, prompt or parameters changed since the last run")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

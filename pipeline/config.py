@@ -46,6 +46,7 @@ __all__ = [
     "LimitsConfig",
     "OutputConfig",
     "Price",
+    "QualityConfig",
     "RunConfig",
     "load",
     "parse",
@@ -135,6 +136,10 @@ class SimulatorSettings(_Model):
     rate_drop: Rate = Field(0.0, ge=0, le=1)
     rate_invalid_json: Rate = Field(0.0, ge=0, le=1, description="share of structured answers that are not JSON")
     rate_schema_break: Rate = Field(0.0, ge=0, le=1, description="share of structured answers that break the schema")
+    rate_empty: Rate = Field(0.0, ge=0, le=1, description="share of prose answers that are empty")
+    rate_refusal: Rate = Field(0.0, ge=0, le=1, description="share of prose answers that are a refusal")
+    rate_repeat: Rate = Field(0.0, ge=0, le=1, description="share of prose answers that are one caption, the "
+                                                           "same for every image")
     refuse_response_format: Literal["none", "json_schema", "all"] = Field(
         "none", description="answer 400 to response_format json_schema, or to any response_format, as some gateways do")
     limit_mode: Literal["window", "fixed_minute", "bucket"] = Field(
@@ -319,6 +324,40 @@ class Price(_Model):
     batch_cached_input: NonNegativeFloat | None = None
 
 
+# How answers that are refusals begin, in the words vision models use (matched case-blind at the
+# start of the answer, so a caption that quotes "sorry" on a sign is not one).
+REFUSAL_PATTERNS = (
+    r"(i'm|i am|i’m) (sorry|unable|not able)",
+    r"i (can't|cannot|can’t|won't|will not) (help|assist|provide|describe|identify|comply|do that|analy[sz]e)",
+    r"sorry, (but )?i",
+    r"as an ai",
+)
+
+
+class QualityConfig(_Model):
+    """Which answers are flagged for a second look (the `flags` column, `annotate report`,
+    `annotate view`), and how `annotate run --retry-flagged` asks them again."""
+
+    refusal_patterns: tuple[str, ...] = Field(
+        REFUSAL_PATTERNS, description="regular expressions; an answer that begins with a match is a refusal")
+    min_chars: NonNegativeInt = Field(10, description="an answer shorter than this is flagged short (prose only)")
+    duplicate_share: Rate = Field(
+        0.01, ge=0, le=1, description="an answer text given by more than this share of answered rows (and by 3 "
+                                      "or more) is flagged duplicate (prose only)")
+    retry: dict[str, Any] = Field(
+        {}, description="request settings for rows asked again with --retry-flagged, e.g. max_tokens, temperature")
+
+    @field_validator("refusal_patterns")
+    @classmethod
+    def _compiles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+        return value
+
+
 class RunConfig(_Model):
     input: InputConfig
     prompt: PromptConfig = PromptConfig()
@@ -331,6 +370,7 @@ class RunConfig(_Model):
     request: RequestConfig
     limits: LimitsConfig = LimitsConfig()
     output: OutputConfig = OutputConfig()
+    quality: QualityConfig = QualityConfig()
     output_schema: dict[str, Any] | None = Field(
         None, description="{field: type} or a JSON Schema; held as the JSON Schema it stands for")
     pricing: dict[str, Price] = {}
@@ -359,6 +399,21 @@ class RunConfig(_Model):
                 raise ValueError(f"request.{name}: {self.request.model} is a reasoning model, which takes only "
                                  f"{name} {fixed:g} (got {value!r}); remove it")
         return self
+
+    @model_validator(mode="after")
+    def _retry_request(self) -> RunConfig:
+        self.retried()  # a quality.retry that makes no valid request is an error now, not at --retry-flagged
+        return self
+
+    def retried(self) -> RunConfig:
+        """This config with quality.retry over its request: how --retry-flagged asks again."""
+        if not self.quality.retry:
+            return self
+        try:
+            request = RequestConfig.model_validate({**self.request.model_dump(exclude_unset=True), **self.quality.retry})
+        except ValidationError as exc:
+            raise ValueError(f"quality.retry: {one_line(exc)}") from None
+        return self.model_copy(update={"request": request})
 
     @property
     def targets(self) -> tuple[EndpointConfig, ...]:

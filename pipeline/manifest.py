@@ -225,16 +225,18 @@ class Manifest:
         return stable
 
     def batches(self, rows: int = _BATCH_ROWS, skip: pl.LazyFrame | None = None,
-                limit: int | None = None) -> Iterator[list[ManifestRow]]:
+                limit: int | None = None, only: pl.LazyFrame | None = None) -> Iterator[list[ManifestRow]]:
         """Rows in slices of `rows`, from one streaming pass over the file, each id once: the
         ids in `skip` (a frame with an `id` column: already done) are dropped there, before
-        any row becomes a Python object."""
+        any row becomes a Python object, and with `only`, the ids not in it."""
         source = self._source
         prompt = self._prompt()
         frame = self._frame.select(self._id(prompt).alias("_id"), prompt.alias("_prompt"),
                                    pl.col(source.image_column).alias("_image"), *source.keep_columns)
         if skip is not None:
             frame = frame.join(skip.select(_id="id"), on="_id", how="anti", maintain_order="left")
+        if only is not None:
+            frame = frame.join(only.select(_id="id"), on="_id", how="semi", maintain_order="left")
         if not source.id_column:  # identical rows ask one question once (after the skip: less to hold)
             frame = frame.unique(subset="_id", keep="first", maintain_order=True)
         if limit is not None:

@@ -14,7 +14,8 @@ from typing import Any
 
 import polars as pl
 
-from .config import Price
+from . import quality
+from .config import Price, QualityConfig
 from .cost.pricing import PriceTable
 from .store.folder import Folder, open_folder
 from .store.parts import parts, read_run_info, scan
@@ -63,6 +64,7 @@ def summarize(directory: Path | str) -> dict[str, Any]:
         "rows_per_s": totals["rows"] / seconds if seconds else None,
         "errors": [{"error": e, "rows": n} for e, n in errors.iter_rows()],
         "labels": _value_counts(folder, ok),
+        "flags": _flag_counts(folder, rows),
         "batch": _batch_savings(folder, answered),
     }
 
@@ -94,6 +96,22 @@ def _batch_savings(directory: Folder, answered: pl.LazyFrame) -> dict[str, Any] 
     cost = float(sums["cost_usd"].sum())
     return {"rows": int(sums["rows"].sum()), "cost_usd": cost,
             "online_cost_usd": None if None in online else sum(c for c in online if c is not None)}
+
+
+def _flag_counts(directory: Folder, rows: pl.LazyFrame) -> dict[str, int]:
+    """Answered rows by flag (`pipeline.quality`), commonest first; duplicates counted over all
+    rows by the run's quality settings (prose answers only)."""
+    counts: dict[str, int] = {}
+    if "flags" in rows.collect_schema():
+        frame = (rows.filter(pl.col("status") == "ok").select(pl.col("flags").explode().alias("flag"))
+                 .drop_nulls().group_by("flag").len().collect())
+        counts = dict(frame.iter_rows())
+    config = (read_run_info(directory) or {}).get("config") or {}
+    if config.get("output_schema") is None:
+        repeated = quality.duplicate_answers(rows, QualityConfig(**config.get("quality", {})).duplicate_share)
+        if duplicates := int(repeated.select(pl.col("rows").sum()).collect().item() or 0):
+            counts[quality.DUPLICATE] = duplicates
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def _value_counts(directory: Folder, ok: pl.LazyFrame) -> dict[str, list[dict[str, Any]]]:
@@ -137,6 +155,9 @@ def render(report: dict[str, Any]) -> str:
                      + (f"; online they would have cost ${online:.4f}, saved ${online - batch['cost_usd']:.4f}"
                         if online is not None else ""))
     lines += [f"  {e['rows']} x {e['error']}" for e in report["errors"]]
+    if report["flags"]:
+        lines.append("  flagged for a second look: " + ", ".join(f"{n} {flag}" for flag, n in report["flags"].items())
+                     + " (annotate run --retry-flagged asks them again)")
     lines += [f"  {field}: " + ", ".join(f"{_shown(c['value'])} {c['rows']}" for c in counts)
               for field, counts in report["labels"].items()]
     return "\n".join(lines)

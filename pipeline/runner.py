@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -17,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm import tqdm
 
-from . import objects
+from . import objects, quality
 from .client import read_key
 from .config import EndpointConfig, RunConfig, fingerprint, fingerprint_changes
 from .cost.pricing import PriceTable
@@ -60,7 +61,7 @@ def _endpoints(targets: Sequence[EndpointConfig]) -> Iterator[list[EndpointConfi
         yield [stack.enter_context(_endpoint(target)) for target in targets]
 
 
-def _claim_directory(store: Store, cfg: RunConfig, total: int, force: bool) -> None:
+def _claim_directory(store: Store, cfg: RunConfig, total: int, force: bool, retry_flagged: bool) -> None:
     """Refuse to mix answers of two different configs in one directory, unless forced; then
     record this run (fingerprint, manifest, config without header values) in `_run.json`."""
     now = fingerprint(cfg)
@@ -77,16 +78,20 @@ def _claim_directory(store: Store, cfg: RunConfig, total: int, force: bool) -> N
     store.write_run_info({
         "fingerprint": now,
         "manifest": {"path": str(manifest.resolve() if isinstance(manifest, Path) else manifest), "rows": total},
-        "runs": [*runs, {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "forced": force}],
+        "runs": [*runs, {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "forced": force,
+                         **({"retry_flagged": cfg.quality.retry} if retry_flagged else {})}],
         "config": config,
     })
 
 
-def _open_store(cfg: RunConfig, columns: pa.Schema, total: int, retry_failed: bool, force: bool) -> Store:
-    store = Store(cfg.output.dir, columns, journal=cfg.output.journal, retry_failed=retry_failed,
+def _open_store(cfg: RunConfig, columns: pa.Schema, total: int, retry_failed: bool, retry_flagged: bool,
+                force: bool) -> Store:
+    prose = cfg.output_schema is None
+    redo = functools.partial(quality.flagged_ids, quality=cfg.quality, prose=prose) if retry_flagged else None
+    store = Store(cfg.output.dir, columns, journal=cfg.output.journal, retry_failed=retry_failed, redo=redo,
                   journal_dir=cfg.output.journal_dir)
     try:
-        _claim_directory(store, cfg, total, force)
+        _claim_directory(store, cfg, total, force, retry_flagged)
     except BaseException:
         store.close()
         raise
@@ -94,10 +99,11 @@ def _open_store(cfg: RunConfig, columns: pa.Schema, total: int, retry_failed: bo
 
 
 async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True, retry_failed: bool = False,
-              force: bool = False) -> Summary:
+              retry_flagged: bool = False, force: bool = False) -> Summary:
     """Run, or resume, one job on the engine the config names. Raises ConfigError,
     ManifestError or StoreError before sending anything, RunStopped when every request fails
-    alike, Interrupted on SIGINT or SIGTERM."""
+    alike, Interrupted on SIGINT or SIGTERM. `retry_flagged`: ask only the answered rows that
+    carry a flag again, with quality.retry over the request."""
     started = time.monotonic()
     prices = PriceTable(cfg.pricing)
     if cfg.limits.max_cost_usd is not None and prices.find(cfg.request.model) is None:
@@ -117,15 +123,16 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
     output = columns.schema(manifest.keep_schema, schema.fields if schema else ())  # a clashing field: exit 2 now
     total = await asyncio.to_thread(manifest.count)
     with _endpoints(cfg.targets) as endpoints:
-        store = await asyncio.to_thread(_open_store, cfg, output, total, retry_failed, force)
-        summary = Summary(output_dir=cfg.output.dir, total=total, resumed=store.resumed,
+        store = await asyncio.to_thread(_open_store, cfg, output, total, retry_failed, retry_flagged, force)
+        summary = Summary(output_dir=cfg.output.dir, total=total, resumed=store.resumed - len(store.redo_ids),
                           failed_before=store.failed_for_good)
         if prices.find(cfg.request.model) is None:
             log.warning("no price known for %s: cost_usd stays empty (add it under pricing:)", cfg.request.model)
         done_before = summary.resumed + summary.failed_before
-        todo = total if limit is None else min(total, done_before + limit)
+        todo = total if store.redo is None else done_before + len(store.redo_ids)
+        todo = todo if limit is None else min(todo, done_before + limit)
         with tqdm(total=todo, initial=done_before, unit="row", disable=not progress, dynamic_ncols=True) as bar:
-            driver = Driver(cfg, manifest, store, bar, summary)
+            driver = Driver(cfg.retried() if retry_flagged else cfg, manifest, store, bar, summary)
             try:
                 await engine(driver, endpoints, schema, limit)
             except asyncio.CancelledError:

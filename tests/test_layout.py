@@ -19,7 +19,7 @@ GROUPS = {
     "cost": {"cost.__init__", "cost.tokens", "cost.pricing", "cost.budget"},
     "store": {"store.*"},
     "prepare": {"manifest", "image_file", "images", "fetch", "payload"},
-    "request": {"limits", "events", "completion", "client", "sender", "rows"},
+    "request": {"limits", "events", "completion", "client", "sender", "rows", "quality"},
     "engines": {"engines.*"},
     "simulator": {"simulator.*"},
     # what the commands run: a run (runner picks the engine), estimate, report, the CLI

@@ -25,6 +25,7 @@ from ..config import RunConfig
 from ..cost.budget import Budget
 from ..errors import ManifestError
 from ..manifest import Manifest, ManifestRow
+from ..quality import flags_of
 from ..sender import Outcome
 from ..store.ledger import Ledger
 from ..store.parts import Store
@@ -50,6 +51,8 @@ class Summary:
     ok: int = 0
     failed: int = 0
     retried: int = 0  # rows that had failed in an earlier run and were asked again
+    flagged: int = 0  # answered rows with flags asked again (--retry-flagged)
+    kept_earlier: int = 0  # of those, rows whose new asking failed: their earlier answer stays
     failed_before: int = 0  # rows that failed for good in earlier runs and were not asked again
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -70,7 +73,7 @@ class Summary:
             if row["cost_usd"] is None:
                 self.priced = False
             else:
-                self.cost_usd += row["cost_usd"]
+                self.cost_usd += row["cost_usd"] - (row.get("earlier_cost_usd") or 0.0)
         if row["status"] == "ok":
             self.ok += 1
         else:
@@ -144,7 +147,7 @@ class Driver:
         """Manifest rows not done yet, each id once, in batches; a bad line far down the file
         ends them and stops the run once what is in flight is kept."""
         try:
-            yield from self.manifest.batches(skip=self.store.done, limit=limit)
+            yield from self.manifest.batches(skip=self.store.done, limit=limit, only=self.store.redo)
         except ManifestError as exc:
             self.manifest_error = exc
             self.stop_reason = f"the manifest could not be read on: {exc}"
@@ -172,11 +175,16 @@ class Driver:
             self.store.close()
 
     def _record(self, outcomes: Sequence[Outcome]) -> None:
-        if outcomes:
-            self.store.record([row for row, _ in outcomes])
+        outcomes = [(self._finished(row), kind) for row, kind in outcomes]
+        kept = [row for row, _ in outcomes if row["status"] == "ok" or row["id"] not in self.store.redo_ids]
+        if kept:
+            self.store.record(kept)
         for row, kind in outcomes:
             self._watch_alike(kind, row)
             self.summary.count(row, retried=row["id"] in self.store.failed_ids)
+            if row["id"] in self.store.redo_ids:
+                self.summary.flagged += 1
+                self.summary.kept_earlier += row["status"] != "ok"
         self.unpublished += len(outcomes)
         self.bar.update(len(outcomes))
         self.bar.set_postfix(self._postfix(), refresh=False)
@@ -184,6 +192,16 @@ class Driver:
             self.store.cut()
             self.unpublished = 0
             self.cut_at = time.monotonic()
+
+    def _finished(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The row with its flags, and the cost of the answers it replaces kept in it."""
+        row = {**row, "flags": flags_of(row, self.cfg.quality, prose=self.cfg.output_schema is None)}
+        cost, charged = self.store.paid_before.get(row["id"], (None, None))
+        if cost is None and charged is None:
+            return row
+        return {**row, "earlier_cost_usd": cost,
+                "cost_usd": None if cost is None else cost + (row.get("cost_usd") or 0.0),
+                "charged_usd": (charged or 0.0) + (row.get("charged_usd") or 0.0)}
 
     def _watch_alike(self, kind: int | str | None, row: dict[str, Any]) -> None:
         """Stop after ACCOUNT_STOP_AFTER failures in a row of one kind that every row would meet:

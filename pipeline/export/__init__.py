@@ -23,7 +23,7 @@ __all__ = ["export", "Exported", "FORMATS", "HF_EXTRA", "DEFAULT_WHERE"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WHERE = "status = 'ok'"
+DEFAULT_WHERE = "status = 'ok' AND coalesce(array_length(flags), 0) = 0"  # answered, and not flagged
 _NAMED = 5
 
 

@@ -55,6 +55,8 @@ def select(folder: Folder, where: str) -> Selection:
     if info is None:
         raise StoreError(f"{folder.label}: no _run.json here (is it an output.dir?)")
     frame = scan(parts(folder, required=True), options=folder.options)
+    if "flags" not in frame.collect_schema():  # written before rows were flagged
+        frame = frame.with_columns(flags=pl.lit(None, pl.List(pl.String)))
     try:
         chosen = frame.filter(pl.sql_expr(where)).unique(subset="id", keep="last", maintain_order=True).collect()
     except (pl.exceptions.PolarsError, ValueError) as exc:

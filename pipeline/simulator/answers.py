@@ -24,13 +24,19 @@ _WRONG: tuple[tuple[str, Any], ...] = (("string", "n/a"), ("number", 0.5), ("boo
                                        ("object", {}))  # a value of the first type a node does not allow breaks it
 
 
-def _prose(parsed: Parsed) -> list[str]:
+# What a prose answer becomes with each flaw: as vision models answer when they fail.
+_PROSE_FLAWS = {"empty": "", "refusal": "I'm sorry, but I can't help with that request.",
+                "repeat": "[simulated] A picture."}
+
+
+def _prose(parsed: Parsed, flaws: Sequence[str | None]) -> list[str]:
     prompt = " ".join(parsed.prompt.split())
     head = f'[simulated] re "{prompt[:40]}{"..." if len(prompt) > 40 else ""}":'
     many = len(parsed.images) > 1
     sentences = [f"{'Image %d: ' % (k + 1) if many else ''}{img.description}." for k, img in enumerate(parsed.images)]
     base = " ".join([head, *(sentences or ["no image given."])])
-    return [f"{'(variant %d) ' % i if i else ''}{base}" for i in range(parsed.n)]
+    flawed = [_PROSE_FLAWS.get(flaws[i] or "") if i < len(flaws) else None for i in range(parsed.n)]
+    return [text if text is not None else f"{'(variant %d) ' % i if i else ''}{base}" for i, text in enumerate(flawed)]
 
 
 def _follow(ref: str, root: JSON) -> Any:
@@ -189,8 +195,9 @@ def _structured(parsed: Parsed, schema: JSON, flaws: Sequence[str | None]) -> li
 
 def answer_texts(parsed: Parsed, flaws: Sequence[str | None] = ()) -> list[tuple[str, str]]:
     """(content, finish_reason) per choice: deterministic from the prompt and the images, prose or
-    JSON of `parsed.schema`; flaws, one per choice ("invalid_json", "schema_break" or None), spoil it."""
-    texts = _prose(parsed) if parsed.schema is None else _structured(parsed, parsed.schema, flaws)
+    JSON of `parsed.schema`; flaws, one per choice, spoil it: "invalid_json" or "schema_break" a
+    structured answer, "empty", "refusal" or "repeat" a prose one."""
+    texts = _prose(parsed, flaws) if parsed.schema is None else _structured(parsed, parsed.schema, flaws)
     answers = []
     for text in texts:
         if parsed.max_tokens is not None and tokens.text_tokens(text) > parsed.max_tokens:

@@ -80,7 +80,8 @@ class LogEntry:
     response_id: str | None = None
     usage: JSON | None = None
     markers: tuple[str, ...] = ()
-    flaws: tuple[str | None, ...] = ()  # per choice of the answer sent: "invalid_json", "schema_break" or None
+    # per choice of the answer sent: "invalid_json", "schema_break", "empty", "refusal", "repeat" or None
+    flaws: tuple[str | None, ...] = ()
     batch_id: str | None = None  # a line of this batch, not a request of its own
 
 
@@ -322,15 +323,21 @@ class Simulator:
         return None, None, None
 
     def _flaws(self, parsed: Parsed, k: int) -> tuple[str | None, ...]:
-        """Per choice of a structured answer, a seeded draw of its flaw: not JSON, breaks the schema, or none."""
-        if parsed.schema is None:
-            return (None,) * parsed.n
+        """Per choice, a seeded draw of its flaw: a structured answer not JSON or breaking the
+        schema; a prose answer empty, a refusal or the same for every image; or none."""
         settings, flaws = self.settings, []
+        rates = ({"invalid_json": settings.rate_invalid_json, "schema_break": settings.rate_schema_break}
+                 if parsed.schema is not None else
+                 {"empty": settings.rate_empty, "refusal": settings.rate_refusal, "repeat": settings.rate_repeat})
         for i in range(parsed.n):
             draw = random.Random(f"{settings.seed}:{parsed.digest}:{k}:flaw:{i}").random()
-            flaws.append("invalid_json" if draw < settings.rate_invalid_json
-                         else "schema_break" if draw < settings.rate_invalid_json + settings.rate_schema_break
-                         else None)
+            edge, flaw = 0.0, None
+            for name, rate in rates.items():
+                edge += rate
+                if draw < edge:
+                    flaw = name
+                    break
+            flaws.append(flaw)
         return tuple(flaws)
 
     async def _hang(self) -> bool:

@@ -23,6 +23,7 @@ COLUMNS = pa.schema(
         ("answers", pa.list_(pa.string())),
         ("finish_reason", pa.string()),
         ("refusal", pa.string()),
+        ("flags", pa.list_(pa.string())),  # an answer that needs a second look: empty, length, refusal, short
         ("model", pa.string()),
         ("response_id", pa.string()),
         ("batch_id", pa.string()),  # the provider's batch that answered the row (engine: batch)
@@ -34,6 +35,8 @@ COLUMNS = pa.schema(
         ("cost_usd", pa.float64()),
         # what the budget counted: cost_usd, or the request's worst case when no usage came back
         ("charged_usd", pa.float64()),
+        # of cost_usd, what answers this row replaced had cost (--retry-flagged, --retry-failed)
+        ("earlier_cost_usd", pa.float64()),
         ("latency_ms", pa.float64()),
         ("attempts", pa.int64()),
         ("error", pa.string()),

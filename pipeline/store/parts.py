@@ -39,6 +39,7 @@ RUN_FILE = "_run.json"
 INTENT_FILE = "_compact.json"  # a compaction under way: which parts it replaces with which
 PARTS = "part-*.parquet"
 Row = dict[str, Any]
+Redo = Callable[[pl.LazyFrame], pl.LazyFrame]  # the ids of answered rows to ask again, from all rows
 
 
 def part_stamp() -> str:
@@ -122,7 +123,7 @@ class Store:
     """
 
     def __init__(self, location: Path | str, schema: pa.Schema, *, journal: bool = True,
-                 retry_failed: bool = False, journal_dir: Path | None = None) -> None:
+                 retry_failed: bool = False, redo: Redo | None = None, journal_dir: Path | None = None) -> None:
         # the journal, the lock and files on their way to a bucket: on local disk
         self.local = local_dir_for(location, journal_dir)
         self._schema = schema
@@ -139,12 +140,12 @@ class Store:
             if isinstance(self.folder, BucketFolder):
                 self._lease = Lease(self.folder.bucket, journal_owner(self.local, self.folder.label))
                 self._lease.acquire()
-            self._open(journal, retry_failed)
+            self._open(journal, retry_failed, redo)
         except BaseException:
             self._let_go()
             raise
 
-    def _open(self, journal: bool, retry_failed: bool) -> None:
+    def _open(self, journal: bool, retry_failed: bool, redo: Redo | None) -> None:
         with self._io("open the output"):
             finish_interrupted(self.folder)
         # time orders the parts of successive runs; the random tail keeps two runs in one second apart
@@ -152,26 +153,35 @@ class Store:
         self._seq = 0
         self._journal = Journal(self.local) if journal else None
         self._memory: list[Row] = []  # with the journal off: outcomes wait here for the next part
-        self._errors = self._error_parts()
+        self._errors: dict[str, str] = {}  # the part holding each row a new answer replaces, by id
         if self._journal and (self._journal.open_cuts() or self._journal.pending()):
             with self._io("replay the journal"):
                 self._recover()
         written = parts(self.folder)
-        rows = self._scan(written) if written else pl.LazyFrame(schema={"id": pl.String, "status": pl.String,
-                                                                          "retryable": pl.Boolean,
-                                                                          "charged_usd": pl.Float64})
+        rows = self._scan(written) if written else pl.LazyFrame(schema={
+            "id": pl.String, "status": pl.String, "answer": pl.String, "flags": pl.List(pl.String),
+            "retryable": pl.Boolean, "charged_usd": pl.Float64, "cost_usd": pl.Float64})
         final = pl.col("status") == "ok"
         if not retry_failed:
             final = final | pl.col("retryable").not_()
         # Only ids, and lazily: the runner's manifest query drops them in one pass, so a million
         # done rows never become a million Python strings.
         self.done: pl.LazyFrame = rows.filter(final).select("id")
+        # rows answered that are asked again (--retry-flagged): the only rows this run asks
+        self.redo: pl.LazyFrame | None = redo(rows) if redo else None
+        if self.redo is not None:
+            self.done = self.done.join(self.redo, on="id", how="anti")
         counts = self._read(rows.select(ok=(pl.col("status") == "ok").sum(), final=final.sum(),
                                         spent=pl.col("charged_usd").sum()))
         self.resumed = int(counts["ok"][0] or 0)
         self.spent_usd = float(counts["spent"][0] or 0.0)  # what earlier answers here were charged
         self.failed_for_good = int(counts["final"][0] or 0) - self.resumed  # earlier errors not asked again
-        self.failed_ids = frozenset(self._errors)
+        replaceable = self._replaceable(written, None if self.redo is None else self.redo.collect()["id"])
+        self.failed_ids = frozenset(row_id for row_id, (_, ok, _) in replaceable.items() if not ok)
+        self.redo_ids = frozenset(row_id for row_id, (_, ok, _) in replaceable.items() if ok)
+        self._errors = {row_id: part for row_id, (part, _, _) in replaceable.items()}
+        # what the rows that may be replaced had cost: the new row keeps it (earlier_cost_usd)
+        self.paid_before = {row_id: paid for row_id, (_, _, paid) in replaceable.items() if paid != (None, None)}
 
     def _scan(self, files: list[str], **kwargs: Any) -> pl.LazyFrame:
         return scan(files, options=self.folder.options, **kwargs)
@@ -182,35 +192,48 @@ class Store:
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise StoreError(f"output.dir: cannot read the parts in {self.folder.label}: {exc}") from None
 
-    def _error_parts(self) -> dict[str, str]:
-        """The part holding each error row already written, by name."""
-        written = parts(self.folder)
+    def _replaceable(self, written: list[str], also: pl.Series | None = None
+                     ) -> dict[str, tuple[str, bool, tuple[float | None, float | None]]]:
+        """The rows a new answer may replace (errors, and the answered rows whose ids are in
+        `also`): the part holding each, whether it was answered, and its (cost_usd, charged_usd)."""
         if not written:
             return {}
-        errors = self._read(self._scan(written, include_file_paths="file")
-                            .filter(pl.col("status") != "ok").select("id", "file"))
-        return {row_id: _name(file) for row_id, file in errors.iter_rows()}
+        rows = self._scan(written, include_file_paths="file")
+        chosen = pl.col("status") != "ok"
+        if also is not None:
+            chosen = chosen | pl.col("id").is_in(also.implode())
+        found = self._read(rows.filter(chosen).select("id", "file", pl.col("status") == "ok", "cost_usd",
+                                                      "charged_usd"))
+        return {row_id: (_name(file), ok, (cost, charged)) for row_id, file, ok, cost, charged in found.iter_rows()}
 
     def _recover(self) -> None:
         """Finish cuts a crash interrupted, then make leftover journal rows a part."""
         assert self._journal is not None
         for part, upto in self._journal.open_cuts():
             if not self.folder.exists(part):
-                self._publish(part, self._answered_elsewhere(self._journal.rows(upto)))
+                self._publish(part, self._newer(self._journal.rows(upto)))
             self._journal.finish_cut(part, upto)
         if self._journal.pending():
-            self._cut(self._answered_elsewhere)
+            self._cut(self._newer)
 
-    def _answered_elsewhere(self, rows: list[Row]) -> list[Row]:
-        """The journal's rows less those answered since by a run elsewhere: with the output in
-        a bucket, another machine may have resumed it while this journal waited."""
+    def _newer(self, rows: list[Row]) -> list[Row]:
+        """The journal's rows less those answered later by a run elsewhere (with the output in a
+        bucket, another machine may have resumed it while this journal waited); the rows they
+        replace (errors, answers asked again) are known as replaceable from here on."""
         written = parts(self.folder)
         if not written or not rows:
             return rows
         ids = pl.Series([row["id"] for row in rows], dtype=pl.String)
-        done = set(self._read(self._scan(written).filter((pl.col("status") == "ok") & pl.col("id").is_in(ids))
-                              .select("id"))["id"].to_list())
-        return [row for row in rows if row["id"] not in done]
+        found = self._read(self._scan(written).filter(pl.col("id").is_in(ids.implode()))
+                           .select("id", "status", "finished_at"))
+        answered = {row_id: at for row_id, status, at in found.iter_rows() if status == "ok"}
+        # a journal's answer replaces an older answer in a part (asked again); it gives way to a
+        # newer one, and a journal's error never replaces an answer
+        kept = [row for row in rows if row["id"] not in answered or (
+            row["status"] == "ok" and (at := answered[row["id"]]) is not None and at < row["finished_at"])]
+        replaced = self._replaceable(written, pl.Series([row["id"] for row in kept], dtype=pl.String))
+        self._errors.update((row_id, part) for row_id, (part, _, _) in replaced.items())
+        return kept
 
     @contextmanager
     def _io(self, doing: str) -> Iterator[None]:
