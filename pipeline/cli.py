@@ -23,7 +23,7 @@ from .manifest import ids_of_last_run
 from .engines import batch
 from .store import compact
 from .store.folder import open_folder
-from .store.parts import read_run_info
+from .store.parts import parts, read_run_info
 
 T = TypeVar("T")
 
@@ -135,6 +135,22 @@ def _compact(args: argparse.Namespace) -> int:
     done = compact.compact(args.dir, ids_of_last_run(info), journal_dir=Path(journal_dir) if journal_dir else None)
     order = "in manifest order" if done.in_manifest_order else "in their earlier order (manifest not readable)"
     print(f"annotate: {args.dir}: {done.rows} rows, {done.parts_before} parts -> {done.parts_after}, {order}")
+    return EXIT_OK
+
+
+def _view(args: argparse.Namespace) -> int:
+    from .view import app  # starlette and uvicorn load only for this command
+
+    folder = open_folder(args.dir)
+    if read_run_info(folder) is None and not parts(folder):  # exit 2 before the server starts
+        raise StoreError(f"{args.dir}: not an output directory (no _run.json and no parts)")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"annotate: listening on {args.host}: anyone who can reach it sees the rows and images of "
+              f"{args.dir}", file=sys.stderr)
+    try:
+        app.serve(args.dir, args.host, args.port)
+    except OSError as exc:
+        raise ConfigError(f"--port {args.port}: cannot listen on {args.host} ({exc.strerror})") from None
     return EXIT_OK
 
 
@@ -265,6 +281,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="the images as they were sent (converted, downscaled) or the files as they are")
     exp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     exp.set_defaults(handler=_export)
+
+    view = commands.add_parser("view", help="a local web page over an output directory: images beside their "
+                                            "answers, filters, sorting, each row whole")
+    view.add_argument("dir", type=config.as_location)
+    view.add_argument("--port", type=int, default=8765, help="default 8765; 0 picks a free one")
+    view.add_argument("--host", default="127.0.0.1",
+                      help="the address to listen on; default 127.0.0.1, this machine only")
+    view.set_defaults(handler=_view)
 
     bat = commands.add_parser("batch", help="the Batch API batches of an output directory (engine: batch)")
     bat_commands = bat.add_subparsers(dest="batch_command", required=True)

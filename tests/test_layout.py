@@ -15,7 +15,7 @@ PACKAGE = Path(pipeline.__file__).parent
 
 # group -> its modules (dotted under pipeline; "store.*": every module of a subpackage)
 GROUPS = {
-    "base": {"__init__", "errors", "config", "structured", "objects", "aws_profile"},  # structured: JSON Schema rules only; objects: bucket I/O
+    "base": {"__init__", "errors", "config", "structured", "objects", "aws_profile", "serving"},  # structured: JSON Schema rules only; objects: bucket I/O
     "cost": {"cost.__init__", "cost.tokens", "cost.pricing", "cost.budget"},
     "store": {"store.*"},
     "prepare": {"manifest", "image_file", "images", "fetch", "payload"},
@@ -23,7 +23,7 @@ GROUPS = {
     "engines": {"engines.*"},
     "simulator": {"simulator.*"},
     # what the commands run: a run (runner picks the engine), estimate, report, the CLI
-    "commands": {"runner", "cost.estimate", "report", "export.*", "cli", "__main__"},
+    "commands": {"runner", "cost.estimate", "report", "export.*", "view.*", "cli", "__main__"},
 }
 # group -> the other groups it may import
 ALLOWED = {

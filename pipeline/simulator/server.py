@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import random
-import socket
 import threading
 import time
 from collections import Counter, deque
@@ -38,6 +37,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from .. import serving
 from ..config import SimulatorSettings
 from . import meters
 from .answers import answer_texts, count_usage
@@ -419,46 +419,27 @@ def _check_loopback(host: str) -> None:
         raise ValueError(f"the simulator serves loopback only (127.0.0.0/8, ::1, localhost), not {host!r}")
 
 
-def _config(sim: Simulator, **kwargs: Any) -> uvicorn.Config:
-    logging.getLogger("uvicorn.error").addFilter(_not_a_drop)
-    # A short graceful shutdown: hung requests are ended by _end_hangs, anything else is cancelled.
-    return uvicorn.Config(sim.app, log_level="warning", access_log=False, timeout_graceful_shutdown=1, **kwargs)
-
-
 @contextmanager
 def running(settings: SimulatorSettings | None = None, host: str = "127.0.0.1", port: int = 0) -> Iterator[Simulator]:
     """Run a simulator in a background thread; yields once it accepts connections, stops it on exit."""
     _check_loopback(host)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP named, so asyncio sets TCP_NODELAY on accepted connections (proto 0 skips
-    # it, and Nagle then holds a response's last write for the peer's delayed ACK, 40 ms)
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1" if host == "localhost" else host, port))  # bound first: port 0 picks a free one
-    sock.listen(128)
+    sock = serving.bind(host, port)
     sim = Simulator(settings)
-    bound = sock.getsockname()[1]
-    sim.url = f"http://{f'[{host}]' if family == socket.AF_INET6 else host}:{bound}/v1"
-    server = uvicorn.Server(_config(sim, log_config=None, lifespan="off"))  # log_config=None: leave app logging be
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"simulator:{bound}", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the simulator did not start")
-            time.sleep(0.005)
-        yield sim
-    finally:
-        sim._end_hangs()
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    sim.url = serving.url_of(sock, host) + "/v1"
+    logging.getLogger("uvicorn.error").addFilter(_not_a_drop)
+    # A short graceful shutdown: hung requests are ended by _end_hangs, anything else is cancelled.
+    with serving.in_thread(sim.app, sock, log_level="warning", access_log=False, timeout_graceful_shutdown=1):
+        try:
+            yield sim
+        finally:
+            sim._end_hangs()
 
 
 def serve(settings: SimulatorSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run a simulator in the foreground until interrupted (for `annotate simulate`)."""
     _check_loopback(host)
-    uvicorn.Server(_config(Simulator(settings), host=host, port=port)).run()
+    logging.getLogger("uvicorn.error").addFilter(_not_a_drop)
+    uvicorn.run(Simulator(settings).app, host=host, port=port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=1)
 
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from .. import objects
 from ..errors import StoreError
 
-__all__ = ["Folder", "LocalFolder", "BucketFolder", "open_folder", "local_dir_for", "journal_owner", "hidden_copy",
+__all__ = ["Folder", "LocalFolder", "BucketFolder", "open_folder", "local_dir_for", "cache_home", "journal_owner", "hidden_copy",
            "OWNER_FILE"]
 
 OWNER_FILE = "_owner.json"  # in a bucket output's journal folder: the output it serves and its id
@@ -159,9 +159,13 @@ def local_dir_for(location: Path | str, journal_dir: Path | None = None) -> Path
         return location
     if journal_dir is not None:
         return journal_dir
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     key = hashlib.sha256(location.rstrip("/").encode()).hexdigest()[:16]
-    return cache / "annotate-pipeline" / "outputs" / key
+    return cache_home() / "outputs" / key
+
+
+def cache_home() -> Path:
+    """This tool's folder in the user's cache ($XDG_CACHE_HOME, else ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "annotate-pipeline"
 
 
 def journal_owner(local: Path, url: str) -> str:
