@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench screenshot clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ demo: $(VENV)/.base
 test: $(VENV)/.dev
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
+
+# The README's picture of annotate view, of the demo's output (needs Debian's chromium).
+screenshot: $(VENV)/.dev
+	rm -rf out/demo
+	$(BIN)/annotate run configs/demo.yaml -q
+	$(BIN)/python scripts/readme_screenshot.py out/demo docs/viewer.png
 
 # check_pth runs on the base interpreter with no site (-S -I): a venv interpreter would run the
 # start-up files it checks for. It stops the benchmarks when the venv has one not allowed.
