@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "tests" / "benchmarks"
-SCRIPTS = ("suite.py", "resume_1m.py", "image_stage.py", "estimate_1m.py", "ray_prep.py", "buckets.py")
+SCRIPTS = ("suite.py", "resume_1m.py", "image_stage.py", "estimate_1m.py", "ray_prep.py", "buckets.py", "view_1m.py")
 ON_RAY = {"suite.py", "ray_prep.py"}  # P8 runs on a one-machine Ray of its own
 DEADLINE_S = 600  # far beyond a run on a slow machine: only a hung script meets it
 

@@ -3,8 +3,8 @@ simulator on 127.0.0.1, side by side with what users would otherwise run; one ta
 and written to benchmarks/RESULTS.md.
 
 P1-P4 are here; P5 (resume), P6 (image preparation), P7 (estimate at scale), P8 (image
-preparation on Ray) and P9 (data in a bucket) come from resume_1m.py, image_stage.py,
-estimate_1m.py, ray_prep.py and buckets.py. The
+preparation on Ray), P9 (data in a bucket) and P10 (the viewer at scale) come from resume_1m.py,
+image_stage.py, estimate_1m.py, ray_prep.py, buckets.py and view_1m.py. The
 simulator's log times every request: rates are counted from its first request to its last
 answer, alike for every client. Each client is a subprocess spawned through the launcher in
 common.py, which reports its CPU and peak RSS alone.
@@ -56,6 +56,7 @@ import image_stage
 import polars as pl
 import ray_prep
 import resume_1m
+import view_1m
 import yaml
 from common import (
     ANNOTATE,
@@ -98,6 +99,7 @@ class Sizes:
     estimate: estimate_1m.Scale = estimate_1m.FULL  # P7
     ray: ray_prep.Scale = ray_prep.FULL  # P8
     buckets: buckets.Scale = buckets.FULL  # P9
+    view: view_1m.Scale = view_1m.FULL  # P10
 
 
 QUICK = Sizes(overhead_rows=1000, limit_rows=600, mode_rows=300, fixed_rows=600, found_rows=400, token_rows=300,
@@ -105,7 +107,8 @@ QUICK = Sizes(overhead_rows=1000, limit_rows=600, mode_rows=300, fixed_rows=600,
 
 SMOKE = Sizes(overhead_rows=20, limit_rows=20, mode_rows=10, fixed_rows=10, found_rows=10, token_rows=10,
               latency_rows=20, memory_rows=(200, 2_000), memory_answered=10, resume=resume_1m.SMOKE,
-              images=image_stage.SMOKE, estimate=estimate_1m.SMOKE, ray=ray_prep.SMOKE, buckets=buckets.SMOKE)
+              images=image_stage.SMOKE, estimate=estimate_1m.SMOKE, ray=ray_prep.SMOKE, buckets=buckets.SMOKE,
+              view=view_1m.SMOKE)
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -609,7 +612,8 @@ def main() -> int:
             lambda: image_stage.figures(work / "images", sizes.images),
             lambda: estimate_1m.figures(work / "estimate", sizes.estimate),
             lambda: ray_prep.to_figures(ray_prep.measure(work / "ray", sizes.ray)),
-            lambda: buckets.figures(work / "buckets", sizes.buckets)]
+            lambda: buckets.figures(work / "buckets", sizes.buckets),
+            lambda: view_1m.figures(work / "view", sizes.view)]
         for i, measure in enumerate(measures, 1):
             try:
                 done = measure()
