@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     print(_summary_text(summary))
     if summary.stopped_at_budget:
         return EXIT_BUDGET
-    return EXIT_OK if summary.failed - summary.kept_earlier == summary.failed_before == 0 else EXIT_ROWS_FAILED
+    return EXIT_OK if summary.failed == summary.failed_before == 0 else EXIT_ROWS_FAILED
 
 
 def _estimate_text(e: dict[str, Any]) -> str:

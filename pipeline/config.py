@@ -358,6 +358,17 @@ class QualityConfig(_Model):
         return value
 
 
+def _reasoning_defaults_only(request: RequestConfig, key: str) -> None:
+    """ValueError naming `key` when a reasoning model is given a sampling setting it refuses."""
+    if not is_reasoning_model(request.model):
+        return
+    for name, fixed in _REASONING_FIXED.items():
+        value = getattr(request, name)
+        if value is not None and value != fixed:
+            raise ValueError(f"{key}.{name}: {request.model} is a reasoning model, which takes only "
+                             f"{name} {fixed:g} (got {value!r}); remove it")
+
+
 class RunConfig(_Model):
     input: InputConfig
     prompt: PromptConfig = PromptConfig()
@@ -391,13 +402,7 @@ class RunConfig(_Model):
 
     @model_validator(mode="after")
     def _reasoning_defaults_only(self) -> RunConfig:
-        if not is_reasoning_model(self.request.model):
-            return self
-        for name, fixed in _REASONING_FIXED.items():
-            value = getattr(self.request, name)
-            if value is not None and value != fixed:
-                raise ValueError(f"request.{name}: {self.request.model} is a reasoning model, which takes only "
-                                 f"{name} {fixed:g} (got {value!r}); remove it")
+        _reasoning_defaults_only(self.request, "request")
         return self
 
     @model_validator(mode="after")
@@ -406,13 +411,17 @@ class RunConfig(_Model):
         return self
 
     def retried(self) -> RunConfig:
-        """This config with quality.retry over its request: how --retry-flagged asks again."""
+        """This config with quality.retry over its request: how --retry-flagged asks again.
+        The model stays: a directory holds the answers of one model."""
         if not self.quality.retry:
             return self
+        if "model" in self.quality.retry:
+            raise ValueError("quality.retry.model: the model stays the output directory's; use another output dir")
         try:
             request = RequestConfig.model_validate({**self.request.model_dump(exclude_unset=True), **self.quality.retry})
         except ValidationError as exc:
             raise ValueError(f"quality.retry: {one_line(exc)}") from None
+        _reasoning_defaults_only(request, "quality.retry")
         return self.model_copy(update={"request": request})
 
     @property

@@ -17,7 +17,7 @@ import polars as pl
 
 from .config import QualityConfig
 
-__all__ = ["FLAGS", "DUPLICATE", "flags_of", "duplicate_answers", "flagged_ids"]
+__all__ = ["FLAGS", "DUPLICATE", "flags_of", "duplicate_answers", "duplicate_ids", "flagged_ids"]
 
 # Flags a row carries in its `flags` column, as it is answered.
 FLAGS = ("empty", "length", "refusal", "short")
@@ -49,22 +49,29 @@ def flags_of(row: Mapping[str, Any], quality: QualityConfig, prose: bool) -> lis
     return flags
 
 
+def _unflagged(rows: pl.LazyFrame) -> pl.LazyFrame:
+    """Answered rows with a text and no flag (rows written before flags existed count as unflagged)."""
+    ok = rows.filter((pl.col("status") == "ok") & (pl.col("answer").str.strip_chars() != ""))
+    return ok.filter(pl.col("flags").list.len().fill_null(0) == 0)
+
+
 def duplicate_answers(rows: pl.LazyFrame, share: float) -> pl.LazyFrame:
     """The answer texts given by more than `share` of the answered rows (and by at least
     DUPLICATE_MIN_ROWS), with how many rows gave each: columns `answer`, `rows`. Rows that
     carry a flag already (a refusal repeats one text too) are not counted."""
-    ok = rows.filter(pl.col("status") == "ok")
-    plain = ok.filter(pl.col("flags").list.len().fill_null(0) == 0) if "flags" in rows.collect_schema() else ok
-    counts = plain.filter(pl.col("answer").str.strip_chars() != "").group_by("answer").agg(pl.len().alias("rows"))
-    return (counts.join(ok.select(pl.len().alias("total")), how="cross")
+    counts = _unflagged(rows).group_by("answer").agg(pl.len().alias("rows"))
+    answered = rows.filter(pl.col("status") == "ok").select(pl.len().alias("total"))
+    return (counts.join(answered, how="cross")
             .filter((pl.col("rows") >= DUPLICATE_MIN_ROWS) & (pl.col("rows") > pl.col("total") * share))
             .select("answer", "rows"))
+
+
+def duplicate_ids(rows: pl.LazyFrame, share: float) -> pl.LazyFrame:
+    """The ids of the rows `duplicate_answers` counts."""
+    return _unflagged(rows).join(duplicate_answers(rows, share).select("answer"), on="answer", how="semi").select("id")
 
 
 def flagged_ids(rows: pl.LazyFrame, quality: QualityConfig, prose: bool) -> pl.LazyFrame:
     """The ids of answered rows that carry a flag, or whose text is a duplicate (prose only)."""
     flagged = rows.filter((pl.col("status") == "ok") & (pl.col("flags").list.len() > 0)).select("id")
-    if not prose:
-        return flagged
-    repeated = rows.join(duplicate_answers(rows, quality.duplicate_share).select("answer"), on="answer", how="semi")
-    return pl.concat([flagged, repeated.filter(pl.col("status") == "ok").select("id")]).unique()
+    return pl.concat([flagged, duplicate_ids(rows, quality.duplicate_share)]) if prose else flagged

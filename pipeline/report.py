@@ -24,6 +24,10 @@ from .structured import categories
 __all__ = ["summarize", "render"]
 
 _TOKENS = ("prompt", "completion", "reasoning", "cached", "total")
+# cost_usd holds what the answers a row replaced cost too (earlier_cost_usd): a model's or a
+# batch's figures take the row's own answer only
+_earlier = pl.col("earlier_cost_usd").fill_null(0.0)
+_own_cost = (pl.col("cost_usd") - _earlier).alias("cost_usd")
 
 
 def summarize(directory: Path | str) -> dict[str, Any]:
@@ -36,6 +40,7 @@ def summarize(directory: Path | str) -> dict[str, Any]:
         images=pl.col("images").sum(),
         attempts=pl.col("attempts").sum(),
         cost_usd=pl.col("cost_usd").sum(),
+        earlier_usd=_earlier.sum(),
         unpriced=(pl.col("model").is_not_null() & pl.col("cost_usd").is_null()).sum(),
         seconds=(pl.col("finished_at").max() - pl.col("finished_at").min()).dt.total_milliseconds() / 1000,
         **{name: pl.col(f"{name}_tokens").sum() for name in _TOKENS},
@@ -43,7 +48,7 @@ def summarize(directory: Path | str) -> dict[str, Any]:
     by_status = rows.group_by("status").len().sort("status").collect()
     by_model = (answered.group_by("model")
                 .agg(pl.len().alias("rows"), pl.col("prompt_tokens").sum(), pl.col("completion_tokens").sum(),
-                     pl.col("cost_usd").sum())
+                     _own_cost.sum())
                 .sort("model").collect())
     latency = ok.select(**{f"p{q}": pl.col("latency_ms").quantile(q / 100) for q in (50, 95, 99)}).collect()
     errors = (rows.filter(pl.col("status") != "ok").group_by("error").len()
@@ -57,6 +62,7 @@ def summarize(directory: Path | str) -> dict[str, Any]:
         "attempts": totals["attempts"] or 0,
         "tokens": {name: totals[name] or 0 for name in _TOKENS},
         "cost_usd": totals["cost_usd"],
+        "replaced_answers_usd": totals["earlier_usd"] or 0.0,  # of cost_usd: answers asked again since
         "unpriced_rows": totals["unpriced"],
         "cost_per_1000_images_usd": totals["cost_usd"] / images * 1000 if images else None,
         "by_model": by_model.to_dicts(),
@@ -81,10 +87,8 @@ class _Sums:
 
 def _batch_savings(directory: Folder, answered: pl.LazyFrame) -> dict[str, Any] | None:
     """Rows answered through the Batch API, what they cost, and what they would have online."""
-    if "batch_id" not in answered.collect_schema():
-        return None
     sums = (answered.filter(pl.col("batch_id").is_not_null()).group_by("model")
-            .agg(pl.len().alias("rows"), pl.col("cost_usd").sum(),
+            .agg(pl.len().alias("rows"), _own_cost.sum(),
                  *(pl.col(f"{name}_tokens").sum() for name in ("prompt", "completion", "total", "cached")))
             .collect())
     if sums.is_empty():
@@ -101,11 +105,9 @@ def _batch_savings(directory: Folder, answered: pl.LazyFrame) -> dict[str, Any] 
 def _flag_counts(directory: Folder, rows: pl.LazyFrame) -> dict[str, int]:
     """Answered rows by flag (`pipeline.quality`), commonest first; duplicates counted over all
     rows by the run's quality settings (prose answers only)."""
-    counts: dict[str, int] = {}
-    if "flags" in rows.collect_schema():
-        frame = (rows.filter(pl.col("status") == "ok").select(pl.col("flags").explode().alias("flag"))
-                 .drop_nulls().group_by("flag").len().collect())
-        counts = dict(frame.iter_rows())
+    frame = (rows.filter(pl.col("status") == "ok").select(pl.col("flags").explode().alias("flag"))
+             .drop_nulls().group_by("flag").len().collect())
+    counts = dict(frame.iter_rows())
     config = (read_run_info(directory) or {}).get("config") or {}
     if config.get("output_schema") is None:
         repeated = quality.duplicate_answers(rows, QualityConfig(**config.get("quality", {})).duplicate_share)
@@ -140,6 +142,8 @@ def render(report: dict[str, Any]) -> str:
         f"  cost: ${report['cost_usd']:.4f}"
         + (f", ${report['cost_per_1000_images_usd']:.4f} per 1,000 images" if report["cost_per_1000_images_usd"]
            is not None else "")
+        + (f" (${report['replaced_answers_usd']:.4f} of it for answers asked again since)"
+           if report["replaced_answers_usd"] else "")
         + (f" ({report['unpriced_rows']} answered rows had no known price)" if report["unpriced_rows"] else ""),
     ]
     lines += [f"    {m['model']}: {m['rows']} rows, {m['prompt_tokens']} + {m['completion_tokens']} tokens, "

@@ -105,11 +105,12 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
     alike, Interrupted on SIGINT or SIGTERM. `retry_flagged`: ask only the answered rows that
     carry a flag again, with quality.retry over the request."""
     started = time.monotonic()
+    asked = _retrying(cfg, retry_failed) if retry_flagged else cfg  # how requests are made this time
     prices = PriceTable(cfg.pricing)
     if cfg.limits.max_cost_usd is not None and prices.find(cfg.request.model) is None:
         raise ConfigError(f"limits.max_cost_usd: no price is known for {cfg.request.model}, so a budget cannot "
                           "be kept; add the model under pricing:")
-    if cfg.limits.max_cost_usd is not None and cfg.request.max_tokens is None:
+    if cfg.limits.max_cost_usd is not None and asked.request.max_tokens is None:
         raise ConfigError("limits.max_cost_usd: a budget needs request.max_tokens, the cap on what an answer costs")
     for target in cfg.targets:
         read_key(target)  # an unset key is exit 2 here, before anything is sent
@@ -132,7 +133,7 @@ async def run(cfg: RunConfig, *, limit: int | None = None, progress: bool = True
         todo = total if store.redo is None else done_before + len(store.redo_ids)
         todo = todo if limit is None else min(todo, done_before + limit)
         with tqdm(total=todo, initial=done_before, unit="row", disable=not progress, dynamic_ncols=True) as bar:
-            driver = Driver(cfg.retried() if retry_flagged else cfg, manifest, store, bar, summary)
+            driver = Driver(asked, manifest, store, bar, summary)
             try:
                 await engine(driver, endpoints, schema, limit)
             except asyncio.CancelledError:
@@ -167,6 +168,17 @@ def _engine(cfg: RunConfig) -> Engine:
     except ImportError as exc:
         raise ConfigError(f"engine: ray needs Ray ({exc}); pip install 'annotate-pipeline[ray]'") from None
     return on_ray
+
+
+def _retrying(cfg: RunConfig, retry_failed: bool) -> RunConfig:
+    """The config flagged rows are asked again with (--retry-flagged)."""
+    if retry_failed:
+        raise ConfigError("--retry-flagged, --retry-failed: ask one kind of row again at a time; run them one "
+                          "after the other")
+    if cfg.engine == "batch":
+        raise ConfigError("--retry-flagged: engine batch collects its batches in later runs, which would not "
+                          "know the rows were asked again; use --engine local (flagged rows are few)")
+    return cfg.retried()
 
 
 def _check_buckets(cfg: RunConfig) -> None:

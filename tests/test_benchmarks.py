@@ -74,4 +74,4 @@ def test_the_suite_writes_a_row_of_every_measurement_where_it_is_told(smoke: Smo
     if "suite.py" not in smoke.runs:
         pytest.skip("needs ray (the ray extra)")
     table = smoke.results.read_text(encoding="utf-8")
-    assert [n for n in range(1, 9) if f"\n| P{n} " not in table] == []
+    assert [n for n in range(1, 11) if f"\n| P{n} " not in table] == []

@@ -125,6 +125,14 @@ def test_retry_flagged_asks_only_flagged_rows_again_with_quality_retry_and_keeps
         sum((e.usage or {})["prompt_tokens"] * 2.5e-6 + (e.usage or {})["completion_tokens"] * 1e-5
             for sim in (first_sim, second) for e in sim.requests()))
 
+    capsys.readouterr()
+    assert cli.main(["report", str(tmp_path / "out"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cost_usd"] == pytest.approx(after["cost_usd"].sum())
+    assert report["replaced_answers_usd"] == pytest.approx(before.filter(pl.col("id").is_in(list(flagged)))
+                                                           ["cost_usd"].sum())
+    assert report["by_model"][0]["cost_usd"] == pytest.approx(report["cost_usd"] - report["replaced_answers_usd"])
+
     assert cli.main(["run", str(cfg), "-q", "--retry-flagged", "--set", f"endpoint.base_url={second.url}"]) == 0
     assert len(second.requests()) == len(flagged), "nothing flagged is left to ask"
 
@@ -150,6 +158,47 @@ def test_a_flagged_row_whose_new_asking_fails_keeps_its_earlier_answer(
     assert after["answer"].str.starts_with("I'm sorry").all()  # the simulator still refuses
     kept = set(after["response_id"]) & set(refusals["response_id"])
     assert len(kept) == 1  # the row answered 400 keeps its first answer; the others have new ones
+
+
+def test_a_paid_new_asking_that_fits_no_schema_keeps_the_earlier_answer_and_adds_its_cost(
+        tmp_path: Path, faulty_sim: Callable[..., Simulator], images: Callable[..., list[str]]) -> None:
+    paths = images(4)
+    manifest = write_manifest(tmp_path, [{"image": p} for p in paths])
+    schema = {"colour": "str", "photo": "bool"}
+    cfg = write_config(tmp_path, faulty_sim().url, manifest, output_schema=schema,
+                       quality={"refusal_patterns": [r'\{"colour":'], "retry": {"max_tokens": 80}})  # flags them all
+    assert cli.main(["run", str(cfg), "-q"]) == 0
+    before = pl.read_parquet(tmp_path / "out" / "*.parquet").sort("id")
+    assert before["flags"].to_list() == [["refusal"]] * 4
+    broken = faulty_sim(rate_invalid_json=1.0)  # every answer paid for, none fits the schema
+
+    assert cli.main(["run", str(cfg), "-q", "--retry-flagged", "--set", f"endpoint.base_url={broken.url}",
+                     "--set", "request.parse_retries=0"]) == 0
+
+    after = pl.read_parquet(tmp_path / "out" / "*.parquet").sort("id")
+    assert after.select("id", "answer", "response_id").equals(before.select("id", "answer", "response_id"))
+    paid = {e.response_id: e.usage for e in broken.requests()}
+    assert len(paid) == 4
+    added = sum((u or {})["prompt_tokens"] * 2.5e-6 + (u or {})["completion_tokens"] * 1e-5 for u in paid.values())
+    assert after["cost_usd"].sum() == pytest.approx(before["cost_usd"].sum() + added)
+    assert after["earlier_cost_usd"].sum() == pytest.approx(added)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--retry-failed"], "one kind of row again at a time"),
+    (["--engine", "batch"], "engine batch collects its batches in later runs"),
+    (["--set", "quality.retry.model=gpt-4o-mini"], "quality.retry.model"),
+    (["--set", "request.model=o4-mini", "--set", "request.temperature=null", "--set", "quality.retry.temperature=0.7"],
+     "quality.retry.temperature: o4-mini is a reasoning model"),
+])
+def test_retry_flagged_refuses_what_it_cannot_do_before_sending(
+        flawed: tuple[Simulator, Path], extra: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    sim, cfg = flawed
+    sent = len(sim.requests())
+    capsys.readouterr()
+    assert cli.main(["run", str(cfg), "-q", "--retry-flagged", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert len(sim.requests()) == sent
 
 
 def test_an_answer_asked_again_and_journalled_before_a_crash_replaces_the_old_one(tmp_path: Path) -> None:

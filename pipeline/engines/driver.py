@@ -65,17 +65,22 @@ class Summary:
     stopped_at_budget: bool = False
     held: str = ""  # the last time the pace was held below a configured limit: at what rate, and why
 
-    def count(self, row: dict[str, Any], retried: bool) -> None:
+    def count(self, row: dict[str, Any], retried: bool, flagged: bool = False) -> None:
+        """One outcome of this run; `flagged`: of a flagged row asked again, whose earlier
+        answer stays when this one failed."""
         self.retried += retried
+        self.flagged += flagged
         if "prompt_tokens" in row:  # answered, perhaps unparseable: paid for either way
             self.prompt_tokens += row["prompt_tokens"] or 0
             self.completion_tokens += row["completion_tokens"] or 0
             if row["cost_usd"] is None:
                 self.priced = False
             else:
-                self.cost_usd += row["cost_usd"] - (row.get("earlier_cost_usd") or 0.0)
+                self.cost_usd += row["cost_usd"]
         if row["status"] == "ok":
             self.ok += 1
+        elif flagged:
+            self.kept_earlier += 1
         else:
             self.failed += 1
             kind = row["error"].split(":", 1)[0]
@@ -175,16 +180,13 @@ class Driver:
             self.store.close()
 
     def _record(self, outcomes: Sequence[Outcome]) -> None:
-        outcomes = [(self._finished(row), kind) for row, kind in outcomes]
-        kept = [row for row, _ in outcomes if row["status"] == "ok" or row["id"] not in self.store.redo_ids]
-        if kept:
-            self.store.record(kept)
+        finished = [row for row in (self._finished(row) for row, _ in outcomes) if row is not None]
+        if finished:
+            self.store.record(finished)
         for row, kind in outcomes:
             self._watch_alike(kind, row)
-            self.summary.count(row, retried=row["id"] in self.store.failed_ids)
-            if row["id"] in self.store.redo_ids:
-                self.summary.flagged += 1
-                self.summary.kept_earlier += row["status"] != "ok"
+            self.summary.count(row, retried=row["id"] in self.store.failed_ids,
+                               flagged=row["id"] in self.store.redo_ids)
         self.unpublished += len(outcomes)
         self.bar.update(len(outcomes))
         self.bar.set_postfix(self._postfix(), refresh=False)
@@ -193,15 +195,31 @@ class Driver:
             self.unpublished = 0
             self.cut_at = time.monotonic()
 
-    def _finished(self, row: dict[str, Any]) -> dict[str, Any]:
-        """The row with its flags, and the cost of the answers it replaces kept in it."""
+    def _finished(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """The row as written: with its flags, and the cost of the answers it replaces. A
+        flagged row asked again that failed keeps its earlier answer (None: nothing to write)."""
         row = {**row, "flags": flags_of(row, self.cfg.quality, prose=self.cfg.output_schema is None)}
+        if row["id"] in self.store.redo_ids and row["status"] != "ok":
+            return self._kept_earlier(row)
         cost, charged = self.store.paid_before.get(row["id"], (None, None))
         if cost is None and charged is None:
             return row
+        answered = "prompt_tokens" in row  # an answer, perhaps one that fits no schema: paid for
+        new = row.get("cost_usd")
         return {**row, "earlier_cost_usd": cost,
-                "cost_usd": None if cost is None else cost + (row.get("cost_usd") or 0.0),
+                "cost_usd": (new + (cost or 0.0)) if new is not None else None if answered else cost,
                 "charged_usd": (charged or 0.0) + (row.get("charged_usd") or 0.0)}
+
+    def _kept_earlier(self, failed: dict[str, Any]) -> dict[str, Any] | None:
+        """The earlier answer of a flagged row whose new asking failed, written again with what
+        that asking cost when it was paid for (an answer that fit no schema)."""
+        cost, charged = failed.get("cost_usd"), failed.get("charged_usd")
+        kept = self.store.row(failed["id"]) if cost is not None or charged is not None else None
+        if kept is None:
+            return None
+        return {**kept, "cost_usd": None if kept["cost_usd"] is None or cost is None else kept["cost_usd"] + cost,
+                "earlier_cost_usd": (kept.get("earlier_cost_usd") or 0.0) + (cost or 0.0),
+                "charged_usd": (kept["charged_usd"] or 0.0) + (charged or 0.0)}
 
     def _watch_alike(self, kind: int | str | None, row: dict[str, Any]) -> None:
         """Stop after ACCOUNT_STOP_AFTER failures in a row of one kind that every row would meet:

@@ -25,7 +25,7 @@ from ..manifest import ImageRef, Manifest, ManifestRow
 from ..store.folder import Folder
 from ..store.parts import parts, read_run_info, scan
 
-__all__ = ["Item", "RunInputs", "Selection", "select", "items", "run_inputs", "image_of", "fetched", "ImagesAs"]
+__all__ = ["Item", "RunInputs", "Selection", "select", "items", "run_inputs", "image_of", "fetch_images", "ImagesAs"]
 
 ImagesAs = Literal["sent", "original"]
 _SUFFIX = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "image/webp": "webp"}
@@ -74,8 +74,6 @@ def select(folder: Folder, where: str) -> Selection:
     if info is None:
         raise StoreError(f"{folder.label}: no _run.json here (is it an output.dir?)")
     frame = scan(parts(folder, required=True), options=folder.options)
-    if "flags" not in frame.collect_schema():  # written before rows were flagged
-        frame = frame.with_columns(flags=pl.lit(None, pl.List(pl.String)))
     try:
         chosen = frame.filter(pl.sql_expr(where)).unique(subset="id", keep="last", maintain_order=True).collect()
     except (pl.exceptions.PolarsError, ValueError) as exc:
@@ -100,7 +98,7 @@ def image_of(ref: ImageRef, inputs: RunInputs, fetched: Mapping[str, bytes], how
     return data, _SUFFIX.get(images.sniff_mime(data) or "", suffix_of(ref)[1:] if isinstance(ref, str) else "bin")
 
 
-def fetched(inputs: RunInputs, refs: Sequence[Sequence[ImageRef]]) -> list[Mapping[str, bytes] | RowInputError]:
+def fetch_images(inputs: RunInputs, refs: Sequence[Sequence[ImageRef]]) -> list[Mapping[str, bytes] | RowInputError]:
     """Each row's images (`refs`) fetched where they are remote or in a bucket, as the run fetched them."""
     return list(fetch_rows(inputs.source.fetch, refs))
 
@@ -131,6 +129,6 @@ def items(selection: Selection, how: ImagesAs, with_images: bool = True) -> Iter
         if not chosen:
             continue
         fetched: list[Mapping[str, bytes] | RowInputError | None] = (
-            [*fetched(selection.inputs, [row.images[:1] for row in chosen])] if with_images else [None] * len(chosen))
+            [*fetch_images(selection.inputs, [row.images[:1] for row in chosen])] if with_images else [None] * len(chosen))
         for found, remote in zip(chosen, fetched):
             yield _item(selection.rows[found.id], found, selection, remote, how)

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import StoreError
+from .columns import COLUMNS
 from .folder import BucketFolder, Folder, journal_owner, local_dir_for, open_folder
 from .journal import Journal
 from .lease import Lease
@@ -39,6 +40,7 @@ RUN_FILE = "_run.json"
 INTENT_FILE = "_compact.json"  # a compaction under way: which parts it replaces with which
 PARTS = "part-*.parquet"
 Row = dict[str, Any]
+_OUTPUT = pl.DataFrame(COLUMNS.empty_table()).schema
 Redo = Callable[[pl.LazyFrame], pl.LazyFrame]  # the ids of answered rows to ask again, from all rows
 
 
@@ -98,12 +100,13 @@ def parts(folder: Folder, required: bool = False) -> list[str]:
 
 
 def columns_of(files: list[str], options: dict[str, str] | None = None) -> dict[str, pl.DataType]:
-    """Every column any of these parts has, from their footers."""
+    """Every column any of these parts has, from their footers, and every output column this
+    version writes (parts written before one was added read it as null)."""
     columns: dict[str, pl.DataType] = {}
     for file in files:
         schema = pl.scan_parquet(file, storage_options=options).collect_schema()
         columns |= {name: kind for name, kind in schema.items() if name not in columns}
-    return columns
+    return columns | {name: kind for name, kind in _OUTPUT.items() if name not in columns}
 
 
 def scan(files: list[str], columns: dict[str, pl.DataType] | None = None, options: dict[str, str] | None = None,
@@ -158,30 +161,39 @@ class Store:
             with self._io("replay the journal"):
                 self._recover()
         written = parts(self.folder)
-        rows = self._scan(written) if written else pl.LazyFrame(schema={
-            "id": pl.String, "status": pl.String, "answer": pl.String, "flags": pl.List(pl.String),
-            "retryable": pl.Boolean, "charged_usd": pl.Float64, "cost_usd": pl.Float64})
+        rows = self._scan(written) if written else pl.LazyFrame(schema=_OUTPUT)
+        # answered rows asked again (--retry-flagged): this run asks only these
+        redo_ids = None if redo is None else self._read(redo(rows))["id"]
+        replaceable = self._replaceable(written, redo_ids)
+        self.failed_ids = frozenset(row_id for row_id, (_, ok, _) in replaceable.items() if not ok)
+        self.redo_ids = frozenset(row_id for row_id, (_, ok, _) in replaceable.items() if ok)
+        self.redo = None if redo is None else pl.LazyFrame({"id": sorted(self.redo_ids)}, schema={"id": pl.String})
+        self._errors = {row_id: part for row_id, (part, _, _) in replaceable.items()}
+        # what the rows that may be replaced had cost: the new row keeps it (earlier_cost_usd)
+        self.paid_before = {row_id: paid for row_id, (_, _, paid) in replaceable.items() if paid != (None, None)}
         final = pl.col("status") == "ok"
         if not retry_failed:
             final = final | pl.col("retryable").not_()
         # Only ids, and lazily: the runner's manifest query drops them in one pass, so a million
         # done rows never become a million Python strings.
         self.done: pl.LazyFrame = rows.filter(final).select("id")
-        # rows answered that are asked again (--retry-flagged): the only rows this run asks
-        self.redo: pl.LazyFrame | None = redo(rows) if redo else None
         if self.redo is not None:
             self.done = self.done.join(self.redo, on="id", how="anti")
         counts = self._read(rows.select(ok=(pl.col("status") == "ok").sum(), final=final.sum(),
-                                        spent=pl.col("charged_usd").sum()))
+                                        errors=(pl.col("status") != "ok").sum(), spent=pl.col("charged_usd").sum()))
         self.resumed = int(counts["ok"][0] or 0)
         self.spent_usd = float(counts["spent"][0] or 0.0)  # what earlier answers here were charged
-        self.failed_for_good = int(counts["final"][0] or 0) - self.resumed  # earlier errors not asked again
-        replaceable = self._replaceable(written, None if self.redo is None else self.redo.collect()["id"])
-        self.failed_ids = frozenset(row_id for row_id, (_, ok, _) in replaceable.items() if not ok)
-        self.redo_ids = frozenset(row_id for row_id, (_, ok, _) in replaceable.items() if ok)
-        self._errors = {row_id: part for row_id, (part, _, _) in replaceable.items()}
-        # what the rows that may be replaced had cost: the new row keeps it (earlier_cost_usd)
-        self.paid_before = {row_id: paid for row_id, (_, _, paid) in replaceable.items() if paid != (None, None)}
+        # earlier errors not asked again: with redo, none is
+        self.failed_for_good = int((counts["errors"] if redo else counts["final"] - counts["ok"])[0] or 0)
+
+    def row(self, row_id: str) -> Row | None:
+        """The row a new answer may replace (an error, or an answer asked again), as written."""
+        part = self._errors.get(row_id)
+        if part is None:
+            return None
+        with self._io("read a row"):
+            found = self._read(self._scan([self.folder.locate(part)]).filter(pl.col("id") == row_id))
+        return found.row(0, named=True) if found.height else None
 
     def _scan(self, files: list[str], **kwargs: Any) -> pl.LazyFrame:
         return scan(files, options=self.folder.options, **kwargs)

@@ -20,6 +20,8 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
@@ -69,8 +71,10 @@ def _query(request: Request) -> Query:
     return Query(**values)
 
 
-def app(location: Path | str) -> Starlette:
-    """The viewer's routes over one output directory."""
+def app(location: Path | str, host: str = "127.0.0.1") -> Starlette:
+    """The viewer's routes over one output directory, for requests that name this machine (or
+    `host`) as their Host: a page elsewhere cannot reach them by pointing its own name at
+    127.0.0.1 (DNS rebinding)."""
     output = Output(location)
     pictures = Pictures(output.folder, output.info())
 
@@ -103,7 +107,8 @@ def app(location: Path | str) -> Starlette:
             return Response(str(exc), 404, media_type="text/plain", headers=_HEADERS)
         return Response(data, media_type=_MIME.get(suffix, "application/octet-stream"), headers=_HEADERS)
 
-    return Starlette(routes=[
+    named = ["*"] if host in ("0.0.0.0", "::") else ["127.0.0.1", "localhost", "[::1]", "::1", host]
+    return Starlette(middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=named)], routes=[
         Route("/", index),
         Route("/api/summary", summary),
         Route("/api/rows", rows),
@@ -118,7 +123,7 @@ def app(location: Path | str) -> Starlette:
 def running(location: Path | str, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """The viewer served from a thread; yields its URL (for tests and the README's screenshot)."""
     sock = serving.bind(host, port)
-    with serving.in_thread(app(location), sock, log_level="warning", access_log=False, timeout_graceful_shutdown=1):
+    with serving.in_thread(app(location, host), sock, log_level="warning", access_log=False, timeout_graceful_shutdown=1):
         yield serving.url_of(sock, host) + "/"
 
 
@@ -126,5 +131,5 @@ def serve(location: Path | str, host: str = "127.0.0.1", port: int = 8765) -> No
     """Serve the viewer until interrupted."""
     sock = serving.bind(host, port)
     print(f"annotate view: {location} at {serving.url_of(sock, host)}/ (Ctrl-C to stop)", flush=True)
-    uvicorn.Server(uvicorn.Config(app(location), log_level="warning", access_log=False)).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(app(location, host), log_level="warning", access_log=False)).run(sockets=[sock])
 

@@ -19,6 +19,7 @@ import polars as pl
 
 from .. import quality, report
 from ..config import QualityConfig
+from ..errors import StoreError
 from ..store.folder import open_folder
 from ..store.parts import columns_of, parts, read_run_info, scan
 from ..structured import categories
@@ -27,6 +28,7 @@ __all__ = ["Query", "Output", "SORTS", "PAGE_MAX"]
 
 SORTS = {"cost": "cost_usd", "latency": "latency_ms", "tokens": "total_tokens"}
 PAGE_MAX = 200
+TRIES = 3  # readings of parts that keep changing under them
 SUMMARY_TTL_S = 10.0  # the summary is read again at most this often while the parts stay the same
 T = TypeVar("T")
 
@@ -84,20 +86,26 @@ class Output:
         return self._columns[1]
 
     def _frame(self, files: list[str]) -> pl.LazyFrame:
-        """All rows, with where each is: `_part` (its part's place in `files`) and `_row` (its place there)."""
+        """All rows, each with `_part`, its part's place in `files`."""
         columns = self._schema(files)
-        frame = pl.concat([scan([file], columns, self.folder.options).with_row_index("_row")
-                           .with_columns(_part=pl.lit(k, pl.UInt32)) for k, file in enumerate(files)])
-        return frame if "flags" in columns else frame.with_columns(flags=pl.lit(None, pl.List(pl.String)))
+        frame = pl.concat([scan([file], columns, self.folder.options).with_columns(_part=pl.lit(k, pl.UInt32))
+                           for k, file in enumerate(files)])
+        return frame
 
-    def _again(self, read: Callable[[list[str]], T]) -> T:
-        """`read` over the parts now; once more if a part went meanwhile (a compaction, or an
-        error row answered again and taken out of its part)."""
-        try:
-            return read(self._files())
-        except (FileNotFoundError, pl.exceptions.ComputeError):
+    def _again(self, read: Callable[[list[str]], T | None]) -> T:
+        """`read` over the parts as they are now, again when they changed while it read (a part
+        gone in a compaction, or rewritten without an error row that was answered again):
+        `read` raises FileNotFoundError, or returns None when a row it found has moved."""
+        for _ in range(TRIES - 1):
+            try:
+                if (found := read(self._files())) is not None:
+                    return found
+            except (FileNotFoundError, pl.exceptions.ComputeError):
+                pass
             self._columns = ((), {})
-            return read(self._files())
+        if (found := read(self._files())) is None:
+            raise StoreError(f"{self.folder.label}: its parts changed under every reading; try again")
+        return found
 
     def _condition(self, query: Query, frame: pl.LazyFrame) -> pl.Expr:
         conditions = [pl.lit(True)]
@@ -111,8 +119,7 @@ class Output:
             conditions.append(pl.col("flags").list.contains(query.flag).fill_null(False))
         if query.flag == quality.DUPLICATE:
             share = QualityConfig(**self._config().get("quality", {})).duplicate_share
-            texts = quality.duplicate_answers(frame, share).collect()["answer"]
-            conditions.append(pl.col("answer").is_in(texts.implode()) & (pl.col("status") == "ok"))
+            conditions.append(pl.col("id").is_in(quality.duplicate_ids(frame, share).collect()["id"].implode()))
         if query.label:
             path, _, value = query.label.partition("=")
             conditions.append(_label_column(path).cast(pl.String).str.to_lowercase() == value.lower())
@@ -124,34 +131,34 @@ class Output:
         """The rows of one page, whole, and how many rows the filter keeps."""
         return self._again(lambda files: self._page(files, query))
 
-    def _page(self, files: list[str], query: Query) -> dict[str, Any]:
+    def _page(self, files: list[str], query: Query) -> dict[str, Any] | None:
         if not files:
             return {"total": 0, "offset": 0, "rows": []}
         frame = self._frame(files)
         kept = frame.filter(self._condition(query, frame))
         column = SORTS.get(query.sort.lstrip("-"))
-        place = ["_part", "_row"]
         if column:
             kept = kept.sort(column, descending=query.sort.startswith("-"), nulls_last=True, maintain_order=True)
         limit = max(1, min(query.limit, PAGE_MAX))
-        found = pl.collect_all([kept.select(pl.len()), kept.select(place).slice(max(0, query.offset), limit)])
+        found = pl.collect_all([kept.select(pl.len()), kept.select("_part", "id").slice(max(0, query.offset), limit)])
         total, shown = int(found[0].item()), found[1]
-        rows: dict[tuple[int, int], dict[str, Any]] = {}
-        for (part,), wanted in shown.group_by("_part"):
-            read = (scan([files[int(part)]], self._schema(files), self.folder.options).with_row_index("_row")
-                    .filter(pl.col("_row").is_in(wanted["_row"].implode())).collect())
-            rows |= {(int(part), int(row.pop("_row"))): row for row in read.iter_rows(named=True)}
-        ordered = [rows[(int(p), int(r))] for p, r in shown.iter_rows()]
-        return {"total": total, "offset": query.offset, "rows": ordered}
+        rows: dict[str, dict[str, Any]] = {}
+        for (part,), wanted in shown.group_by("_part"):  # only the parts that hold the page's rows
+            read = self._read_part(files[int(part)], files).filter(pl.col("id").is_in(wanted["id"].implode()))
+            rows |= {row["id"]: row for row in read.collect().iter_rows(named=True)}
+        if len(rows) < shown.height:
+            return None  # a part was rewritten meanwhile: read again
+        return {"total": total, "offset": query.offset, "rows": [rows[row_id] for row_id in shown["id"]]}
+
+    def _read_part(self, file: str, files: list[str]) -> pl.LazyFrame:
+        return scan([file], self._schema(files), self.folder.options)
 
     def row(self, row_id: str) -> dict[str, Any] | None:
-        def read(files: list[str]) -> dict[str, Any] | None:
-            if not files:
-                return None
-            found = self._frame(files).filter(pl.col("id") == row_id).drop("_part", "_row").collect()
-            return found.row(-1, named=True) if found.height else None
+        def read(files: list[str]) -> dict[str, Any]:
+            found = self._frame(files).filter(pl.col("id") == row_id).drop("_part").collect() if files else None
+            return found.row(-1, named=True) if found is not None and found.height else {}
 
-        return self._again(read)
+        return self._again(read) or None
 
     def summary(self) -> dict[str, Any]:
         """`annotate report`'s figures and the values to filter by; read again when the parts

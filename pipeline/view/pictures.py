@@ -18,7 +18,7 @@ import polars as pl
 from PIL import Image
 
 from ..errors import RowInputError, StoreError
-from ..export.source import RunInputs, fetched, image_of, run_inputs
+from ..export.source import RunInputs, fetch_images, image_of, run_inputs
 from ..manifest import ImageRef
 from ..store.folder import Folder, cache_home
 
@@ -78,7 +78,7 @@ class Pictures:
             raise Unavailable(f"row {row_id} has no image in the manifest now")
         inputs = self._run_inputs()
         try:
-            (remote,) = fetched(inputs, [(ref,)])
+            (remote,) = fetch_images(inputs, [(ref,)])
             if isinstance(remote, RowInputError):
                 raise remote
             return image_of(ref, inputs, remote, "sent")  # a remote image is fetched, whatever input.remote says

@@ -259,6 +259,7 @@ def done_rows(ids: list[str], schema: pa.Schema) -> pa.Table:
                          "text or people; the row asks about item {}.", pl.col("i")),
         finish_reason=pl.lit("stop"),
         refusal=pl.lit(None, pl.String),
+        flags=pl.lit([], pl.List(pl.String)),
         model=pl.lit("gpt-4o-2024-08-06"),
         response_id=pl.format("chatcmpl-bench{}", pl.col("i")),
         batch_id=pl.lit(None, pl.String),
@@ -269,6 +270,7 @@ def done_rows(ids: list[str], schema: pa.Schema) -> pa.Table:
         cached_tokens=pl.lit(0, pl.Int64),
         cost_usd=pl.lit((prompt_tokens * 2.50 + completion_tokens * 10.0) / 1e6),  # gpt-4o per 1M tokens
         charged_usd=pl.lit((prompt_tokens * 2.50 + completion_tokens * 10.0) / 1e6),
+        earlier_cost_usd=pl.lit(None, pl.Float64),
         latency_ms=(400 + (pl.col("i") * 7919) % 900).cast(pl.Float64) + 0.5,
         attempts=pl.lit(1, pl.Int64),
         error=pl.lit(None, pl.String),

@@ -188,13 +188,16 @@ def test_parts_written_before_a_column_was_added_still_resume_report_and_compact
         job: Path, sim: Simulator, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert cli.main(["run", str(job), "-q", "--limit", "3"]) == 0
-    for part in out.glob("*.parquet"):  # as an older version wrote them: no image_notes column
-        pl.read_parquet(part).drop("image_notes").write_parquet(part)
+    for part in out.glob("*.parquet"):  # as older versions wrote them: no image_notes, flags, earlier_cost_usd
+        pl.read_parquet(part).drop("image_notes", "flags", "earlier_cost_usd").write_parquet(part)
     sim.reset()
 
+    assert cli.main(["run", str(job), "-q", "--retry-flagged"]) == 0
+    assert len(sim.log) == 0  # rows written before answers were flagged carry no flag
     assert cli.main(["run", str(job), "-q"]) == 0
     assert len(sim.log) == 3  # the 3 answered before are not asked again
     assert cli.main(["report", str(out)]) == 0
     assert cli.main(["compact", str(out)]) == 0
     rows = read_out(out)
     assert rows.height == 6 and rows["id"].n_unique() == 6 and "image_notes" in rows.columns
+    assert rows["flags"].to_list().count(None) == 3  # the old rows; the new ones have theirs
