@@ -153,6 +153,23 @@ def test_the_grid_shows_every_image_and_answer_and_filters_and_sorting_narrow_it
         assert answered == sorted(answered, reverse=True) and costs[-1] is None  # the error row last
 
 
+def test_the_demo_output_shows_its_images_answers_and_flags(tmp_path: Path, page: Page) -> None:
+    """`make demo`'s first run (its bundled images and in-process simulator) as a person sees it."""
+    demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    assert annotate("run", str(demo), "-q", "--output", str(tmp_path / "out")) == 0
+    out = pl.read_parquet(tmp_path / "out" / "*.parquet")
+    with running(tmp_path / "out") as url:
+        page.goto(url)
+        expect(page.locator("#range")).to_have_text("1–24 of 24 rows")
+        answers = dict(zip(shown_ids(page), page.locator(".card .answer").all_text_contents()))
+        assert answers == {row["id"]: row["answer"] or "(empty answer)" for row in out.iter_rows(named=True)}
+        assert len(wait_for_thumbnails(page)) == 24
+        flagged = out.filter(pl.col("flags").list.len() > 0)
+        assert flagged.height > 0  # the demo's simulator spoils a few answers on purpose
+        expect(page.locator(".card .chip.flag")).to_have_count(flagged.height)
+        screenshot(page, "viewer-demo.png")
+
+
 def test_the_detail_pane_shows_the_row_whole_and_its_image_at_full_size(
         captioned: pl.DataFrame, tmp_path: Path, page: Page) -> None:
     with running(tmp_path / "out") as url:
