@@ -160,6 +160,11 @@ class Store:
         if self._journal and (self._journal.open_cuts() or self._journal.pending()):
             with self._io("replay the journal"):
                 self._recover()
+        self._read_done(retry_failed, redo)
+
+    def _read_done(self, retry_failed: bool, redo: Redo | None) -> None:
+        """From the parts: the ids not to ask again, the rows a new answer replaces (and what
+        they cost), and the counts the summary starts from."""
         written = parts(self.folder)
         rows = self._scan(written) if written else pl.LazyFrame(schema=_OUTPUT)
         # answered rows asked again (--retry-flagged): this run asks only these
