@@ -86,11 +86,9 @@ class Output:
         return self._columns[1]
 
     def _frame(self, files: list[str]) -> pl.LazyFrame:
-        """All rows, each with `_part`, its part's place in `files`."""
-        columns = self._schema(files)
-        frame = pl.concat([scan([file], columns, self.folder.options).with_columns(_part=pl.lit(k, pl.UInt32))
-                           for k, file in enumerate(files)])
-        return frame
+        """All rows, each with `_part`, the part that holds it (one scan of them all: a scan per
+        part, concatenated, plans 30 times slower over 200 parts)."""
+        return scan(files, self._schema(files), self.folder.options, include_file_paths="_part")
 
     def _again(self, read: Callable[[list[str]], T | None]) -> T:
         """`read` over the parts as they are now, again when they changed while it read (a part
@@ -144,7 +142,7 @@ class Output:
         total, shown = int(found[0].item()), found[1]
         rows: dict[str, dict[str, Any]] = {}
         for (part,), wanted in shown.group_by("_part"):  # only the parts that hold the page's rows
-            read = self._read_part(files[int(part)], files).filter(pl.col("id").is_in(wanted["id"].implode()))
+            read = self._read_part(str(part), files).filter(pl.col("id").is_in(wanted["id"].implode()))
             rows |= {row["id"]: row for row in read.collect().iter_rows(named=True)}
         if len(rows) < shown.height:
             return None  # a part was rewritten meanwhile: read again
