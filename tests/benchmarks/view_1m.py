@@ -31,7 +31,6 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 from common import ANNOTATE, Figure, Finished, run_to_exit, standalone
