@@ -247,7 +247,9 @@ def _most_at_once(log: list[simulator.LogEntry]) -> int:
 
 def test_the_actors_share_out_the_concurrency_never_more(cluster: Cluster, faulty_sim: Callable[..., Any],
                                                          tmp_path: Path, images: Callable[..., list[str]]) -> None:
-    sim = faulty_sim(latency_s=0.1)
+    # answers slow enough that the run outlasts the actors' start on a busy cold cluster (at
+    # 0.1 s one clean CI run ended before a second actor was up: never two requests at once)
+    sim = faulty_sim(latency_s=0.3)
     manifest = write_manifest(tmp_path, named(images(120)))
     config = write_config(tmp_path, sim.url, manifest, prompt=NAMED, engine="ray",
                           ray={"http_actors": 4, "block_rows": 4}, limits={"concurrency": 6})
