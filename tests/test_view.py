@@ -360,6 +360,18 @@ def test_a_part_rewritten_while_a_page_is_read_is_read_again(captioned: pl.DataF
     assert page["total"] == 29 and [row["id"] for row in page["rows"]] == pl.read_parquet(part)["id"].to_list()
 
 
+def test_the_error_kind_and_finish_reason_filters(captioned: pl.DataFrame, tmp_path: Path) -> None:
+    with running(tmp_path / "out") as url:
+        errors = json.loads(_get(url + "api/rows?error=request")[1])
+        assert [row["id"] for row in errors["rows"]] == captioned.filter(pl.col("status") == "error")["id"].to_list()
+        assert json.loads(_get(url + "api/rows?error=image")[1])["total"] == 0
+        stopped = json.loads(_get(url + "api/rows?finish=stop&limit=200")[1])
+        assert sorted(row["id"] for row in stopped["rows"]) == sorted(
+            captioned.filter(pl.col("finish_reason") == "stop")["id"])
+        facets = json.loads(_get(url + "api/summary")[1])["facets"]
+        assert facets["error"] == [{"value": "request", "rows": 1}]
+
+
 def test_a_request_naming_another_host_is_refused(captioned: pl.DataFrame, tmp_path: Path) -> None:
     """A page elsewhere whose name points at 127.0.0.1 (DNS rebinding) reads nothing."""
     with running(tmp_path / "out") as url:
