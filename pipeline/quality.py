@@ -17,10 +17,8 @@ import polars as pl
 
 from .config import QualityConfig
 
-__all__ = ["FLAGS", "DUPLICATE", "flags_of", "duplicate_answers", "duplicate_ids", "flagged_ids"]
+__all__ = ["DUPLICATE", "flags_of", "duplicate_answers", "duplicate_ids", "flagged_ids"]
 
-# Flags a row carries in its `flags` column, as it is answered.
-FLAGS = ("empty", "length", "refusal", "short")
 DUPLICATE = "duplicate"  # counted over the dataset (report, viewer, --retry-flagged), never stored
 DUPLICATE_MIN_ROWS = 3  # fewer rows sharing a text are never duplicates, whatever the share
 

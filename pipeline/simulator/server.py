@@ -122,6 +122,16 @@ def _error(status: int, message: str | None = None, *, param: str | None = None,
     return _json(status, error_body(status, message, param=param, code=code), headers)
 
 
+def _drawn(draw: float, rates: dict[str, float]) -> str | None:
+    """The name whose share of [0, 1), laid end to end in order, holds `draw`; None past them all."""
+    edge = 0.0
+    for name, rate in rates.items():
+        edge += rate
+        if draw < edge:
+            return name
+    return None
+
+
 def _not_a_drop(record: logging.LogRecord) -> bool:
     """A dropped connection is a fault on purpose, not an error worth a log line."""
     return record.msg != _DROP_MESSAGE
@@ -315,12 +325,9 @@ class Simulator:
                     return (None if action == 200 else "plan"), action, (retry_after if action == 429 else None)
         settings = self.settings
         draw = random.Random(f"{settings.seed}:{parsed.digest}:{k}").random()
-        edge = 0.0
-        for name, action in _FAULTS:
-            edge += getattr(settings, f"rate_{name}")
-            if draw < edge:
-                return name, action, (settings.retry_after_s if action == 429 else None)
-        return None, None, None
+        fault = _drawn(draw, {name: getattr(settings, f"rate_{name}") for name, _ in _FAULTS})
+        drawn = dict(_FAULTS).get(fault) if fault else None
+        return fault, drawn, (settings.retry_after_s if drawn == 429 else None)
 
     def _flaws(self, parsed: Parsed, k: int) -> tuple[str | None, ...]:
         """Per choice, a seeded draw of its flaw: a structured answer not JSON or breaking the
@@ -330,14 +337,7 @@ class Simulator:
                  if parsed.schema is not None else
                  {"empty": settings.rate_empty, "refusal": settings.rate_refusal, "repeat": settings.rate_repeat})
         for i in range(parsed.n):
-            draw = random.Random(f"{settings.seed}:{parsed.digest}:{k}:flaw:{i}").random()
-            edge, flaw = 0.0, None
-            for name, rate in rates.items():
-                edge += rate
-                if draw < edge:
-                    flaw = name
-                    break
-            flaws.append(flaw)
+            flaws.append(_drawn(random.Random(f"{settings.seed}:{parsed.digest}:{k}:flaw:{i}").random(), rates))
         return tuple(flaws)
 
     async def _hang(self) -> bool:

@@ -40,7 +40,7 @@ class Query:
     status: str = ""
     error: str = ""  # the error's kind: its text before the first ':' (request, image, parse_error, ...)
     finish: str = ""  # finish_reason
-    flag: str = ""  # a flag of quality.FLAGS, or quality.DUPLICATE
+    flag: str = ""  # a flag of quality.flags_of (empty, length, refusal, short), or quality.DUPLICATE
     label: str = ""  # "field=value" for an enum or boolean field of the output schema ("a.b=x" nested)
     text: str = ""  # in the answer, any case
     sort: str = ""  # a key of SORTS, '-' before it for the largest first; '' for the order rows were written
