@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 HELD_EVERY_S = 1.0  # how often the driver asks what holds the pace, for the progress bar
 QUIT_WAIT_S = 10.0  # after a stop that cannot wait, how long the driver's thread may take to let go
+RESERVATION_EXPIRES_S = 30  # three of Ray Data's renewals (see _connect)
 WAVE_ROWS = 20_000  # rows handed to Ray Data at a time: bounds what the driver and the object store hold
 # An HTTP actor mostly waits on the network, and reserves no CPU: a fraction on each node would
 # leave no node a whole CPU for a preparation task on small nodes, and the run would stall.
@@ -178,6 +179,12 @@ class _Http:
 
 
 def _connect(cfg: RunConfig) -> None:
+    # Ray Data splits each node's CPUs evenly, rounded down, among the datasets that hold a
+    # reservation on the cluster; a dataset renews its reservation every 10 s, and by default it
+    # lapses 180 s after the last renewal. A killed run's dataset would so starve the next run
+    # for three minutes (on nodes of one CPU: no CPU at all, one preparation task at a time).
+    # Read when ray.data is first imported.
+    os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", str(RESERVATION_EXPIRES_S))
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a run sends nothing anywhere but its endpoints
         ray.init(address=cfg.ray.address, include_dashboard=False, logging_level=logging.WARNING)
