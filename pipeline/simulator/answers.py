@@ -15,7 +15,7 @@ from typing import Any
 from ..cost import tokens
 from .image_facts import NO_IMAGE, ImageFacts
 from .request import Parsed
-from .wire import JSON
+from .wire import JSON, Answer
 
 __all__ = ["answer_texts", "count_usage"]
 
@@ -27,6 +27,7 @@ _WRONG: tuple[tuple[str, Any], ...] = (("string", "n/a"), ("number", 0.5), ("boo
 # What a prose answer becomes with each flaw: as vision models answer when they fail.
 _PROSE_FLAWS = {"empty": "", "refusal": "I'm sorry, but I can't help with that request.",
                 "repeat": "[simulated] A picture."}
+STRUCTURED_REFUSAL = "I'm sorry, I cannot assist with that request."  # OpenAI's words in the refusal field
 
 
 def _prose(parsed: Parsed, flaws: Sequence[str | None]) -> list[str]:
@@ -193,23 +194,27 @@ def _structured(parsed: Parsed, schema: JSON, flaws: Sequence[str | None]) -> li
     return texts
 
 
-def answer_texts(parsed: Parsed, flaws: Sequence[str | None] = ()) -> list[tuple[str, str]]:
-    """(content, finish_reason) per choice: deterministic from the prompt and the images, prose or
-    JSON of `parsed.schema`; flaws, one per choice, spoil it: "invalid_json" or "schema_break" a
-    structured answer, "empty", "refusal" or "repeat" a prose one."""
-    texts = _prose(parsed, flaws) if parsed.schema is None else _structured(parsed, parsed.schema, flaws)
-    answers = []
-    for text in texts:
-        if parsed.max_tokens is not None and tokens.text_tokens(text) > parsed.max_tokens:
-            answers.append((text[: parsed.max_tokens * 4], "length"))
-        else:
-            answers.append((text, "stop"))
-    return answers
+def answer_texts(parsed: Parsed, flaws: Sequence[str | None] = ()) -> list[Answer]:
+    """The answer per choice: deterministic from the prompt and the images, prose or JSON of
+    `parsed.schema`; flaws, one per choice, spoil it: "invalid_json", "schema_break" or "refusal"
+    (in the refusal field) a structured answer, "empty", "refusal" (in words) or "repeat" a prose one."""
+    if parsed.schema is None:
+        return [_cut(parsed, text) for text in _prose(parsed, flaws)]
+    refused = [i < len(flaws) and flaws[i] == "refusal" for i in range(parsed.n)]
+    return [Answer(STRUCTURED_REFUSAL, "stop", refusal=True) if refused[i] else _cut(parsed, text)
+            for i, text in enumerate(_structured(parsed, parsed.schema, flaws))]
 
 
-def count_usage(parsed: Parsed, answers: list[tuple[str, str]]) -> JSON:
+def _cut(parsed: Parsed, text: str) -> Answer:
+    """The text, cut where max_tokens ends it."""
+    if parsed.max_tokens is not None and tokens.text_tokens(text) > parsed.max_tokens:
+        return Answer(text[: parsed.max_tokens * 4], "length")
+    return Answer(text, "stop")
+
+
+def count_usage(parsed: Parsed, answers: list[Answer]) -> JSON:
     """The provider's `usage` object: prompt tokens as counted in `parse`, completion tokens of the answers."""
-    completion = sum(tokens.text_tokens(text) for text, _ in answers)
+    completion = sum(tokens.text_tokens(answer.text) for answer in answers)
     return {"prompt_tokens": parsed.prompt_tokens, "completion_tokens": completion,
             "total_tokens": parsed.prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}

@@ -47,6 +47,7 @@ from .meters import Meter, go_duration, seconds
 from .request import Parsed, parse
 from .wire import (
     JSON,
+    Answer,
     Invalid,
     chunk_events,
     completion_body,
@@ -330,10 +331,11 @@ class Simulator:
         return fault, drawn, (settings.retry_after_s if drawn == 429 else None)
 
     def _flaws(self, parsed: Parsed, k: int) -> tuple[str | None, ...]:
-        """Per choice, a seeded draw of its flaw: a structured answer not JSON or breaking the
-        schema; a prose answer empty, a refusal or the same for every image; or none."""
+        """Per choice, a seeded draw of its flaw: a structured answer not JSON, breaking the
+        schema or refused; a prose answer empty, a refusal or the same for every image; or none."""
         settings, flaws = self.settings, []
-        rates = ({"invalid_json": settings.rate_invalid_json, "schema_break": settings.rate_schema_break}
+        rates = ({"invalid_json": settings.rate_invalid_json, "schema_break": settings.rate_schema_break,
+                  "refusal": settings.rate_refusal}
                  if parsed.schema is not None else
                  {"empty": settings.rate_empty, "refusal": settings.rate_refusal, "repeat": settings.rate_repeat})
         for i in range(parsed.n):
@@ -392,7 +394,7 @@ class Simulator:
             asked = {"retry-after": str(max(1, math.ceil(wait)))}
         return _error(429, message, headers={**asked, **limits})
 
-    def _completion(self, parsed: Parsed, texts: list[tuple[str, str]], usage: JSON,
+    def _completion(self, parsed: Parsed, texts: list[Answer], usage: JSON,
                     headers: dict[str, str]) -> tuple[_Raw, str]:
         head = completion_head(parsed.model)
         if parsed.stream:

@@ -10,9 +10,9 @@ import json
 import math
 import time
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["JSON", "Invalid", "models_body", "error_body", "completion_head", "completion_body", "chunk_events"]
+__all__ = ["JSON", "Answer", "Invalid", "models_body", "error_body", "completion_head", "completion_body", "chunk_events"]
 
 JSON = dict[str, Any]
 _ERRORS: dict[int, tuple[str, str | None, str]] = {  # status -> (type, code, message), as OpenAI words them
@@ -57,14 +57,28 @@ def completion_head(model: str) -> JSON:
             "model": model, "system_fingerprint": "fp_simulator"}
 
 
-def completion_body(head: JSON, answers: list[tuple[str, str]], usage: JSON) -> JSON:
+class Answer(NamedTuple):
+    """One choice's answer. A refusal is sent as OpenAI's Structured Outputs send it: the text in
+    the message's `refusal` field, its `content` null."""
+
+    text: str
+    finish_reason: str
+    refusal: bool = False
+
+    @property
+    def field(self) -> str:
+        return "refusal" if self.refusal else "content"
+
+
+def completion_body(head: JSON, answers: list[Answer], usage: JSON) -> JSON:
     """The JSON of a completion that is not streamed: one choice per answer, and the usage."""
-    choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None, "finish_reason": finish} for i, (text, finish) in enumerate(answers)]
+    choices = [{"index": i, "logprobs": None, "finish_reason": answer.finish_reason,
+                "message": {"role": "assistant", "content": None, "refusal": None, answer.field: answer.text}}
+               for i, answer in enumerate(answers)]
     return {**head, "choices": choices, "usage": usage}
 
 
-def chunk_events(head: JSON, answers: list[tuple[str, str]], usage: JSON | None) -> list[bytes]:
+def chunk_events(head: JSON, answers: list[Answer], usage: JSON | None) -> list[bytes]:
     """The SSE events of a streamed completion: each answer in three pieces, the usage if asked, [DONE]."""
     chunk = {**head, "object": "chat.completion.chunk"}
 
@@ -73,15 +87,16 @@ def chunk_events(head: JSON, answers: list[tuple[str, str]], usage: JSON | None)
         return b"data: " + json.dumps({**chunk, "choices": choices, **extra}).encode() + b"\n\n"
 
     events = []
-    for i, (text, finish) in enumerate(answers):
-        events.append(event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+    for i, answer in enumerate(answers):
+        text, field = answer.text, answer.field
+        events.append(event([{"index": i, "delta": {"role": "assistant", field: ""}, "logprobs": None,
                               "finish_reason": None}]))
         step = max(1, math.ceil(len(text) / 3))
         pieces = [text[k: k + step] for k in range(0, len(text), step)] or [""]
         for k, piece in enumerate(pieces):
             last = k == len(pieces) - 1
-            events.append(event([{"index": i, "delta": {"content": piece}, "logprobs": None,
-                                  "finish_reason": finish if last else None}]))
+            events.append(event([{"index": i, "delta": {field: piece}, "logprobs": None,
+                                  "finish_reason": answer.finish_reason if last else None}]))
     if usage is not None:
         events.append(event([], usage=usage))
     return [*events, b"data: [DONE]\n\n"]

@@ -261,3 +261,24 @@ def test_a_schema_with_no_strict_form_goes_out_with_strict_false_and_one_warning
     assert {body_of(entry)["response_format"]["json_schema"]["strict"] for entry in sim.log} == {False}
     out = read_out(tmp_path / "out")
     assert out["status"].to_list() == ["ok"] * 2 and out.schema["colour"] == pl.String
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_refusal_in_the_refusal_field_is_a_parse_error_naming_it_and_is_not_asked_again(
+        faulty_sim: Callable[..., Simulator], tmp_path: Path, images: Callable[..., list[str]], stream: bool) -> None:
+    """As OpenAI's Structured Outputs refuse: content null, the words in `refusal`; asking again
+    with what was wrong would be paid for and refused again."""
+    sim = faulty_sim(rate_refusal=0.5, seed=2)
+    cfg = write_config(tmp_path, sim.url, write_manifest(tmp_path, named(images(16))), prompt=NAMED,
+                       output_schema=LABELS, request={"stream": stream, "parse_retries": 2})
+    assert cli.main(["run", str(cfg), "-q"]) == 1
+
+    out = read_out(tmp_path / "out")
+    refused = {e.response_id for e in sim.log if e.flaws == ("refusal",)}
+    assert 3 <= len(refused) <= 13 and len(sim.log) == 16  # no refusal was asked again
+    bad = out.filter(pl.col("response_id").is_in(list(refused)))
+    assert bad.height == len(refused) and set(bad["status"]) == {"error"}
+    assert set(bad["error"]) == {"parse_error: the answer is a refusal: I'm sorry, I cannot assist with that request."}
+    assert set(bad["refusal"]) == {"I'm sorry, I cannot assist with that request."} and bad["colour"].null_count() == bad.height
+    assert out.filter(~pl.col("response_id").is_in(list(refused)))["status"].to_list() == ["ok"] * (16 - len(refused))
+    assert (bad["completion_tokens"] > 0).all()  # a refusal is paid for

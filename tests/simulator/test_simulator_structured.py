@@ -242,6 +242,24 @@ def test_a_rate_of_one_makes_every_choice_break_the_schema(faulty_sim: Callable[
     assert _is_json(text) and not _valid(text, loose)  # no required property: the first of a wrong type
 
 
+def test_a_structured_refusal_is_in_the_refusal_field_with_no_content_streamed_or_not(
+        faulty_sim: Callable[..., Simulator]) -> None:
+    sim = faulty_sim(rate_refusal=1.0)
+    (choice,) = _post(sim, _body("json_schema")).json()["choices"]
+    assert choice["message"]["content"] is None and choice["finish_reason"] == "stop"
+    assert choice["message"]["refusal"] == "I'm sorry, I cannot assist with that request."
+    body = _body("json_schema", stream=True)
+    with httpx.stream("POST", f"{sim.url}/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=5) as resp:
+        deltas = [json.loads(line.removeprefix("data: "))["choices"][0]["delta"]
+                  for line in resp.iter_lines() if line.startswith("data: {")]
+    assert not any(delta.get("content") for delta in deltas)
+    assert "".join(delta.get("refusal") or "" for delta in deltas) == choice["message"]["refusal"]
+    assert [e.flaws for e in sim.log] == [("refusal",)] * 2
+    (prose,) = _contents(_post(sim, _body(None)))  # prose refuses in words, in the content
+    assert prose.startswith("I'm sorry")
+
+
 def test_flaw_shares_follow_the_rates_and_the_log(faulty_sim: Callable[..., Simulator]) -> None:
     sim = faulty_sim(rate_invalid_json=0.3, rate_schema_break=0.3, seed=11)
     seen: list[str | None] = []
