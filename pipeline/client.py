@@ -211,12 +211,16 @@ class Client:
         return failure
 
 
-async def _headers_sent(session: aiohttp.ClientSession, context: Any, params: Any) -> None:
-    context.trace_request_ctx.sent()  # the Turn of the request: a window counts it from now
+async def _body_sent(session: aiohttp.ClientSession, context: Any, params: Any) -> None:
+    """The request's Turn: a window counts it from now, as its bytes are written to the socket.
+    Not from its headers: aiohttp calls that hook before it writes them, and writes them with the
+    body a turn of the event loop later (later still on a busy loop). A body written in several
+    chunks is counted from the last, which keeps it in the window longer, never shorter."""
+    context.trace_request_ctx.sent()
 
 
 _SENT = aiohttp.TraceConfig()
-_SENT.on_request_headers_sent.append(_headers_sent)
+_SENT.on_request_chunk_sent.append(_body_sent)
 _SENT.freeze()
 
 

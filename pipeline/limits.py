@@ -196,7 +196,7 @@ def _unwatched(at: float | None = None) -> None:
 @dataclass(frozen=True)
 class Turn:
     """A request's turn: the cut of the pace it was given under, and what to call the moment it
-    really leaves (its headers sent), so a window counts it from then."""
+    really leaves (its body written), so a window counts it from then."""
 
     epoch: int
     sent: Sent = _unwatched
