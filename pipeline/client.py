@@ -212,10 +212,9 @@ class Client:
 
 
 async def _body_sent(session: aiohttp.ClientSession, context: Any, params: Any) -> None:
-    """The request's Turn: a window counts it from now, as its bytes are written to the socket.
-    Not from its headers: aiohttp calls that hook before it writes them, and writes them with the
-    body a turn of the event loop later (later still on a busy loop). A body written in several
-    chunks is counted from the last, which keeps it in the window longer, never shorter."""
+    """The request's Turn: a window counts it from now, as its bytes are written to the socket
+    (a JSON body is one write). Not from its headers: aiohttp calls that hook before it writes
+    them, and writes them with the body a turn of the event loop later (later still on a busy loop)."""
     context.trace_request_ctx.sent()
 
 

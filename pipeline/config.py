@@ -138,7 +138,7 @@ class SimulatorSettings(_Model):
     rate_schema_break: Rate = Field(0.0, ge=0, le=1, description="share of structured answers that break the schema")
     rate_empty: Rate = Field(0.0, ge=0, le=1, description="share of prose answers that are empty")
     rate_refusal: Rate = Field(0.0, ge=0, le=1, description="share of answers that are a refusal: in words for prose, "
-                                                             "in the refusal field (content null) for an output_schema")
+                                                             "in the refusal field (content null) for a json_schema response_format")
     rate_repeat: Rate = Field(0.0, ge=0, le=1, description="share of prose answers that are one caption, the "
                                                            "same for every image")
     refuse_response_format: Literal["none", "json_schema", "all"] = Field(

@@ -264,7 +264,7 @@ class LocalLimiter:
         limiter = LocalLimiter.from_config(cfg.limits)
         async with limiter.slot():                 # one request in flight, retries included
             turn = await limiter.pace(tokens)      # before each attempt
-            ...                                    # turn.sent() when its headers are sent
+            ...                                    # turn.sent() when its body is written
             limiter.answered(tokens, counted)      # after an answer
             limiter.refused(retry_after_s, turn.epoch)  # after a 429
 

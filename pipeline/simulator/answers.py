@@ -197,11 +197,13 @@ def _structured(parsed: Parsed, schema: JSON, flaws: Sequence[str | None]) -> li
 def answer_texts(parsed: Parsed, flaws: Sequence[str | None] = ()) -> list[Answer]:
     """The answer per choice: deterministic from the prompt and the images, prose or JSON of
     `parsed.schema`; flaws, one per choice, spoil it: "invalid_json", "schema_break" or "refusal"
-    (in the refusal field) a structured answer, "empty", "refusal" (in words) or "repeat" a prose one."""
+    (in the refusal field for a json_schema response_format, else in words) a structured answer,
+    "empty", "refusal" (in words) or "repeat" a prose one."""
     if parsed.schema is None:
         return [_cut(parsed, text) for text in _prose(parsed, flaws)]
-    refused = [i < len(flaws) and flaws[i] == "refusal" for i in range(parsed.n)]
-    return [Answer(STRUCTURED_REFUSAL, "stop", refusal=True) if refused[i] else _cut(parsed, text)
+    refusal = (Answer(STRUCTURED_REFUSAL, "stop", refusal=True) if parsed.response_format == "json_schema"
+               else Answer(_PROSE_FLAWS["refusal"], "stop"))  # only Structured Outputs have the field
+    return [refusal if i < len(flaws) and flaws[i] == "refusal" else _cut(parsed, text)
             for i, text in enumerate(_structured(parsed, parsed.schema, flaws))]
 
 

@@ -89,7 +89,8 @@ def chunk_events(head: JSON, answers: list[Answer], usage: JSON | None) -> list[
     events = []
     for i, answer in enumerate(answers):
         text, field = answer.text, answer.field
-        events.append(event([{"index": i, "delta": {"role": "assistant", field: ""}, "logprobs": None,
+        opening = {"content": None, "refusal": ""} if answer.refusal else {"content": ""}
+        events.append(event([{"index": i, "delta": {"role": "assistant", **opening}, "logprobs": None,
                               "finish_reason": None}]))
         step = max(1, math.ceil(len(text) / 3))
         pieces = [text[k: k + step] for k in range(0, len(text), step)] or [""]

@@ -242,7 +242,7 @@ def test_a_rate_of_one_makes_every_choice_break_the_schema(faulty_sim: Callable[
     assert _is_json(text) and not _valid(text, loose)  # no required property: the first of a wrong type
 
 
-def test_a_structured_refusal_is_in_the_refusal_field_with_no_content_streamed_or_not(
+def test_a_json_schema_refusal_is_in_the_refusal_field_with_no_content_streamed_or_not(
         faulty_sim: Callable[..., Simulator]) -> None:
     sim = faulty_sim(rate_refusal=1.0)
     (choice,) = _post(sim, _body("json_schema")).json()["choices"]
@@ -256,8 +256,9 @@ def test_a_structured_refusal_is_in_the_refusal_field_with_no_content_streamed_o
     assert not any(delta.get("content") for delta in deltas)
     assert "".join(delta.get("refusal") or "" for delta in deltas) == choice["message"]["refusal"]
     assert [e.flaws for e in sim.log] == [("refusal",)] * 2
-    (prose,) = _contents(_post(sim, _body(None)))  # prose refuses in words, in the content
-    assert prose.startswith("I'm sorry")
+    for mode in (None, "json_object", "prompt"):  # without Structured Outputs, a refusal is in words
+        (choice,) = _post(sim, _body(mode)).json()["choices"]
+        assert choice["message"]["content"].startswith("I'm sorry") and choice["message"]["refusal"] is None
 
 
 def test_flaw_shares_follow_the_rates_and_the_log(faulty_sim: Callable[..., Simulator]) -> None:

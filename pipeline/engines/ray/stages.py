@@ -181,8 +181,9 @@ class _Http:
 def _connect(cfg: RunConfig) -> None:
     # Ray Data splits each node's CPUs evenly, rounded down, among the datasets that hold a
     # reservation on the cluster; a dataset renews its reservation every 10 s, and by default it
-    # lapses 180 s after the last renewal. A killed run's dataset would so starve the next run
-    # for three minutes (on nodes of one CPU: no CPU at all, one preparation task at a time).
+    # lapses 180 s after the last renewal (then shared out again within 20 s, or when a dataset
+    # starts). A killed run's dataset would so starve the next run for over three minutes (on
+    # nodes of one CPU: no CPU at all, one preparation task at a time).
     # Read when ray.data is first imported.
     os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", str(RESERVATION_EXPIRES_S))
     if not ray.is_initialized():
