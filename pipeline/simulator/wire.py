@@ -79,7 +79,9 @@ def completion_body(head: JSON, answers: list[Answer], usage: JSON) -> JSON:
 
 
 def chunk_events(head: JSON, answers: list[Answer], usage: JSON | None) -> list[bytes]:
-    """The SSE events of a streamed completion: each answer in three pieces, the usage if asked, [DONE]."""
+    """The SSE events of a streamed completion: each answer in three pieces, then its
+    finish_reason in a chunk of its own with an empty delta (as OpenAI sends it), the usage if
+    asked, [DONE]."""
     chunk = {**head, "object": "chat.completion.chunk"}
 
     def event(choices: list[JSON], **extra: Any) -> bytes:
@@ -94,10 +96,9 @@ def chunk_events(head: JSON, answers: list[Answer], usage: JSON | None) -> list[
                               "finish_reason": None}]))
         step = max(1, math.ceil(len(text) / 3))
         pieces = [text[k: k + step] for k in range(0, len(text), step)] or [""]
-        for k, piece in enumerate(pieces):
-            last = k == len(pieces) - 1
-            events.append(event([{"index": i, "delta": {field: piece}, "logprobs": None,
-                                  "finish_reason": answer.finish_reason if last else None}]))
+        for piece in pieces:
+            events.append(event([{"index": i, "delta": {field: piece}, "logprobs": None, "finish_reason": None}]))
+        events.append(event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": answer.finish_reason}]))
     if usage is not None:
         events.append(event([], usage=usage))
     return [*events, b"data: [DONE]\n\n"]

@@ -220,7 +220,8 @@ def test_stream_with_usage_assembles_the_same_answer(sim: Simulator, client: htt
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
     assert content == plain["choices"][0]["message"]["content"]
-    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]][-1] == "stop"
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 2) + ["stop"]
+    assert chunks[-2]["choices"][0]["delta"] == {}  # the finish_reason comes alone, as OpenAI sends it
     assert all(c["usage"] is None for c in chunks[:-1])
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
 
